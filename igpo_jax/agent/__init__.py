@@ -1,0 +1,1 @@
+"""Agent layer: prompts, tool-call parsing, multi-turn rollout."""

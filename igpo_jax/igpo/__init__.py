@@ -1,0 +1,1 @@
+"""The IGPO algorithm: gold-answer scoring, rewards, turn advantages, policy loss."""
