@@ -1,0 +1,214 @@
+"""Flax NNX decoder for Qwen2/2.5 (q/k/v bias), Qwen3 (q/k RMSNorm) and Llama/SmolLM2 (tied
+embeddings), selected by `ModelConfig` switches.
+
+Legend: B batch, T query tokens, S key slots (T itself, or the KV-cache length), D hidden,
+N query heads, K kv heads, G = N/K heads per kv head, H head dim, F mlp width, V vocab, L layers.
+
+Attention takes an explicit boolean mask `mask_BTS` (True = may attend). Callers build it inside
+their jitted function from compact descriptors (`causal_mask`, the KV cache, the scoring block
+mask), so XLA fuses it into the softmax and one decoder serves training, sampling and scoring.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from igpo_jax.model.attention_mask import causal_mask, positions_from_valid
+from igpo_jax.model.config import ModelConfig
+from igpo_jax.model.kv_cache import KVCache
+from igpo_jax.sharding import constrain
+
+_MASKED = -1e30  # finite, so a fully masked (padding) query row gives a uniform softmax, not NaN
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nnx.Param:
+    """Normal(0, scale) init (scale defaults to 1/sqrt(fan_in)); `axes` are logical axis names."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(shape[0])
+    return nnx.Param(scale * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
+
+
+def _ones(shape, axes, dtype) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, dtype), axes=axes)
+
+
+def _zeros(shape, axes, dtype) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype), axes=axes)
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm in fp32, cast back before the scale (as transformers does)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
+    """Inverse frequencies [H/2], with the checkpoint's theta and rope scaling."""
+    h = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    s = cfg.rope_scaling
+    if s.rope_type == "linear":
+        inv = inv / s.factor
+    elif s.rope_type == "llama3":
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor)
+        smoothed = (1 - smooth) * inv / s.factor + smooth * inv
+        inv = jnp.where(wavelen > low_wavelen, inv / s.factor, inv)
+        inv = jnp.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), smoothed, inv)
+    return inv
+
+
+def apply_rope(x_BTnH, positions_BT, inv_freq_h):
+    """Rotary embedding, transformers' rotate-half convention (first half ↔ second half)."""
+    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq_h  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTnH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTnH.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, n, k, h, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_param_dtype
+        self.cfg = cfg
+        self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd)
+        self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+        self.o_proj = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd, scale=1 / math.sqrt(n * h))
+        if cfg.qkv_bias:
+            self.q_bias = _zeros((n, h), ("heads", "head_dim"), pd)
+            self.k_bias = _zeros((k, h), ("kv_heads", "head_dim"), pd)
+            self.v_bias = _zeros((k, h), ("kv_heads", "head_dim"), pd)
+        if cfg.qk_norm:
+            self.q_norm = _ones((h,), ("head_dim",), pd)
+            self.k_norm = _ones((h,), ("head_dim",), pd)
+
+    def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None, layer=None, write_index=None):
+        """Returns (out_BTD, kv). With `kv` = the whole cache (k_LBSKH, v_LBSKH), this layer's new keys
+        and values are written in place at [layer, :, write_index] and attention runs over all S
+        cache slots; one cache array threaded through every layer keeps XLA's update in place."""
+        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        q = jnp.einsum("btd,dnh->btnh", x_BTD, self.q_proj[...].astype(dt))
+        k = jnp.einsum("btd,dkh->btkh", x_BTD, self.k_proj[...].astype(dt))
+        v = jnp.einsum("btd,dkh->btkh", x_BTD, self.v_proj[...].astype(dt))
+        if cfg.qkv_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        if cfg.qk_norm:
+            q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
+            k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+        inv_freq = rope_inv_freq(cfg)
+        q = constrain(apply_rope(q, positions_BT, inv_freq), ("batch", "length", "heads", "head_dim"))
+        k = apply_rope(k, positions_BT, inv_freq)
+        if kv is not None:
+            cache_k, cache_v = kv
+            zero = jnp.zeros((), jnp.int32)
+            start = (jnp.asarray(layer, jnp.int32), zero, write_index, zero, zero)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+            kv = (cache_k, cache_v)
+            k, v = cache_k[layer], cache_v[layer]
+        b, t, n, h = q.shape
+        g = n // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, g, h)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(dt)).astype(jnp.float32) / math.sqrt(h)
+        scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(dt)).reshape(b, t, n, h)
+        out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
+        return out, kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_param_dtype
+        self.cfg = cfg
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
+
+    def __call__(self, x_BTD):
+        dt = self.cfg.jnp_dtype
+        gate = x_BTD @ self.gate_proj[...].astype(dt)
+        up = x_BTD @ self.up_proj[...].astype(dt)
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return hidden @ self.down_proj[...].astype(dt)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.input_norm = _ones((cfg.hidden_size,), ("embed",), cfg.jnp_param_dtype)
+        self.attn = Attention(cfg, rngs)
+        self.post_attn_norm = _ones((cfg.hidden_size,), ("embed",), cfg.jnp_param_dtype)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None, layer=None, write_index=None):
+        eps = self.cfg.rms_norm_eps
+        attn_out, kv = self.attn(rms_norm(x_BTD, self.input_norm[...], eps), positions_BT, mask_BTS,
+                                 kv, layer, write_index)
+        x_BTD = x_BTD + attn_out
+        x_BTD = x_BTD + self.mlp(rms_norm(x_BTD, self.post_attn_norm[...], eps))
+        return constrain(x_BTD, ("batch", "length", "embed")), kv
+
+
+def _block_call(block: Block, x, positions, mask, kv, layer, write_index):
+    return block(x, positions, mask, kv, layer, write_index)
+
+
+class Decoder(nnx.Module):
+    """Causal LM. `__call__` → logits; `hidden` + `logits_from_hidden` let callers chunk the vocab
+    projection (the largest activation for small models)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = cfg.jnp_param_dtype
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, scale=0.02)
+        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = _ones((cfg.hidden_size,), ("embed",), pd)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+
+    def hidden(self, tokens_BT, positions_BT, mask_BTS, cache: KVCache | None = None):
+        """Final-norm hidden states [B, T, D] and the updated cache (None without one).
+
+        With a cache, the T new tokens are written at slots [cache.length, cache.length + T) and
+        `mask_BTS` ranges over all S cache slots; the caller keeps the bookkeeping (KVCache.extend).
+        """
+        cfg = self.cfg
+        x = self.embed[...].astype(cfg.jnp_dtype)[tokens_BT]
+        x = constrain(x, ("batch", "length", "embed"))
+        block_call = nnx.remat(_block_call, static_argnums=(5,)) if cfg.remat else _block_call
+        kv = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH)
+        write_index = None if cache is None else cache.length
+        for i, block in enumerate(self.layers):
+            x, kv = block_call(block, x, positions_BT, mask_BTS, kv, i, write_index)
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        if cache is None:
+            return x, None
+        return x, cache.replace(k_LBSKH=kv[0], v_LBSKH=kv[1])
+
+    def logits_from_hidden(self, hidden_BTD):
+        """fp32 logits; the projection runs in the compute dtype."""
+        dt = self.cfg.jnp_dtype
+        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        logits = hidden_BTD.astype(dt) @ w.astype(dt)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def __call__(self, tokens_BT, positions_BT, mask_BTS, cache: KVCache | None = None):
+        hidden, cache = self.hidden(tokens_BT, positions_BT, mask_BTS, cache)
+        return self.logits_from_hidden(hidden), cache
+
+
+def forward_padded(model: Decoder, tokens_BT, valid_BT):
+    """Logits of a (left- or right-) padded batch without a cache: positions skip padding."""
+    return model(tokens_BT, positions_from_valid(valid_BT), causal_mask(valid_BT))[0]

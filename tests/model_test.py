@@ -1,0 +1,111 @@
+"""The decoder against transformers (torch CPU, fp32) on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from igpo_jax.model.kv_cache import KVCache, extend
+from igpo_jax.model.qwen import forward_padded
+from igpo_jax.model.weights import load_hf
+from tests.conftest import write_tiny_hf_model
+
+LENGTHS = (7, 3, 5)  # ragged rows, left padded to 7
+
+
+def _left_padded_batch(vocab: int, lengths=LENGTHS, seed=1):
+    rng = np.random.default_rng(seed)
+    width = max(lengths)
+    tokens = np.zeros((len(lengths), width), np.int32)
+    valid = np.zeros((len(lengths), width), bool)
+    for i, n in enumerate(lengths):
+        tokens[i, width - n:] = rng.integers(0, vocab, n)
+        valid[i, width - n:] = True
+    return tokens, valid
+
+
+def _hf_logits(model, tokens, valid):
+    mask = torch.tensor(valid, dtype=torch.long)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=mask, position_ids=positions)
+    return out.logits.numpy()
+
+
+def _assert_close_on_valid(ours, ref, valid, rtol=1e-4):
+    ours, ref = np.asarray(ours)[valid], np.asarray(ref)[valid]
+    scale = np.abs(ref).max()
+    assert np.max(np.abs(ours - ref)) <= rtol * scale, np.max(np.abs(ours - ref)) / scale
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
+def test_logits_match_transformers_with_left_padding(model_type, tmp_path):
+    hf = write_tiny_hf_model(model_type, tmp_path)
+    ours = load_hf(str(tmp_path))
+    assert ours.cfg.qkv_bias == (model_type == "qwen2")
+    assert ours.cfg.qk_norm == (model_type == "qwen3")
+    tokens, valid = _left_padded_batch(ours.cfg.vocab_size)
+    logits = jax.jit(forward_padded)(ours, tokens, valid)
+    _assert_close_on_valid(logits, _hf_logits(hf, tokens, valid), valid)
+
+
+def test_tied_embeddings_and_rope_scaling_match(tmp_path):
+    hf = write_tiny_hf_model("llama", tmp_path, tie_word_embeddings=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    ours = load_hf(str(tmp_path))
+    assert ours.cfg.tie_embeddings and ours.cfg.rope_scaling.rope_type == "llama3"
+    tokens, valid = _left_padded_batch(ours.cfg.vocab_size, lengths=(40, 33))
+    _assert_close_on_valid(forward_padded(ours, tokens, valid), _hf_logits(hf, tokens, valid), valid)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_cached_prefill_and_decode_equal_full_forward(model_type, tmp_path):
+    write_tiny_hf_model(model_type, tmp_path)
+    model = load_hf(str(tmp_path))
+    tokens, valid = _left_padded_batch(model.cfg.vocab_size, lengths=(9, 4, 6))
+    full = forward_padded(model, tokens, valid)
+
+    prefill = 5  # the first 5 columns at once, then one column per step
+    cache = KVCache.init(model.cfg, batch=3, size=16)
+    step = jax.jit(lambda m, c, t, v: extend(m, c, t, v))
+    hidden, cache = step(model, cache, tokens[:, :prefill], valid[:, :prefill])
+    pieces = [model.logits_from_hidden(hidden)]
+    for t in range(prefill, tokens.shape[1]):
+        hidden, cache = step(model, cache, tokens[:, t:t + 1], valid[:, t:t + 1])
+        pieces.append(model.logits_from_hidden(hidden))
+    cached = jnp.concatenate(pieces, axis=1)
+    _assert_close_on_valid(cached, full, valid, rtol=1e-5)
+    assert int(cache.length) == tokens.shape[1]
+    np.testing.assert_array_equal(np.asarray(cache.next_pos_B), valid.sum(1))
+
+
+def test_bf16_compute_stays_close_to_fp32(tmp_path):
+    write_tiny_hf_model("qwen2", tmp_path)
+    fp32 = load_hf(str(tmp_path))
+    bf16 = load_hf(str(tmp_path), param_dtype="bfloat16", dtype="bfloat16")
+    assert bf16.embed[...].dtype == jnp.bfloat16
+    tokens, valid = _left_padded_batch(fp32.cfg.vocab_size)
+    a = np.asarray(forward_padded(fp32, tokens, valid))[valid]
+    b = np.asarray(forward_padded(bf16, tokens, valid))[valid]
+    assert np.max(np.abs(a - b)) < 0.05 * np.abs(a).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
+
+
+def test_remat_gives_same_gradients(tmp_path):
+    write_tiny_hf_model("llama", tmp_path)
+    plain = load_hf(str(tmp_path))
+    remat = load_hf(str(tmp_path), remat=True)
+    tokens, valid = _left_padded_batch(plain.cfg.vocab_size)
+    from flax import nnx
+
+    def loss(model):
+        return forward_padded(model, tokens, valid).mean()
+
+    g1 = nnx.grad(loss)(plain)
+    g2 = nnx.grad(loss)(remat)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
