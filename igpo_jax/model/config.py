@@ -12,6 +12,7 @@ import os
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 
 # Architectures the decoder covers, and the switches that distinguish them.
 _ARCHITECTURES = {
@@ -181,6 +182,11 @@ def from_hf_dir(path: str, **overrides) -> ModelConfig:
         return from_hf_config(json.load(f), **overrides)
 
 
+def _f32(value) -> float:
+    """GGUF stores float32; take the shortest decimal that rounds to it (9.99999974e-06 → 1e-05)."""
+    return float(str(np.float32(value)))
+
+
 def from_gguf_metadata(meta: Mapping[str, Any], has_output_tensor: bool, **overrides) -> ModelConfig:
     """ModelConfig from GGUF key/values (`{arch}.block_count`, …)."""
     arch = meta.get("general.architecture")
@@ -204,9 +210,9 @@ def from_gguf_metadata(meta: Mapping[str, Any], has_output_tensor: bool, **overr
         num_heads=heads,
         num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
         head_dim=int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
-        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_theta=_f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
         rope_scaling=scaling,
-        rms_norm_eps=float(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
+        rms_norm_eps=_f32(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
         qkv_bias=qkv_bias,
         qk_norm=qk_norm,
         tie_embeddings=not has_output_tensor,
