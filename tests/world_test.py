@@ -1,0 +1,157 @@
+"""Tests for igpo_jax.world: determinism, answerability from the corpus, and the file formats."""
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from igpo_jax import data, world
+
+REFERENCE_DEV_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "igpo_dev.parquet"
+
+
+@pytest.fixture(scope="module")
+def default_world():
+    return world.build_world(seed=0)
+
+
+def test_same_seed_same_world_different_seed_different_world():
+    assert world.build_world(seed=3) == world.build_world(seed=3)
+    other = world.build_world(seed=4)
+    assert other.documents != world.build_world(seed=3).documents
+    assert other.questions != world.build_world(seed=3).questions
+
+
+def test_written_files_are_identical_for_a_seed(tmp_path):
+    first = world.write_world(tmp_path / "a", seed=1)
+    second = world.write_world(tmp_path / "b", seed=1)
+    for name in ("train", "test", "corpus"):
+        a, b = getattr(first, name), getattr(second, name)
+        if name == "corpus":
+            assert a.read_bytes() == b.read_bytes()
+        else:
+            assert pq.read_table(a).equals(pq.read_table(b))
+
+
+def test_default_size_and_speed():
+    start = time.perf_counter()
+    built = world.build_world(seed=0)
+    assert time.perf_counter() - start < 1.0
+    assert len(built.documents) == 200
+    assert len(built.questions) == 400
+    sources = [q.data_source for q in built.questions]
+    assert sources.count("synthetic_1hop") == sources.count("synthetic_2hop") == 200
+    assert {q.split for q in built.questions} == {"train", "test"}
+    assert sum(q.split == "test" for q in built.questions) == 40
+    assert len({q.question for q in built.questions}) == 400
+    assert len({q.index for q in built.questions}) == 400
+
+
+def test_every_answer_is_stated_by_the_last_supporting_document(default_world):
+    for q in default_world.questions:
+        assert q.answers and all(q.answers)
+        answer_doc = default_world.document(q.supporting_doc_ids[-1])
+        assert q.answers[0] in answer_doc.text, (q, answer_doc)
+
+
+def test_the_question_names_its_first_document(default_world):
+    for q in default_world.questions:
+        assert default_world.document(q.supporting_doc_ids[0]).title in q.question
+
+
+def test_two_hop_questions_need_two_documents(default_world):
+    two_hop = [q for q in default_world.questions if q.hops == 2]
+    assert two_hop
+    for q in two_hop:
+        first, second = (default_world.document(i) for i in q.supporting_doc_ids)
+        # The answer is not in the question entity's document ...
+        assert not any(a.lower() in first.contents.lower() for a in q.answers), q
+        # ... nor in any other document that names the question entity ...
+        for document in default_world.documents:
+            if first.title in document.contents:
+                assert not any(a in document.contents for a in q.answers), (q, document)
+        # ... but the first document names the entity whose document holds it.
+        assert second.title in first.text, q
+        assert second.title not in q.question, q
+
+
+def test_documents_are_findable_by_bm25_from_the_question(default_world):
+    bm25s = pytest.importorskip("bm25s")
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize([d.contents for d in default_world.documents],
+                                   stopwords="en", show_progress=False), show_progress=False)
+
+    def top_ids(query, k):
+        query_tokens = bm25s.tokenize([query], stopwords="en", show_progress=False,
+                                      return_ids=False)
+        ids, _ = retriever.retrieve(query_tokens, k=k, show_progress=False)
+        return [str(i) for i in ids[0]]
+
+    for q in default_world.questions:
+        assert q.supporting_doc_ids[0] in top_ids(q.question, 3), q
+        if q.hops == 2:
+            # The second hop: searching for the entity the first document names finds it.
+            second = default_world.document(q.supporting_doc_ids[1])
+            assert top_ids(second.title, 1) == [second.id], q
+
+
+def test_names_are_distinct_and_fictional(default_world):
+    titles = [d.title for d in default_world.documents]
+    assert len(set(titles)) == len(titles)
+    words = {w.lower() for t in titles for w in t.split()} - {
+        "university", "institute", "of", "technology", "college", "industries", "systems",
+        "labs", "works", "holdings", "dynamics", "group"}
+    assert not words & world._REAL_NAMES
+    for word in words:
+        assert not any(word != other and word in other for other in words), word
+
+
+def test_parquet_round_trips_through_the_reader(tmp_path, default_world):
+    files = world.write_world(tmp_path, seed=0)
+    for path in (files.train, files.test):
+        assert pq.read_schema(path).remove_metadata() == data.PARQUET_SCHEMA
+    by_index = {q.index: q for q in default_world.questions}
+    train = data.load_examples(files.train)
+    test = data.load_examples(files.test)
+    assert len(train) + len(test) == len(default_world.questions)
+    for example, split in [(e, "train") for e in train] + [(e, "test") for e in test]:
+        q = by_index[example.index]
+        assert example == q.to_example()
+        assert example.split == split
+        assert example.golden_answers == q.answers
+        assert example.prompt == (data.Message("user", q.question),)
+        assert example.data_source in ("synthetic_1hop", "synthetic_2hop")
+
+
+@pytest.mark.skipif(not REFERENCE_DEV_FILE.exists(), reason="reference dev file not present")
+def test_parquet_schema_matches_the_reference_file(tmp_path):
+    files = world.write_world(tmp_path, seed=0, num_questions=20)
+    assert pq.read_schema(files.train).remove_metadata() == \
+        pq.read_schema(REFERENCE_DEV_FILE).remove_metadata()
+
+
+def test_corpus_is_search_r1_jsonl(tmp_path, default_world):
+    files = world.write_world(tmp_path, seed=0)
+    rows = [json.loads(line) for line in files.corpus.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == len(default_world.documents)
+    for row, document in zip(rows, default_world.documents):
+        assert set(row) == {"id", "contents"} and isinstance(row["id"], str)
+        title, text = row["contents"].split("\n", 1)
+        assert title == f'"{document.title}"' and text == document.text
+    assert len({row["id"] for row in rows}) == len(rows)
+
+
+def test_command_line_writes_the_files(tmp_path, capsys):
+    world.main([f"--out={tmp_path}", "--seed=2", "--num_questions=30"])
+    assert "corpus.jsonl" in capsys.readouterr().out
+    examples = data.load_examples([tmp_path / "train.parquet", tmp_path / "test.parquet"])
+    assert len(examples) == 30
+
+
+def test_asking_for_more_questions_than_the_world_holds_is_a_clear_error():
+    with pytest.raises(ValueError, match="enlarge WorldShape"):
+        world.build_world(seed=0, num_questions=100,
+                          shape=world.WorldShape(countries=1, cities=1, rivers=1,
+                                                 universities=1, companies=1, people=2))
