@@ -45,13 +45,15 @@ PathLike = Union[str, os.PathLike]
 class DataError(ValueError):
     """A data file that cannot be used; says which file, row (0-based) and field."""
 
-    def __init__(self, path: PathLike, row: int | None, field: str, problem: str):
+    def __init__(self, path: PathLike, row: int | None, field: str | None, problem: str):
         self.path = os.fspath(path)
-        self.row = row
+        self.row = row  # None: the problem is the file's, not one row's
         self.field = field
         self.problem = problem
-        where = "all rows" if row is None else f"row {row}"
-        super().__init__(f"{self.path}, {where}, field '{field}': {problem}")
+        where = [self.path, "all rows" if row is None else f"row {row}"]
+        if field is not None:
+            where.append(f"field '{field}'")
+        super().__init__(f"{', '.join(where)}: {problem}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +101,7 @@ def _load_file(path: PathLike) -> list[Example]:
             raise DataError(path, None, column,
                             f"column missing (the file has {', '.join(table.column_names)})")
     if table.num_rows == 0:
-        raise DataError(path, None, "data_source", "the file has no rows")
+        raise DataError(path, None, None, "the file has no rows")
     table = table.select(list(REQUIRED_COLUMNS))
     return [_parse_row(path, row_number, row)
             for row_number, row in enumerate(table.to_pylist())]
@@ -220,7 +222,8 @@ class BatchIterator:
     With `drop_remainder` (the default, as in the reference's trainer) every batch is full and
     the last `len(examples) % batch_size` examples of an epoch's order are skipped; without it
     the last batch of an epoch is shorter. `state()` / `restore()` carry the position across a
-    checkpoint.
+    checkpoint; a restored state's seed replaces the one given here. Every host of a multi-host
+    run builds the same iterator and so sees the same global batches.
     """
 
     def __init__(self, examples: Sequence[Example], batch_size: int, seed: int,

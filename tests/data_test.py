@@ -160,6 +160,11 @@ def test_missing_user_message_names_file_row_and_field(tmp_path):
     assert "'prompt'" in message and "no message with role 'user'" in message
 
 
+def test_empty_file_is_rejected(tmp_path):
+    path = _write_rows(tmp_path / "empty.parquet", [])
+    assert _load_error(path) == f"{path}, all rows: the file has no rows"
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.parquet"):
         data.load_examples(tmp_path / "nowhere.parquet")
