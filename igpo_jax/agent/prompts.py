@@ -1,0 +1,131 @@
+"""System prompts, the web_search tool schema and the texts that carry tool results back.
+
+The prompts are plain strings with named fields, so a config can replace them:
+    {today}        today's date, ISO format (pin it in a config for reproducible prompts)
+    {tools}        the tool schemas, one JSON object per line (Qwen's <tools> convention)
+    {max_queries}  how many queries one web_search call may carry (spec §8: 3)
+Only these `{name}` fields are substituted; other braces (JSON examples) stay as written, so a
+template needs no `{{` escaping. An unknown `{name}` is an error, not silently left in.
+
+qwen_tool_call renders the tool schema into the system prompt itself, so it works with any
+chat template (SmolLM2's has no tool support); do not also pass `tools=` to
+`apply_chat_template`, or the schema appears twice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from typing import Sequence
+
+from igpo_jax.agent.parse import DIALECTS, TOOL_NAME
+
+
+def web_search_tool(max_queries: int = 3) -> dict:
+    """The web_search function schema, in the OpenAI / transformers tools format."""
+    return {
+        "type": "function",
+        "function": {
+            "name": TOOL_NAME,
+            "description": "Search the web. Runs every query in parallel and returns the top results "
+                           "(title and snippet) of each.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "query": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "minItems": 1,
+                        "maxItems": max_queries,
+                        "description": f"1 to {max_queries} search queries; each a short, specific phrase.",
+                    },
+                },
+                "required": ["query"],
+            },
+        },
+    }
+
+
+WEB_SEARCH_TOOL = web_search_tool()
+
+QWEN_TOOL_CALL_PROMPT = """\
+You are a research assistant. You answer questions by searching the web and reasoning about \
+what you find.
+
+Every turn, first think inside <think> and </think>: what you know, what is missing, what to \
+search next. Then do exactly one of the following:
+- If you still need information, call the web_search tool with 1 to {max_queries} queries:
+<tool_call>
+{"name": "web_search", "arguments": {"query": ["first query", "second query"]}}
+</tool_call>
+  The results come back in the next message. You may search as many times as you need.
+- If you can answer, give only the final answer, a few words without explanation, inside \
+<answer> and </answer>.
+
+# Tools
+
+<tools>
+{tools}
+</tools>
+
+Today is {today}."""
+
+SEARCH_TAGS_PROMPT = """\
+Answer the given question. Think inside <think> and </think> every time you get new \
+information. If you lack knowledge, search the web by writing <search> query </search>; the \
+top results come back between <information> and </information>. You may search as many times \
+as you need. When you can answer, write only the final answer inside <answer> and </answer>, \
+without explanation, for example <answer> Beijing </answer>.
+
+Today is {today}."""
+
+DEFAULT_PROMPTS = {"qwen_tool_call": QWEN_TOOL_CALL_PROMPT, "search_tags": SEARCH_TAGS_PROMPT}
+
+_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def render_template(template: str, **fields: object) -> str:
+    """Substitute `{name}` fields; braces around anything else are left alone (see module doc)."""
+    unknown = sorted({name for name in _FIELD.findall(template) if name not in fields})
+    if unknown:
+        raise KeyError(f"prompt template uses unknown field(s) {unknown}; available: {sorted(fields)}")
+    return _FIELD.sub(lambda match: str(fields[match.group(1)]), template)
+
+
+def render_system_prompt(dialect: str = "qwen_tool_call", template: str | None = None, *,
+                         today: datetime.date | str | None = None, tools: Sequence[dict] | None = None,
+                         max_queries: int = 3) -> str:
+    """The system prompt for `dialect` (or a user's `template`), with the tool schema and date."""
+    if dialect not in DIALECTS:
+        raise ValueError(f"unknown tool-call dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
+    template = DEFAULT_PROMPTS[dialect] if template is None else template
+    tools = [web_search_tool(max_queries)] if tools is None else list(tools)
+    today = datetime.date.today() if today is None else today
+    return render_template(template, today=today.isoformat() if isinstance(today, datetime.date) else today,
+                           tools="\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools),
+                           max_queries=max_queries)
+
+
+# ----------------------------------------------------------------------------- tool results
+
+def tool_message(text: str) -> dict[str, str]:
+    """qwen_tool_call: the message to append; the chat template wraps it (Qwen: <tool_response>)."""
+    return {"role": "tool", "content": text}
+
+
+def information_block(text: str) -> str:
+    """search_tags: the text inserted into the assistant stream after </search> (Search-R1's form)."""
+    return f"\n\n<information>{text.strip()}</information>\n\n"
+
+
+def format_error_feedback(reason: str, dialect: str) -> str:
+    """What the model reads when its turn could not be run, so it can correct itself."""
+    if dialect not in DIALECTS:
+        raise ValueError(f"unknown tool-call dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
+    if dialect == "search_tags":
+        how = "write <search> query </search> or <answer> final answer </answer> after </think>"
+    else:
+        how = ('call <tool_call>{"name": "web_search", "arguments": {"query": ["..."]}}</tool_call> '
+               "or give <answer> final answer </answer> after </think>")
+    return f"Your last turn could not be run: {reason}. Please {how}."

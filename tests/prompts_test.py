@@ -1,0 +1,66 @@
+"""System prompt rendering, the tool schema, and the texts that carry tool results back."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+
+import pytest
+
+from igpo_jax.agent.parse import Answer, ToolCall, parse_action
+from igpo_jax.agent.prompts import (QWEN_TOOL_CALL_PROMPT, SEARCH_TAGS_PROMPT, format_error_feedback,
+                                    information_block, render_system_prompt, render_template, tool_message,
+                                    web_search_tool)
+
+
+def test_qwen_prompt_has_date_and_the_tool_schema():
+    prompt = render_system_prompt("qwen_tool_call", today=datetime.date(2026, 3, 14))
+    assert "Today is 2026-03-14." in prompt
+    tools_text = re.search(r"<tools>\n(.*)\n</tools>", prompt, re.DOTALL).group(1)
+    assert json.loads(tools_text) == web_search_tool(3)
+    assert "{" + "today}" not in prompt and "{max_queries}" not in prompt
+
+
+def test_the_prompt_example_call_is_what_the_parser_accepts():
+    """The call the prompt shows the model must parse, or the model is taught a broken format."""
+    example = re.search(r"<tool_call>.*?</tool_call>", QWEN_TOOL_CALL_PROMPT, re.DOTALL).group(0)
+    assert parse_action("<think>x</think>" + example, "qwen_tool_call") == ToolCall(("first query", "second query"))
+    assert parse_action("<think>x</think><answer> Beijing </answer>", "search_tags") == Answer("Beijing")
+
+
+def test_max_queries_reaches_schema_and_text():
+    prompt = render_system_prompt(today="2026-01-01", max_queries=2)
+    assert "1 to 2 queries" in prompt and '"maxItems": 2' in prompt
+
+
+def test_search_tags_prompt_uses_search_and_information_tags():
+    prompt = render_system_prompt("search_tags", today="2026-01-01")
+    assert "<search> query </search>" in prompt and "<information>" in prompt
+    assert prompt.endswith("Today is 2026-01-01.") and "web_search" not in prompt
+    assert prompt.startswith(SEARCH_TAGS_PROMPT[:40])
+
+
+def test_users_can_replace_the_template_and_keep_json_braces():
+    template = 'Be brief. Call {"name": "web_search"} at most {max_queries} times. Date: {today}.'
+    assert (render_system_prompt(template=template, today="2026-02-02")
+            == 'Be brief. Call {"name": "web_search"} at most 3 times. Date: 2026-02-02.')
+
+
+def test_unknown_field_is_an_error_naming_it():
+    with pytest.raises(KeyError, match="todya"):
+        render_template("Today is {todya}.", today="x")
+    with pytest.raises(ValueError, match="unknown tool-call dialect"):
+        render_system_prompt("xml")
+
+
+def test_default_date_is_today():
+    assert f"Today is {datetime.date.today().isoformat()}." in render_system_prompt()
+
+
+def test_tool_result_texts():
+    assert tool_message("1. Paris\nCapital.") == {"role": "tool", "content": "1. Paris\nCapital."}
+    assert information_block("  results \n") == "\n\n<information>results</information>\n\n"
+    qwen = format_error_feedback("a search query is empty", "qwen_tool_call")
+    assert qwen.startswith("Your last turn could not be run: a search query is empty.") and "<tool_call>" in qwen
+    assert "<search>" in format_error_feedback("x", "search_tags")
