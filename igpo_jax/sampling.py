@@ -1,0 +1,360 @@
+"""Jitted prefill + decode over a KV cache, with per-row stops and append-and-continue.
+
+Legend: B rows, K decode steps per device call, V vocab, W append width.
+
+The host drives a `Sampler` in rounds. Each `decode` call runs a jitted `while_loop` of at most
+`steps_per_call` steps and comes back early as soon as any row *stops*: it sampled a stop id,
+reached its token budget, or sampled a token that could complete a stop string. Coming back at
+those events lets the multi-turn rollout fire a row's search while the other rows keep decoding
+in the next call. Stop strings (`</tool_call>`, `</search>`, `</answer>`) are checked on the
+host against the decoded text, but only at tokens whose text contains a stop string's last
+character (a precomputed [V] table), so a row never decodes past a stop string and nothing has
+to be rolled back.
+
+A row's last sampled token is not yet in the cache ("pending"); it is fed first when the row
+continues, followed by any appended tokens (a tool result). Appending writes only the new tokens
+(the history stays in the cache), ragged rows leaving invalid holes in the shared slot cursor.
+
+Done rows: each call gathers the rows that are decoding into the smallest power-of-two batch
+bucket that holds them, decodes that sub-batch, and scatters its cache rows back. So rows that
+are finished or waiting for a search cost nothing per step; the price is one gather/scatter of
+the active rows' cache per call, paid only when the bucket is smaller than the full batch.
+(Refilling freed rows with new prompts is the other option; it needs the rollout to stream
+questions, which IGPO's group-synchronous steps do not.)
+
+Sampling is reproducible per row: row r's k-th token uses fold_in(key_r, k), so it does not
+depend on which other rows share the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from igpo_jax.model.kv_cache import KVCache, extend
+
+FINISH_STOP = "stop"  # a stop token id or a stop string
+FINISH_LENGTH = "length"  # the row's max_new_tokens
+FINISH_CONTEXT = "context"  # the KV cache (context limit) is full
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 → greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 → off
+
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"invalid sampling params {self}: need temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def sample_tokens(logits_BV, keys_B, params: SamplingParams):
+    """One token per row from fp32 logits: temperature, then top-k, then top-p (nucleus)."""
+    if params.greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits = logits_BV / params.temperature
+    if params.top_k:
+        kth = jax.lax.top_k(logits, params.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if params.top_p < 1:
+        sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(mass_before < params.top_p, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.vmap(jax.random.categorical)(keys_B, logits).astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """Per-row decode state on the device (a sub-batch of the cache's rows)."""
+
+    input_B: jax.Array  # token fed at the next step (the pending token)
+    active_B: jax.Array  # bool
+    count_B: jax.Array  # tokens sampled in this row's current segment
+    budget_B: jax.Array  # max tokens in the current segment
+    key_B: jax.Array  # per-row PRNG keys
+
+
+def _decode_loop(graphdef, state, cache: KVCache, rows: _Rows, stop_ids, may_end_stop_V, params, steps: int):
+    """Up to `steps` decode steps; returns early when any active row stops or hits a candidate."""
+    model = nnx.merge(graphdef, state)
+    b = rows.input_B.shape[0]
+    tokens = jnp.zeros((b, steps), jnp.int32)
+    logps = jnp.zeros((b, steps), jnp.float32)
+
+    def cond(carry):
+        step, _, rows, _, _, event = carry
+        return (step < steps) & ~event & jnp.any(rows.active_B)
+
+    def body(carry):
+        step, cache, rows, tokens, logps, _ = carry
+        hidden, cache = extend(model, cache, rows.input_B[:, None], rows.active_B[:, None])
+        logits = model.logits_from_hidden(hidden)[:, 0]
+        keys = jax.vmap(jax.random.fold_in)(rows.key_B, rows.count_B)
+        tok = sample_tokens(logits, keys, params)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], -1)[:, 0]
+        active = rows.active_B
+        tokens = tokens.at[:, step].set(jnp.where(active, tok, 0))
+        logps = logps.at[:, step].set(jnp.where(active, logp, 0.0))
+        count = rows.count_B + active
+        stopped = active & (jnp.isin(tok, stop_ids) | (count >= rows.budget_B))
+        event = jnp.any(stopped | (active & may_end_stop_V[tok]))
+        rows = dataclasses.replace(rows, input_B=jnp.where(active, tok, rows.input_B),
+                                   active_B=active & ~stopped, count_B=count)
+        return step + 1, cache, rows, tokens, logps, event
+
+    init = (jnp.zeros((), jnp.int32), cache, rows, tokens, logps, jnp.zeros((), bool))
+    n_steps, cache, rows, tokens, logps, _ = jax.lax.while_loop(cond, body, init)
+    return cache, rows, tokens, logps, n_steps
+
+
+def _gather_rows(cache: KVCache, idx):
+    return cache.replace(k_LBSKH=cache.k_LBSKH[:, idx], v_LBSKH=cache.v_LBSKH[:, idx],
+                         valid_BS=cache.valid_BS[idx], next_pos_B=cache.next_pos_B[idx])
+
+
+def _scatter_rows(cache: KVCache, idx, sub: KVCache, n_real):
+    """Write the first `n_real` rows of `sub` back at `idx`; the cursor advances for everyone."""
+    keep = jnp.arange(idx.shape[0]) < n_real
+    idx = jnp.where(keep, idx, cache.valid_BS.shape[0])  # out of range → dropped
+    return cache.replace(
+        k_LBSKH=cache.k_LBSKH.at[:, idx].set(sub.k_LBSKH, mode="drop"),
+        v_LBSKH=cache.v_LBSKH.at[:, idx].set(sub.v_LBSKH, mode="drop"),
+        valid_BS=cache.valid_BS.at[idx].set(sub.valid_BS, mode="drop"),
+        next_pos_B=cache.next_pos_B.at[idx].set(sub.next_pos_B, mode="drop"),
+        length=sub.length)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8), donate_argnums=(2,))
+def _decode_call(graphdef, state, cache, idx, rows, stop_ids_and_table, params, steps, compact):
+    stop_ids, may_end = stop_ids_and_table
+    if not compact:
+        return _decode_loop(graphdef, state, cache, rows, stop_ids, may_end, params, steps)
+    n_real = jnp.sum(idx < cache.valid_BS.shape[0])
+    safe_idx = jnp.minimum(idx, cache.valid_BS.shape[0] - 1)
+    sub, rows, tokens, logps, n_steps = _decode_loop(
+        graphdef, state, _gather_rows(cache, safe_idx), rows, stop_ids, may_end, params, steps)
+    return _scatter_rows(cache, safe_idx, sub, n_real), rows, tokens, logps, n_steps
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _extend_call(graphdef, state, cache, tokens_BW, valid_BW):
+    model = nnx.merge(graphdef, state)
+    _, cache = extend(model, cache, tokens_BW, valid_BW)
+    return cache
+
+
+def _bucket(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+@dataclasses.dataclass
+class RowOutput:
+    """What one row generated since its last start/append."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None  # None while the row can still decode
+
+
+@dataclasses.dataclass
+class _HostRow:
+    key: np.ndarray
+    pending: list[int]  # sampled/appended tokens not yet in the cache
+    budget: int = 0
+    out: RowOutput = dataclasses.field(default_factory=lambda: RowOutput([], []))
+    decoding: bool = False
+
+
+def stop_string_table(tokenizer, stop_strings: Sequence[str], vocab_size: int) -> np.ndarray:
+    """[V] bool: the token's text contains the last character of some stop string."""
+    table = np.zeros((vocab_size,), bool)
+    last_chars = {s[-1] for s in stop_strings if s}
+    if not last_chars:
+        return table
+    for tok_id in range(min(vocab_size, len(tokenizer))):
+        text = tokenizer.decode([tok_id])
+        table[tok_id] = any(c in text for c in last_chars)
+    return table
+
+
+class Sampler:
+    """Batched, resumable generation for `batch_size` rows over one KV cache of `cache_size` slots.
+
+        s = Sampler(model, tokenizer, batch_size=16, cache_size=4096, stop_strings=("</search>",))
+        s.start(prompts_token_ids, seeds, max_new_tokens=512)
+        while s.decoding_rows():
+            for row, out in s.decode().items(): ...   # rows that stopped in this call
+            s.append(row, tool_result_ids, max_new_tokens=512)   # continue a stopped row
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int, cache_size: int,
+                 params: SamplingParams = SamplingParams(), stop_token_ids: Sequence[int] = (),
+                 stop_strings: Sequence[str] = (), steps_per_call: int = 32, append_bucket: int = 16,
+                 cache_dtype=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.cache_size = cache_size
+        self.params = params
+        self.steps_per_call = steps_per_call
+        self.append_bucket = append_bucket
+        self.stop_strings = tuple(stop_strings)
+        self._graphdef, self._state = nnx.split(model)
+        vocab = model.cfg.vocab_size
+        table = (stop_string_table(tokenizer, self.stop_strings, vocab) if self.stop_strings
+                 else np.zeros((vocab,), bool))
+        self._stop_id_set = frozenset(int(t) for t in stop_token_ids)
+        ids = np.asarray(sorted(self._stop_id_set) or [-1], np.int32)
+        self._stop = (jnp.asarray(ids), jnp.asarray(table))
+        self._cache_dtype = cache_dtype
+        self.cache: KVCache | None = None
+        self.rows: list[_HostRow] = []
+
+    # ------------------------------------------------------------------------------ host API
+
+    def start(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], max_new_tokens: int | Sequence[int]):
+        """Fresh cache; prefill every prompt (all but its last token, which is fed at step one)."""
+        if len(prompts) > self.batch_size:
+            raise ValueError(f"{len(prompts)} prompts for a sampler of batch_size={self.batch_size}")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        self.cache = KVCache.init(self.model.cfg, self.batch_size, self.cache_size, self._cache_dtype)
+        budgets = _per_row(max_new_tokens, len(prompts))
+        self.rows = [_HostRow(key=np.asarray(jax.random.key_data(jax.random.PRNGKey(s))), pending=list(p),
+                              budget=n) for p, s, n in zip(prompts, seeds, budgets)]
+        self._feed_pending(list(range(len(prompts))))
+        for row in self.rows:
+            row.decoding = True
+
+    def append(self, row_ids: int | Sequence[int], tokens: Sequence[int] | Sequence[Sequence[int]],
+               max_new_tokens: int | Sequence[int]):
+        """Continue stopped rows after appending `tokens` (e.g. a rendered tool result) to each."""
+        if isinstance(row_ids, int):
+            row_ids, tokens = [row_ids], [tokens]
+        budgets = _per_row(max_new_tokens, len(row_ids))
+        for r, toks, n in zip(row_ids, tokens, budgets):
+            row = self.rows[r]
+            if row.decoding:
+                raise ValueError(f"row {r} is still decoding; append only to stopped rows")
+            row.pending.extend(int(t) for t in toks)
+            row.budget, row.out, row.decoding = n, RowOutput([], []), True
+        self._feed_pending(list(row_ids))
+
+    def decoding_rows(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r.decoding]
+
+    def decode(self) -> dict[int, RowOutput]:
+        """One device call; returns the rows that stopped in it (tokens since their last start)."""
+        active = self.decoding_rows()
+        if not active:
+            return {}
+        room = self.cache_size - int(self.cache.length)
+        if room <= 0:
+            return {i: self._finish(i, FINISH_CONTEXT) for i in active}
+        steps = min(self.steps_per_call, room)
+        bucket = _bucket(len(active))
+        compact = bucket < self.batch_size
+        n = bucket if compact else self.batch_size
+        row_index = active + [self.batch_size] * (bucket - len(active)) if compact else list(range(n))
+        in_call = {r: j for j, r in enumerate(row_index) if r < self.batch_size and r in set(active)}
+
+        def per_row(fn, default, dtype):
+            return np.asarray([fn(self.rows[r]) if r in in_call else default for r in row_index], dtype)
+
+        rows = _Rows(
+            input_B=jnp.asarray(per_row(lambda h: h.pending[-1], 0, np.int32)),
+            active_B=jnp.asarray(per_row(lambda h: True, False, bool)),
+            count_B=jnp.asarray(per_row(lambda h: len(h.out.tokens), 0, np.int32)),
+            budget_B=jnp.asarray(per_row(lambda h: h.budget, 0, np.int32)),
+            key_B=jnp.asarray(np.stack([self.rows[r].key if r in in_call else self.rows[active[0]].key
+                                        for r in row_index])),
+        )
+        self.cache, rows, tokens, logps, n_steps = _decode_call(
+            self._graphdef, self._state, self.cache, jnp.asarray(row_index, jnp.int32), rows, self._stop,
+            self.params, steps, compact)
+        tokens, logps = np.asarray(tokens), np.asarray(logps)
+        counts, still_active = np.asarray(rows.count_B), np.asarray(rows.active_B)
+        may_end = np.asarray(self._stop[1])
+        stopped = {}
+        for r, j in in_call.items():
+            host = self.rows[r]
+            new = int(counts[j]) - len(host.out.tokens)
+            if new == 0:
+                continue
+            host.out.tokens.extend(int(t) for t in tokens[j, :new])
+            host.out.logprobs.extend(float(x) for x in logps[j, :new])
+            host.pending = [host.out.tokens[-1]]  # sampled but not yet fed
+            last = host.out.tokens[-1]
+            if last in self._stop_id_set or (may_end[last] and self._completes_stop_string(host.out.tokens)):
+                stopped[r] = self._finish(r, FINISH_STOP)
+            elif not still_active[j]:
+                stopped[r] = self._finish(r, FINISH_LENGTH)
+        if int(self.cache.length) >= self.cache_size:
+            for r in self.decoding_rows():
+                stopped[r] = self._finish(r, FINISH_CONTEXT)
+        return stopped
+
+    def generate(self, prompts, seeds, max_new_tokens) -> list[RowOutput]:
+        """Single-turn convenience: start, then decode until every row has stopped."""
+        self.start(prompts, seeds, max_new_tokens)
+        outputs: dict[int, RowOutput] = {}
+        while self.decoding_rows():
+            outputs.update(self.decode())
+        return [outputs[i] for i in range(len(prompts))]
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _finish(self, r: int, reason: str) -> RowOutput:
+        host = self.rows[r]
+        host.decoding = False
+        host.out.finish_reason = reason
+        return host.out
+
+    def _completes_stop_string(self, tokens: list[int]) -> bool:
+        """Does the last token complete a stop string? Decode a short tail only."""
+        longest = max(len(s) for s in self.stop_strings)
+        tail = tokens[-(longest + 1):]
+        text = self.tokenizer.decode(tail)
+        before = len(self.tokenizer.decode(tail[:-1]))
+        return any(text.find(s, max(0, before - len(s) + 1)) != -1 for s in self.stop_strings)
+
+    def _feed_pending(self, row_ids: list[int]):
+        """Write each row's pending tokens except the last into the cache, in one ragged extend."""
+        width = max((len(self.rows[r].pending) - 1 for r in row_ids), default=0)
+        if width <= 0:
+            return
+        width = _bucket(width, self.append_bucket)
+        if int(self.cache.length) + width > self.cache_size:
+            for r in row_ids:
+                self._finish(r, FINISH_CONTEXT)
+            return
+        tokens = np.zeros((self.batch_size, width), np.int32)
+        valid = np.zeros((self.batch_size, width), bool)
+        for r in row_ids:
+            feed = self.rows[r].pending[:-1]
+            tokens[r, :len(feed)] = feed
+            valid[r, :len(feed)] = True
+            self.rows[r].pending = self.rows[r].pending[-1:]
+        self.cache = _extend_call(self._graphdef, self._state, self.cache, jnp.asarray(tokens), jnp.asarray(valid))
+
+
+def _per_row(value, n: int) -> list[int]:
+    values = [value] * n if isinstance(value, int) else list(value)
+    if len(values) != n:
+        raise ValueError(f"expected {n} per-row values, got {len(values)}")
+    return values

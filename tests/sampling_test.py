@@ -1,0 +1,159 @@
+"""The sampler: greedy equals transformers' generate, sampling options, stops, append-and-continue."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from igpo_jax.model.qwen import forward_padded
+from igpo_jax.model.weights import load_hf
+from igpo_jax.sampling import FINISH_LENGTH, FINISH_STOP, Sampler, SamplingParams, sample_tokens
+from tests.conftest import write_tiny_hf_model
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 61], [7, 7, 12], [100, 2, 33, 4, 9]]
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    hf = write_tiny_hf_model("qwen2", path)
+    return hf, load_hf(str(path))
+
+
+def _hf_greedy(hf, prompts, new_tokens, eos=None, pad=0):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                          eos_token_id=eos, pad_token_id=pad)
+    return out[:, width:].tolist()
+
+
+def test_greedy_matches_transformers_generate_on_a_ragged_batch(tiny):
+    hf, model = tiny
+    ours = Sampler(model, None, batch_size=4, cache_size=64, params=GREEDY, steps_per_call=8)
+    out = ours.generate(PROMPTS, seeds=[0, 1, 2], max_new_tokens=20)
+    assert [o.tokens for o in out] == _hf_greedy(hf, PROMPTS, 20)
+    assert all(o.finish_reason == FINISH_LENGTH for o in out)
+
+
+def test_greedy_matches_transformers_on_smollm2_chat_prompts(smollm2, smollm2_tokenizer):
+    from bench.common import reference_smollm2
+    from igpo_jax.model.tokenizer import stop_token_ids
+
+    questions = ["What is the capital of France?", "Name three primary colors.",
+                 "Write one sentence about the sea, then stop."]
+    prompts = [smollm2_tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
+                                                     add_generation_prompt=True)["input_ids"] for q in questions]
+    eos = smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ours = Sampler(smollm2, smollm2_tokenizer, batch_size=3, cache_size=128, params=GREEDY,
+                   stop_token_ids=stop_token_ids(smollm2_tokenizer))
+    out = ours.generate(prompts, seeds=[0, 0, 0], max_new_tokens=24)
+    ref = _hf_greedy(reference_smollm2(), prompts, 24, eos=eos, pad=smollm2_tokenizer.pad_token_id)
+    for o, r in zip(out, ref):
+        expected = r[:r.index(eos) + 1] if eos in r else r
+        assert o.tokens == expected
+        assert o.finish_reason == (FINISH_STOP if eos in r else FINISH_LENGTH)
+
+
+def test_temperature_zero_and_top_k_one_are_greedy():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (6, 50))
+    keys = jax.random.split(jax.random.PRNGKey(1), 6)
+    argmax = np.asarray(logits.argmax(-1))
+    np.testing.assert_array_equal(sample_tokens(logits, keys, SamplingParams(temperature=0.0)), argmax)
+    np.testing.assert_array_equal(sample_tokens(logits, keys, SamplingParams(temperature=0.7, top_k=1)), argmax)
+    # a vanishing temperature concentrates all mass on the argmax as well
+    np.testing.assert_array_equal(sample_tokens(logits, keys, SamplingParams(temperature=1e-4)), argmax)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_p = 0.75 keeps exactly the first two
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32)).repeat(400, 0)
+    keys = jax.random.split(jax.random.PRNGKey(3), 400)
+    drawn = np.asarray(sample_tokens(logits, keys, SamplingParams(temperature=1.0, top_p=0.75)))
+    assert set(drawn.tolist()) == {0, 1}
+    assert 0.5 < (drawn == 0).mean() < 0.75  # renormalised 0.5/0.8 = 0.625
+    drawn_k = np.asarray(sample_tokens(logits, keys, SamplingParams(temperature=1.0, top_k=3)))
+    assert set(drawn_k.tolist()) == {0, 1, 2}
+
+
+def test_fixed_seed_is_reproducible_and_independent_of_batch_composition(tiny):
+    _, model = tiny
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    s = Sampler(model, None, batch_size=4, cache_size=64, params=params, steps_per_call=8)
+    a = [o.tokens for o in s.generate(PROMPTS, seeds=[10, 11, 12], max_new_tokens=16)]
+    b = [o.tokens for o in s.generate(PROMPTS, seeds=[10, 11, 12], max_new_tokens=16)]
+    assert a == b
+    c = [o.tokens for o in s.generate(PROMPTS, seeds=[13, 11, 12], max_new_tokens=16)]
+    assert c[0] != a[0] and c[1:] == a[1:]
+    alone = s.generate([PROMPTS[1]], seeds=[11], max_new_tokens=16)[0].tokens
+    assert alone == a[1]
+
+
+def test_per_row_max_new_tokens(tiny):
+    _, model = tiny
+    s = Sampler(model, None, batch_size=4, cache_size=64, params=GREEDY)
+    out = s.generate(PROMPTS, seeds=[0, 0, 0], max_new_tokens=[3, 9, 1])
+    assert [len(o.tokens) for o in out] == [3, 9, 1]
+
+
+def test_stop_strings_cut_at_the_token_that_completes_them(smollm2, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me a short story about a cat."}],
+                                     tokenize=True, add_generation_prompt=True)["input_ids"]
+    free = Sampler(smollm2, tok, batch_size=1, cache_size=128, params=GREEDY).generate([prompt], [0], 30)[0].tokens
+    # a stop string that spans token boundaries and ends inside the 12th generated token
+    pieces = [tok.decode(free[:i]) for i in range(len(free) + 1)]
+    end_token = 12
+    stop = pieces[end_token][len(pieces[9]) - 2: len(pieces[end_token - 1]) + 1]
+    assert stop not in pieces[end_token - 1] and len(stop) > 3
+    s = Sampler(smollm2, tok, batch_size=1, cache_size=128, params=GREEDY, stop_strings=[stop])
+    out = s.generate([prompt], [0], 30)[0]
+    assert out.tokens == free[:end_token] and out.finish_reason == FINISH_STOP
+
+
+def test_append_and_continue_matches_prefilling_the_concatenation(tiny):
+    _, model = tiny
+    s = Sampler(model, None, batch_size=4, cache_size=128, params=GREEDY, steps_per_call=4)
+    first = s.generate(PROMPTS, seeds=[0, 1, 2], max_new_tokens=[5, 3, 6])
+    tool = {0: [11, 12, 13], 2: [70, 71, 72, 73, 74, 75, 76]}  # ragged appends, row 1 stays done
+    s.append(list(tool), list(tool.values()), max_new_tokens=6)
+    cont = {}
+    while s.decoding_rows():
+        cont.update(s.decode())
+    for r, appended in tool.items():
+        full = PROMPTS[r] + first[r].tokens + appended + cont[r].tokens
+        valid = np.ones((1, len(full)), bool)
+        logits = np.asarray(forward_padded(model, np.asarray([full], np.int32), valid))[0]
+        logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+        start = len(PROMPTS[r]) + len(first[r].tokens) + len(appended)
+        expected = [logp[start - 1 + i, t] for i, t in enumerate(cont[r].tokens)]
+        np.testing.assert_allclose(cont[r].logprobs, expected, atol=1e-5)
+        greedy_next = logits[start - 1:start - 1 + len(cont[r].tokens)].argmax(-1).tolist()
+        assert cont[r].tokens == greedy_next
+
+
+def test_finished_rows_are_left_out_of_the_decode_batch(tiny):
+    _, model = tiny
+    s = Sampler(model, None, batch_size=4, cache_size=64, params=GREEDY, steps_per_call=4)
+    s.start(PROMPTS + [[1, 2]], seeds=[0, 1, 2, 3], max_new_tokens=[2, 2, 2, 12])
+    first = s.decode()
+    assert set(first) == {0, 1, 2}
+    before = _decode_cache_size()
+    rest = {}
+    while s.decoding_rows():
+        rest.update(s.decode())
+    assert len(rest[3].tokens) == 12
+    assert _decode_cache_size() > before  # a compacted (1-row) variant was compiled and used
+    full = Sampler(model, None, batch_size=4, cache_size=64, params=GREEDY).generate([[1, 2]], [3], 12)[0]
+    assert rest[3].tokens == full.tokens
+
+
+def _decode_cache_size():
+    from igpo_jax import sampling
+
+    return sampling._decode_call._cache_size()
