@@ -404,12 +404,15 @@ class HttpSearchClient:
                             retry_after_s=_seconds(retry_after))
         try:
             payload = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return _Failure("malformed JSON in the reply", retryable=True)
         try:
             return self.api.parse(payload, self.options)
         except MalformedReply as error:
             return _Failure(f"unexpected reply shape ({error})", retryable=True)
+        except Exception as error:  # a shape the checks missed is still the back-end's fault, not a crash
+            logger.exception("%s reply could not be parsed", self.engine)
+            return _Failure(f"unexpected reply shape ({type(error).__name__})", retryable=True)
 
     def _redact(self, text: str) -> str:
         key = getattr(self.api, "api_key", None)
