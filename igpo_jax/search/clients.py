@@ -312,6 +312,8 @@ class HttpSearchClient:
 
     async def search(self, queries: Sequence[str]) -> list[SearchResult]:
         """One result per query, in order; all queries run concurrently within the client's bound."""
+        if isinstance(queries, str):  # would otherwise search each character
+            raise TypeError("search() takes a list of queries, not one string")
         self._bind_to_running_loop()
         return list(await asyncio.gather(*(self._search_one(query) for query in queries)))
 
@@ -440,6 +442,8 @@ class MockSearchClient:
         return f"MockSearchClient(top_k={self.options.top_k})"
 
     async def search(self, queries: Sequence[str]) -> list[SearchResult]:
+        if isinstance(queries, str):
+            raise TypeError("search() takes a list of queries, not one string")
         return [self._answer(" ".join(str(query).split())) for query in queries]
 
     def _answer(self, query: str) -> SearchResult:
