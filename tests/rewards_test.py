@@ -130,9 +130,9 @@ def test_score_outcome():
 
 # ----------------------------------------------------------------------------- information gain
 
-# One rollout with 4 turns (T_i = 4) in T_max = 4 slots, 5 boundaries: mean log-probs
-# logP_0..logP_3 scored, boundary 4 (after the final turn) not needed.
-LOGP = [math.log(0.1), math.log(0.3), math.log(0.2), math.log(0.6), 0.0]
+# One rollout with 4 turns in 4 slots: mean log-probs of the gold answer on the contexts before
+# each turn, logP_0 (prompt alone) .. logP_3 (after turn 3). The final turn 4 gets F1 instead.
+LOGP = [math.log(0.1), math.log(0.3), math.log(0.2), math.log(0.6)]
 
 
 def test_prob_diff():
@@ -150,15 +150,17 @@ def test_log_prob_diff():
 
 def test_ragged_turns_only_non_final():
     # rollout 0: 2 turns → only turn 1 (slot 0) has an IG reward; rollout 1: 1 turn → none
-    out = info_gain(np.array([LOGP, LOGP]), np.array([2, 1]), "prob_diff")
+    # contexts past a rollout's turns are padding and may hold anything, NaN included
+    padded = [math.log(0.1), math.log(0.3), math.nan, math.nan]
+    out = info_gain(np.array([padded, LOGP]), np.array([2, 1]), "prob_diff")
     np.testing.assert_allclose(out.reward_NT, [[0.3 - 0.1, 0, 0, 0], [0, 0, 0, 0]], atol=1e-6)
     np.testing.assert_array_equal(out.mask_NT, [[True, False, False, False], [False] * 4])
 
 
 def test_non_finite_is_missing_and_baseline_carries_over():
-    logp = [math.log(0.1), math.nan, math.log(0.2), -math.inf, math.log(0.5), 0.0]
+    logp = [math.log(0.1), math.nan, math.log(0.2), -math.inf, math.log(0.5)]
     out = info_gain(np.array([logp]), np.array([5]), "prob_diff")
-    # turn 1 ends at the NaN boundary: missing. turn 2 is measured from P_0 (last present): 0.2 - 0.1.
+    # turn 1 ends at the NaN context: missing. turn 2 is measured from P_0 (last present): 0.2 - 0.1.
     # turn 3 ends at a -inf log-prob: missing too (exp would give a finite P = 0, but the
     # measurement failed). turn 4 is measured from P_2: 0.5 - 0.2. turn 5 is final.
     np.testing.assert_array_equal(out.mask_NT[0], [False, True, False, True, False])
@@ -166,18 +168,18 @@ def test_non_finite_is_missing_and_baseline_carries_over():
 
 
 def test_non_finite_log_prob_diff_and_missing_prompt_baseline():
-    logp = [math.inf, math.log(0.3), math.log(0.6), 0.0]
+    logp = [math.inf, math.log(0.3), math.log(0.6)]
     out = info_gain(np.array([logp]), np.array([3]), "log_prob_diff")
-    # boundary 0 missing: turn 1 has no baseline → missing; turn 2 = log 0.6 - log 0.3
+    # context 0 missing: turn 1 has no baseline → missing; turn 2 = log 0.6 - log 0.3
     np.testing.assert_array_equal(out.mask_NT[0], [False, True, False])
     np.testing.assert_allclose(out.reward_NT[0], [0, math.log(0.6 / 0.3), 0], atol=1e-6)
     assert np.all(np.isfinite(out.reward_NT))
 
 
-def test_valid_mask_marks_unscored_boundaries_missing():
-    valid = np.array([[True, True, False, True, False]])
-    out = info_gain(np.array([LOGP]), np.array([4]), "prob_diff", valid_NB=valid)
-    # turn 2 ends at an unscored boundary; turn 3 is measured from P_1: 0.6 - 0.3
+def test_valid_mask_marks_unscored_contexts_missing():
+    valid = np.array([[True, True, False, True]])
+    out = info_gain(np.array([LOGP]), np.array([4]), "prob_diff", valid_NT=valid)
+    # turn 2 ends at an unscored context; turn 3 is measured from P_1: 0.6 - 0.3
     np.testing.assert_array_equal(out.mask_NT[0], [True, False, True, False])
     np.testing.assert_allclose(out.reward_NT[0], [0.3 - 0.1, 0, 0.6 - 0.3, 0], atol=1e-6)
 

@@ -1,19 +1,20 @@
 """Turn rewards (IGPO_SPEC §2): the outcome reward of the final turn and the information gain of
 the others. Pure functions, no config objects, no I/O.
 
-Legend: N rollouts, T turn slots (T_max), B = T + 1 boundaries (b = 0 is the prompt alone,
-b = t is the context after turn t and its tool result).
+Legend: N rollouts, T turn slots (max turns); slot k is 1-based turn k + 1.
 
 Outcome (host side, Python strings):
     score_outcome(response, ground_truth) → OutcomeScore(reward, no_format_f1, em, format_ok)
 Information gain (jnp, jit-able with `info_gain_type` static):
-    info_gain(mean_logp_NB, num_turns_N, info_gain_type) → InfoGain(reward_NT, mask_NT)
-with turn slot k = 0..T-1 holding turn t = k + 1; the final turn's slot (k = T_i - 1) and
-slots past it are never information-gain rewards.
+    info_gain(mean_logp_NT, num_turns_N, info_gain_type) → InfoGain(reward_NT, mask_NT)
+where mean_logp_NT[:, k] is scored on the context before slot k; the final turn's slot
+(k = T_i - 1) and slots past it are never information-gain rewards.
 
 The answer-tag extraction and balance check live here rather than in agent/parse.py so that
-rewards depend on nothing above them; they follow the reference's reward function (per-tag
-counts, case-sensitive tags), which is what the paper's numbers were scored with.
+rewards depend on nothing above them; they follow the reference's reward function (each tag's
+opens and closes counted on their own), which is what the paper's numbers were scored with.
+One difference: tags are matched case-sensitively, as agent/parse.py reads them (the
+reference lower-cases the whole response first).
 """
 
 from __future__ import annotations
@@ -125,40 +126,45 @@ def score_outcome(response: str, ground_truth: str, *, format_penalty: float = D
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class InfoGain:
-    reward_NT: jax.Array  # float: r_t in slot t - 1; 0 where not an information-gain reward
+    reward_NT: jax.Array  # float: r in the slot of the turn it rewards; 0 where there is none
     mask_NT: jax.Array  # bool: slot holds a real (finite, non-final-turn) information-gain reward
 
 
-def info_gain(mean_logp_NB, num_turns_N, info_gain_type: str, valid_NB=None) -> InfoGain:
-    """Information gain of turns t = 1..T_i - 1 from the gold answer's mean log-prob per boundary.
+def info_gain(mean_logp_NT, num_turns_N, info_gain_type: str, valid_NT=None) -> InfoGain:
+    """Information gain of each non-final turn from the gold answer's mean log-prob per context.
 
-    mean_logp_NB[i, b] = (1/L) Σ_j log π(a_j | q, o_{≤b}); valid_NB marks boundaries that were
-    scored (default: all). 'prob_diff': r_t = P_t - P_{t-1}, P = exp(mean logp);
-    'log_prob_diff': r_t = logP_t - logP_{t-1}.
+    mean_logp_NT[i, k] = (1/L) Σ_j log π(a_j | q, o_{<k}): the context before turn slot k, i.e.
+    after 1-based turn k (k = 0: the prompt alone), the same layout as Trajectories.turn_start_NT.
+    The context after the final turn is never needed (that turn is rewarded by F1), so there is no
+    column for it. valid_NT marks contexts that were scored (default: all).
 
-    A non-finite or invalid boundary is missing: the turn ending there gets no reward (mask
-    False, reward 0) and the next turn is measured against the last boundary that was present,
-    as in the reference (so the gains still telescope to P_last - P_0).
+    Turn slot k (1-based turn t = k + 1) ends at context k + 1:
+    'prob_diff': r = P_{k+1} - P_k with P = exp(mean logp); 'log_prob_diff': r = logP_{k+1} - logP_k.
+    Only slots k < T_i - 1 (non-final turns) can hold a reward.
+
+    A non-finite or unscored context is missing: the turn ending there gets no reward (mask False,
+    reward 0) and the next turn is measured against the last context that was present, as in the
+    reference (so the gains still telescope to P_last - P_0).
     """
     if info_gain_type not in INFO_GAIN_TYPES:
         raise ValueError(f"unknown info_gain_type {info_gain_type!r}; expected one of {', '.join(INFO_GAIN_TYPES)}")
-    mean_logp_NB = jnp.asarray(mean_logp_NB, jnp.float32)
-    n, b = mean_logp_NB.shape
-    value_NB = jnp.exp(mean_logp_NB) if info_gain_type == "prob_diff" else mean_logp_NB
+    mean_logp_NT = jnp.asarray(mean_logp_NT, jnp.float32)
+    n, t = mean_logp_NT.shape
+    value_NT = jnp.exp(mean_logp_NT) if info_gain_type == "prob_diff" else mean_logp_NT
     # Judged on the log-prob itself: a -inf log-prob is a failed measurement, not P = 0.
-    ok_NB = jnp.isfinite(mean_logp_NB) & jnp.isfinite(value_NB)
-    if valid_NB is not None:
-        ok_NB &= jnp.asarray(valid_NB, bool)
-    value_NB = jnp.where(ok_NB, value_NB, 0.0)  # no NaN left to leak through a later where/grad
+    ok_NT = jnp.isfinite(mean_logp_NT) & jnp.isfinite(value_NT)
+    if valid_NT is not None:
+        ok_NT &= jnp.asarray(valid_NT, bool)
+    value_NT = jnp.where(ok_NT, value_NT, 0.0)  # no NaN left to leak through a later where/grad
 
-    # Baseline for turn t (slot k = t - 1): the last present boundary at or before k.
-    index_NB = jnp.where(ok_NB, jnp.arange(b), -1)
-    last_NB = jax.lax.cummax(index_NB, axis=1)
-    base_index_NT = last_NB[:, :-1]
-    base_NT = jnp.take_along_axis(value_NB, jnp.maximum(base_index_NT, 0), axis=1)
+    # Slot k ends at context k + 1 (missing past the last column) and starts from the last
+    # present context at or before k.
+    end_ok_NT = jnp.concatenate([ok_NT[:, 1:], jnp.zeros((n, 1), bool)], axis=1)
+    end_NT = jnp.concatenate([value_NT[:, 1:], jnp.zeros((n, 1), value_NT.dtype)], axis=1)
+    base_index_NT = jax.lax.cummax(jnp.where(ok_NT, jnp.arange(t), -1), axis=1)
+    base_NT = jnp.take_along_axis(value_NT, jnp.maximum(base_index_NT, 0), axis=1)
 
-    slot_NT = jnp.broadcast_to(jnp.arange(b - 1), (n, b - 1))
-    non_final_NT = slot_NT < jnp.asarray(num_turns_N)[:, None] - 1
-    gain_NT = value_NB[:, 1:] - base_NT
-    mask_NT = ok_NB[:, 1:] & (base_index_NT >= 0) & non_final_NT & jnp.isfinite(gain_NT)
+    non_final_NT = jnp.arange(t)[None, :] < jnp.asarray(num_turns_N)[:, None] - 1
+    gain_NT = end_NT - base_NT
+    mask_NT = end_ok_NT & (base_index_NT >= 0) & non_final_NT & jnp.isfinite(gain_NT)
     return InfoGain(reward_NT=jnp.where(mask_NT, gain_NT, 0.0), mask_NT=mask_NT)
