@@ -205,7 +205,7 @@ class Sampler:
     def __init__(self, model, tokenizer, batch_size: int, cache_size: int,
                  params: SamplingParams = SamplingParams(), stop_token_ids: Sequence[int] = (),
                  stop_strings: Sequence[str] = (), steps_per_call: int = 32, append_bucket: int = 16,
-                 cache_dtype=None):
+                 cache_dtype=None, mesh=None, rules=None):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -222,6 +222,7 @@ class Sampler:
         ids = np.asarray(sorted(self._stop_id_set) or [-1], np.int32)
         self._stop = (jnp.asarray(ids), jnp.asarray(table))
         self._cache_dtype = cache_dtype
+        self._mesh, self._rules = mesh, rules  # the cache is created sharded over `mesh` when given
         self.cache: KVCache | None = None
         self.rows: list[_HostRow] = []
 
@@ -233,7 +234,8 @@ class Sampler:
             raise ValueError(f"{len(prompts)} prompts for a sampler of batch_size={self.batch_size}")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        self.cache = KVCache.init(self.model.cfg, self.batch_size, self.cache_size, self._cache_dtype)
+        self.cache = KVCache.init(self.model.cfg, self.batch_size, self.cache_size, self._cache_dtype,
+                                  self._mesh, self._rules)
         budgets = _per_row(max_new_tokens, len(prompts))
         self.rows = [_HostRow(key=np.asarray(jax.random.key_data(jax.random.PRNGKey(s))), pending=list(p),
                               budget=n) for p, s, n in zip(prompts, seeds, budgets)]

@@ -36,19 +36,81 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("igpo_sharding", default=None)
 
 
-def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh | None = None) -> PartitionSpec:
-    """PartitionSpec for logical `axes`; a mesh axis is used at most once (first come wins)."""
+def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh | None = None,
+                    shape: Sequence[int] | None = None) -> PartitionSpec:
+    """PartitionSpec for logical `axes`; a mesh axis is used at most once (first come wins).
+
+    With `mesh` and `shape`, a mesh axis that does not divide its dimension is left out (that
+    dimension is then replicated over it): e.g. SmolLM2's 3 kv heads on a tensor axis of 2.
+    """
     used: set[str] = set()
     spec = []
-    for name in axes:
+    for i, name in enumerate(axes):
         target = rules.get(name) if name is not None else None
         targets = (target,) if isinstance(target, str) else tuple(target or ())
-        if mesh is not None:  # size-1 axes add nothing; dropping them keeps specs readable
-            targets = tuple(t for t in targets if mesh.shape[t] > 1)
+        if mesh is not None:  # absent and size-1 axes add nothing; dropping them keeps specs readable
+            targets = tuple(t for t in targets if mesh.shape.get(t, 1) > 1)
         targets = tuple(t for t in targets if t not in used)
+        if mesh is not None and shape is not None:
+            kept, size = [], 1
+            for t in targets:
+                if shape[i] % (size * mesh.shape[t]) == 0:
+                    kept.append(t)
+                    size *= mesh.shape[t]
+            targets = tuple(kept)
         used.update(targets)
         spec.append(None if not targets else targets[0] if len(targets) == 1 else targets)
     return PartitionSpec(*spec)
+
+
+def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
+    """Mesh with named axes from {'data': -1, 'fsdp': 4, 'tensor': 2}; one -1 takes the rest.
+
+    Device order comes from `jax.make_mesh`, which lays axes out along the physical topology.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    names = tuple(shape)
+    sizes = [int(v) for v in shape.values()]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh shape {dict(shape)}: at most one axis may be -1")
+    known = 1
+    for v in sizes:
+        if v != -1:
+            if v < 1:
+                raise ValueError(f"mesh shape {dict(shape)}: axis sizes must be ≥ 1 or -1")
+            known *= v
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {dict(shape)} does not divide {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    total = 1
+    for v in sizes:
+        total *= v
+    if total != len(devices):
+        raise ValueError(f"mesh shape {dict(zip(names, sizes))} needs {total} devices, {len(devices)} available")
+    # Auto axes: XLA's sharding propagation fills in everything the rules do not pin down.
+    return jax.make_mesh(tuple(sizes), names, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def named_sharding(mesh: Mesh, rules: Rules, axes: LogicalAxes, shape: Sequence[int]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape))
+
+
+def shard_module(module, mesh: Mesh, rules: Rules):
+    """Place every variable of an NNX module (that names its axes) on `mesh`, in place."""
+    from flax import nnx
+
+    state = nnx.state(module)
+
+    def place(var):
+        axes = var.get_metadata().get("axes")
+        if axes is None:
+            return var
+        return var.replace(value=jax.device_put(var[...], named_sharding(mesh, rules, axes, var.shape)))
+
+    nnx.update(module, jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    return module
 
 
 @contextlib.contextmanager

@@ -28,11 +28,23 @@ class KVCache:
     length: jax.Array  # int32 scalar: slots [0, length) are written
 
     @classmethod
-    def init(cls, cfg, batch: int, size: int, dtype=None) -> "KVCache":
+    def init(cls, cfg, batch: int, size: int, dtype=None, mesh=None, rules=None) -> "KVCache":
+        """Empty cache; with `mesh` (and logical-axis `rules`) each array is created sharded."""
         shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
         dtype = dtype or cfg.jnp_dtype
-        return cls(k_LBSKH=jnp.zeros(shape, dtype), v_LBSKH=jnp.zeros(shape, dtype),
-                   valid_BS=jnp.zeros((batch, size), bool), next_pos_B=jnp.zeros((batch,), jnp.int32),
+        kv_axes = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+
+        def zeros(shape, dtype, axes):
+            if mesh is None:
+                return jnp.zeros(shape, dtype)
+            from igpo_jax import sharding
+
+            rule_table = rules if rules is not None else sharding.DEFAULT_RULES
+            return jnp.zeros(shape, dtype, device=sharding.named_sharding(mesh, rule_table, axes, shape))
+
+        return cls(k_LBSKH=zeros(shape, dtype, kv_axes), v_LBSKH=zeros(shape, dtype, kv_axes),
+                   valid_BS=zeros((batch, size), bool, ("batch", "cache_length")),
+                   next_pos_B=zeros((batch,), jnp.int32, ("batch",)),
                    length=jnp.zeros((), jnp.int32))
 
     @property

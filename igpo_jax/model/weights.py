@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from igpo_jax import sharding as sharding_lib
 from igpo_jax.model import config as config_lib
@@ -159,7 +159,7 @@ def _abstract_model(cfg: ModelConfig):
 def _placement(var: nnx.Variable, mesh: Mesh | None, rules) -> jax.sharding.Sharding | None:
     if mesh is None:
         return None
-    return NamedSharding(mesh, sharding_lib.logical_to_spec(var.get_metadata()["axes"], rules, mesh))
+    return sharding_lib.named_sharding(mesh, rules, var.get_metadata()["axes"], var.shape)
 
 
 def _build(cfg: ModelConfig, source: str, read: Callable[[TensorMap], np.ndarray], maps: list[TensorMap],
