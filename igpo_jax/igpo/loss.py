@@ -1,0 +1,134 @@
+"""Per-token policy loss (IGPO_SPEC §4): dual-clip PPO, KL to the reference policy, entropy bonus,
+aggregated as veRL's `loss_agg_mode`. jnp only, differentiable in `logp_BL` (and `entropy_BL`).
+
+Legend: B sequences, L tokens.
+
+    loss, metrics = policy_loss(logp_BL, old_logp_BL, advantage_BL, mask_BL, ref_logp_BL=..., ...)
+    loss = pg_loss + kl_coef · kl_loss − entropy_coeff · entropy_loss   (each aggregated the same way)
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+KL_ESTIMATORS = ("kl", "abs", "mse", "low_var_kl")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+_LOG_RATIO_BOUND = 20.0  # as veRL: exp(±20) keeps ρ finite when π drifts far, so 0·∞ cannot make NaN
+
+
+def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def kl_penalty(logp_BL, ref_logp_BL, estimator: str = "low_var_kl"):
+    """Per-token estimate of KL(π_θ ‖ π_ref) from sampled tokens (veRL's kl_penalty).
+
+    'kl' k1 = logp − ref; 'abs' |logp − ref|; 'mse' k2 = ½(logp − ref)²;
+    'low_var_kl' k3 = exp(ref − logp) − (ref − logp) − 1, clamped to [−10, 10].
+    """
+    _check("kl estimator", estimator, KL_ESTIMATORS)
+    diff_BL = logp_BL - ref_logp_BL
+    if estimator == "kl":
+        return diff_BL
+    if estimator == "abs":
+        return jnp.abs(diff_BL)
+    if estimator == "mse":
+        return 0.5 * jnp.square(diff_BL)
+    # k3 ≥ 0 is unbiased and low-variance; the inner bound only keeps exp finite (k3 at ±20 is
+    # already past the outer clamp, so it changes no value).
+    x_BL = jnp.clip(ref_logp_BL - logp_BL, -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    return jnp.clip(jnp.exp(x_BL) - x_BL - 1.0, -10.0, 10.0)
+
+
+def agg_loss(loss_BL, mask_BL, mode: str, *, loss_scale_factor=None, num_tokens=None, num_seqs=None):
+    """Aggregate a per-token loss to a scalar.
+
+    'token-mean': Σ mask·loss / Σ mask.
+    'seq-mean-token-sum': mean over sequences of each sequence's token sum.
+    'seq-mean-token-mean': mean over sequences of each sequence's token mean.
+    'seq-mean-token-sum-norm' (Dr. GRPO): mean over sequences of token sum / C, C = loss_scale_factor,
+      default L (the padded response length, which the trainer keeps constant). veRL divides the SUM
+      over sequences by C; we take the mean, as the mode's name and Dr. GRPO's 1/G say, so that the
+      loss scale does not grow with the (micro-)batch size.
+    Sequences without any loss token (padding rows) are not counted in a sequence mean.
+
+    num_tokens / num_seqs replace the local token / sequence counts: with gradient accumulation,
+    pass the mini-batch totals and sum the micro-batch losses to get exactly the mini-batch loss.
+    """
+    _check("loss_agg_mode", mode, AGG_MODES)
+    loss_BL = jnp.asarray(loss_BL)
+    mask_BL = jnp.asarray(mask_BL, loss_BL.dtype)
+    # where, not only a product: a non-finite value on a masked token must not poison the sum
+    token_sum_B = jnp.sum(jnp.where(mask_BL != 0, loss_BL * mask_BL, 0.0), axis=-1)
+    if mode == "token-mean":
+        denominator = jnp.sum(mask_BL) if num_tokens is None else num_tokens
+        return jnp.sum(token_sum_B) / jnp.maximum(denominator, 1)
+    count_B = jnp.sum(mask_BL, axis=-1)
+    if num_seqs is None:
+        num_seqs = jnp.sum(count_B > 0)
+    if mode == "seq-mean-token-sum":
+        per_seq_B = token_sum_B
+    elif mode == "seq-mean-token-mean":
+        per_seq_B = token_sum_B / jnp.maximum(count_B, 1)
+    else:
+        per_seq_B = token_sum_B / (loss_BL.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return jnp.sum(per_seq_B) / jnp.maximum(num_seqs, 1)
+
+
+def _masked_mean(x_BL, mask_BL):
+    return jnp.sum(jnp.where(mask_BL != 0, x_BL * mask_BL, 0.0)) / jnp.maximum(jnp.sum(mask_BL), 1)
+
+
+def policy_loss(logp_BL, old_logp_BL, advantage_BL, mask_BL, *, ref_logp_BL=None, entropy_BL=None,
+                clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2, clip_ratio_c: float = 3.0,
+                kl_coef: float = 0.001, kl_estimator: str = "low_var_kl", entropy_coeff: float = 0.0,
+                loss_agg_mode: str = "token-mean", loss_scale_factor=None, num_tokens=None, num_seqs=None):
+    """Dual-clip PPO loss with optional KL-to-reference and entropy terms; returns (loss, metrics).
+
+    logp_BL: log π_θ of the taken tokens (differentiated); old_logp_BL: log π_old (the sampling
+    policy); advantage_BL: token advantages; mask_BL: tokens with loss (float or bool).
+    ref_logp_BL: log π_ref, or None for no KL term (`use_kl_loss=False`). entropy_BL: per-token
+    entropy of π_θ, or None for no entropy term. Metrics are token means over mask_BL; note
+    that veRL's `pg_clipfrac_lower` is our `dual_clipfrac`, ours is the lower PPO clip.
+    """
+    _check("loss_agg_mode", loss_agg_mode, AGG_MODES)
+    _check("kl estimator", kl_estimator, KL_ESTIMATORS)  # even when KL is off: a typo should not wait
+    # fp32 whatever the model computes in: ratios of bf16 log-probs are too coarse to clip on
+    logp_BL, old_logp_BL, advantage_BL, mask_BL = (jnp.asarray(x, jnp.float32)
+                                                   for x in (logp_BL, old_logp_BL, advantage_BL, mask_BL))
+    log_ratio_BL = jnp.clip(logp_BL - old_logp_BL, -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    ratio_BL = jnp.exp(log_ratio_BL)
+
+    unclipped_BL = -advantage_BL * ratio_BL
+    clipped_BL = -advantage_BL * jnp.clip(ratio_BL, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
+    ppo_BL = jnp.maximum(unclipped_BL, clipped_BL)
+    # Dual clip: for A < 0 a huge ρ would make the loss unbounded; cap it at −A·c.
+    dual_cap_BL = -advantage_BL * clip_ratio_c
+    negative_BL = advantage_BL < 0
+    pg_BL = jnp.where(negative_BL, jnp.minimum(ppo_BL, dual_cap_BL), ppo_BL)
+
+    agg = dict(loss_scale_factor=loss_scale_factor, num_tokens=num_tokens, num_seqs=num_seqs)
+    pg_loss = agg_loss(pg_BL, mask_BL, loss_agg_mode, **agg)
+    clip_active_BL = clipped_BL > unclipped_BL  # the clipped branch is the max: no gradient
+    metrics = {
+        "pg_loss": pg_loss,
+        "pg_clipfrac_upper": _masked_mean(clip_active_BL & (advantage_BL > 0), mask_BL),  # ρ > 1 + ε_high
+        "pg_clipfrac_lower": _masked_mean(clip_active_BL & negative_BL, mask_BL),  # ρ < 1 − ε_low
+        "dual_clipfrac": _masked_mean(negative_BL & (ppo_BL > dual_cap_BL), mask_BL),
+        "approx_kl": _masked_mean(-log_ratio_BL, mask_BL),  # old vs new, veRL's ppo_kl
+    }
+    loss = pg_loss
+    if ref_logp_BL is not None:
+        kl_BL = kl_penalty(logp_BL, jnp.asarray(ref_logp_BL, jnp.float32), kl_estimator)
+        kl_loss = agg_loss(kl_BL, mask_BL, loss_agg_mode, **agg)
+        loss = loss + kl_coef * kl_loss
+        metrics["kl_loss"] = kl_loss
+        metrics["kl_ref"] = _masked_mean(kl_BL, mask_BL)
+    if entropy_BL is not None:
+        entropy_BL = jnp.asarray(entropy_BL, jnp.float32)
+        entropy_loss = agg_loss(entropy_BL, mask_BL, loss_agg_mode, **agg)
+        loss = loss - entropy_coeff * entropy_loss
+        metrics["entropy"] = _masked_mean(entropy_BL, mask_BL)
+    metrics["loss"] = loss
+    return loss, metrics
