@@ -228,3 +228,17 @@ def test_stats_and_traced_weights():
 def test_unknown_norm_mode():
     with pytest.raises(ValueError, match="joint, separate"):
         advantages(norm_mode="both")
+
+
+def test_info_gain_output_feeds_compute_advantages():
+    from igpo_jax.igpo.rewards import info_gain
+
+    # rollout 0: P = 0.1 → 0.4 after turn 1, then the final turn; rollout 1: one turn only
+    logp = np.array([[math.log(0.1), math.log(0.4)], [math.log(0.2), np.nan]])
+    ig = info_gain(logp, np.array([2, 1]), "prob_diff", valid_NT=np.array([[True, True], [True, False]]))
+    out = compute_advantages(np.array([1.0, 0.0]), ig.reward_NT, ig.mask_NT, np.array([2, 1]), np.array([0, 0]),
+                             np.array([[0, 1], [0, -1]]), norm_by_std=False)
+    # joint R = {0.4 - 0.1, 1 | 0}: mean 1.3 / 3
+    mean = (0.3 + 1.0 + 0.0) / 3
+    np.testing.assert_allclose(out.normalized_NT, [[0.3 - mean, 1 - mean], [0 - mean, 0]], atol=1e-6)
+    np.testing.assert_allclose(out.token_NL, [[0.3 - mean + 1 - mean, 1 - mean], [0 - mean, 0]], atol=1e-6)

@@ -1,5 +1,6 @@
 """Per-token policy loss (IGPO_SPEC §4): dual-clip PPO, KL to the reference policy, entropy bonus,
-aggregated as veRL's `loss_agg_mode`. jnp only, differentiable in `logp_BL` (and `entropy_BL`).
+aggregated as veRL's `loss_agg_mode`. jnp only, differentiable in `logp_BL` (and `entropy_BL`);
+the public functions are jitted with their string options static.
 
 Legend: B sequences, L tokens.
 
@@ -9,6 +10,9 @@ Legend: B sequences, L tokens.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 KL_ESTIMATORS = ("kl", "abs", "mse", "low_var_kl")
@@ -21,6 +25,7 @@ def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
 
 
+@functools.partial(jax.jit, static_argnames="estimator")
 def kl_penalty(logp_BL, ref_logp_BL, estimator: str = "low_var_kl"):
     """Per-token estimate of KL(π_θ ‖ π_ref) from sampled tokens (veRL's kl_penalty).
 
@@ -41,6 +46,7 @@ def kl_penalty(logp_BL, ref_logp_BL, estimator: str = "low_var_kl"):
     return jnp.clip(jnp.exp(x_BL) - x_BL - 1.0, -10.0, 10.0)
 
 
+@functools.partial(jax.jit, static_argnames="mode")
 def agg_loss(loss_BL, mask_BL, mode: str, *, loss_scale_factor=None, num_tokens=None, num_seqs=None):
     """Aggregate a per-token loss to a scalar.
 
@@ -80,6 +86,7 @@ def _masked_mean(x_BL, mask_BL):
     return jnp.sum(jnp.where(mask_BL != 0, x_BL * mask_BL, 0.0)) / jnp.maximum(jnp.sum(mask_BL), 1)
 
 
+@functools.partial(jax.jit, static_argnames=("kl_estimator", "loss_agg_mode"))
 def policy_loss(logp_BL, old_logp_BL, advantage_BL, mask_BL, *, ref_logp_BL=None, entropy_BL=None,
                 clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2, clip_ratio_c: float = 3.0,
                 kl_coef: float = 0.001, kl_estimator: str = "low_var_kl", entropy_coeff: float = 0.0,

@@ -5,7 +5,7 @@ Legend: N rollouts, T turn slots (max turns); slot k is 1-based turn k + 1.
 
 Outcome (host side, Python strings):
     score_outcome(response, ground_truth) → OutcomeScore(reward, no_format_f1, em, format_ok)
-Information gain (jnp, jit-able with `info_gain_type` static):
+Information gain (jnp, jitted with `info_gain_type` static):
     info_gain(mean_logp_NT, num_turns_N, info_gain_type) → InfoGain(reward_NT, mask_NT)
 where mean_logp_NT[:, k] is scored on the context before slot k; the final turn's slot
 (k = T_i - 1) and slots past it are never information-gain rewards.
@@ -20,6 +20,7 @@ reference lower-cases the whole response first).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import string
 
@@ -130,6 +131,7 @@ class InfoGain:
     mask_NT: jax.Array  # bool: slot holds a real (finite, non-final-turn) information-gain reward
 
 
+@functools.partial(jax.jit, static_argnames="info_gain_type")
 def info_gain(mean_logp_NT, num_turns_N, info_gain_type: str, valid_NT=None) -> InfoGain:
     """Information gain of each non-final turn from the gold answer's mean log-prob per context.
 
