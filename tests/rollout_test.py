@@ -1,0 +1,357 @@
+"""Multi-turn rollouts: the row is the rendered chat, sampled log-probs equal a teacher-forced
+forward of the final row, tool text is never loss-masked, both dialects, finishes and failures.
+
+A tiny random Llama with SmolLM2's real tokenizer (vocab 49152) makes text parsing real. A random
+model never closes a tag, so the real-Sampler tests exercise the format-error path end to end,
+and `ScriptedSampler` (same interface, log-probs from a full forward) drives searches and answers.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from igpo_jax.agent.prompts import format_error_feedback, information_block, render_system_prompt
+from igpo_jax.agent.rollout import RolloutConfig, chat_frame, make_sampler, rollout
+from igpo_jax.data import Example, Message
+from igpo_jax.model.qwen import forward_padded
+from igpo_jax.model.weights import load_hf
+from igpo_jax.sampling import FINISH_LENGTH, FINISH_STOP, RowOutput, SamplingParams
+from igpo_jax.search.clients import BlockingSearchClient, MockSearchClient, SearchResult
+from tests.conftest import write_tiny_hf_model
+
+TODAY = "2026-01-01"
+QUESTIONS = [Example("q0", "world", "Who founded Valdoria?", ("Kel",), (Message("user", "Who founded Valdoria?"),),
+                     "test"),
+             Example("q1", "world", "Where was Ana born?", ("Orlo",), (Message("user", "Where was Ana born?"),),
+                     "test")]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama_smollm2_vocab")
+    write_tiny_hf_model("llama", path, vocab_size=49152, tie_word_embeddings=True)
+    return load_hf(str(path))
+
+
+@pytest.fixture(scope="module")
+def mock_search():
+    with BlockingSearchClient(MockSearchClient()) as client:
+        yield client
+
+
+@nnx.jit
+def _next_token_logprobs(model, tokens_BL, valid_BL):
+    logp = jax.nn.log_softmax(forward_padded(model, tokens_BL, valid_BL), axis=-1)
+    return jnp.take_along_axis(logp[:, :-1], tokens_BL[:, 1:, None], axis=-1)[..., 0]
+
+
+def _teacher_forced_logprobs(model, tokens_L):
+    """log p(token p | tokens[:p]) from one plain forward (right-padded to 128s: few compilations)."""
+    width = -(-len(tokens_L) // 128) * 128
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, :len(tokens_L)] = tokens_L
+    valid = np.arange(width)[None] < len(tokens_L)
+    logp = np.asarray(_next_token_logprobs(model, jnp.asarray(tokens), jnp.asarray(valid)))[0]
+    return np.concatenate([[0.0], logp[:len(tokens_L) - 1]])
+
+
+class ScriptedSampler:
+    """The Sampler interface with scripted turns: row r's k-th segment is encode(scripts[r][k]),
+    cut at the budget; log-probs come from a full forward over the row's history (what a cache
+    holding exactly the rollout's tokens would give)."""
+
+    def __init__(self, model, tokenizer, scripts: list[list[str]], delay_s: float = 0.0):
+        self.model, self.tokenizer, self.scripts = model, tokenizer, scripts
+        self.batch_size = len(scripts)
+        self.history: list[list[int]] = []
+        self.calls = 0
+
+    def start(self, prompts, seeds, max_new_tokens):
+        self.history = [list(p) for p in prompts]
+        self.turn = [0] * len(prompts)
+        self.budget = [max_new_tokens] * len(prompts)
+        self.decoding = set(range(len(prompts)))
+
+    def append(self, row_ids, tokens, max_new_tokens):
+        for r, toks in zip(row_ids, tokens):
+            assert r not in self.decoding
+            self.history[r] += list(toks)
+            self.budget[r] = max_new_tokens
+            self.decoding.add(r)
+
+    def decoding_rows(self):
+        return sorted(self.decoding)
+
+    def decode(self):
+        self.calls += 1
+        row = min(self.decoding)  # one row per call, so rows stop in different calls
+        script = self.scripts[row]
+        text = script[self.turn[row]] if self.turn[row] < len(script) else "<|im_end|>"
+        segment = self.tokenizer.encode(text, add_special_tokens=False)
+        reason = FINISH_LENGTH if len(segment) > self.budget[row] else FINISH_STOP
+        segment = segment[:self.budget[row]]
+        start = len(self.history[row])
+        self.history[row] += segment
+        logps = _teacher_forced_logprobs(self.model, self.history[row])[start:].tolist()
+        self.turn[row] += 1
+        self.decoding.discard(row)
+        return {row: RowOutput(segment, logps, reason)}
+
+
+class RaisingSearch:
+    def search_many(self, batches):
+        raise RuntimeError("back-end exploded")
+
+
+class ErrorSearch:
+    def __init__(self):
+        self.batches = []
+
+    def search_many(self, batches):
+        self.batches += batches
+        return [[SearchResult(q, error="HTTP 503 after 3 retries") for q in batch] for batch in batches]
+
+
+def _check_rows(model, traj, sampler_history=None):
+    """Loss mask = turn tokens; log-probs = teacher-forced forward; turn ids/starts agree."""
+    for i in range(traj.num_rollouts):
+        n = int(traj.valid_NL[i].sum())
+        assert traj.valid_NL[i, :n].all() and not traj.valid_NL[i, n:].any()
+        tokens = traj.tokens_NL[i, :n].tolist()
+        if sampler_history is not None:
+            assert tokens == sampler_history[i]
+        loss = traj.loss_mask_NL[i, :n]
+        np.testing.assert_array_equal(loss, traj.turn_id_NL[i, :n] >= 0)
+        expected = _teacher_forced_logprobs(model, tokens)
+        np.testing.assert_allclose(traj.sampled_logprob_NL[i, :n][loss], expected[loss], atol=1e-4)
+        assert (traj.sampled_logprob_NL[i, :n][~loss] == 0).all()
+        turns = int(traj.num_turns_N[i])
+        starts = traj.turn_start_NT[i]
+        assert (starts[turns:] == -1).all() and (np.diff(starts[:turns]) > 0).all()
+        for t in range(turns):
+            positions = np.flatnonzero(traj.turn_id_NL[i] == t)
+            if len(positions):
+                assert positions[0] == starts[t] and (np.diff(positions) == 1).all()
+
+
+def _turn_tokens(traj, i, t):
+    return traj.tokens_NL[i][traj.turn_id_NL[i] == t].tolist()
+
+
+def _system(dialect):
+    return render_system_prompt(dialect, today=TODAY)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def test_chat_frame_is_derived_from_the_template(smollm2_tokenizer):
+    frame = chat_frame(smollm2_tokenizer)
+    assert frame.assistant_header == "<|im_start|>assistant\n"
+    assert frame.after_call == "<|im_end|>\n<|im_start|>tool\n"
+    assert frame.after_result == "<|im_end|>\n<|im_start|>assistant\n"
+    assert frame.tool_role == "tool"
+    no_tools = copy.copy(smollm2_tokenizer)
+    no_tools.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool') }}"
+                              "{% endif %}[{{ m['role'] }}]{{ m['content'] }}[/]{% endfor %}"
+                              "{% if add_generation_prompt %}[assistant]{% endif %}")
+    frame = chat_frame(no_tools)
+    assert (frame.tool_role, frame.after_call, frame.after_result) == ("user", "[/][user]", "[/][assistant]")
+
+
+# ----------------------------------------------------------------------------- the real sampler
+
+@pytest.mark.parametrize("dialect", ["qwen_tool_call", "search_tags"])
+def test_real_sampler_rows_are_the_rendered_chat_and_logprobs_match_a_full_forward(
+        tiny_llama, smollm2_tokenizer, mock_search, dialect):
+    tok = smollm2_tokenizer
+    prefix = "<think>" if dialect == "qwen_tool_call" else "<search>"
+    config = RolloutConfig(dialect=dialect, today=TODAY, forced_prefix=prefix, max_turns=3, max_new_tokens=6,
+                           cache_size=1024, sampling=SamplingParams(temperature=1.0), steps_per_call=4)
+    traj, stats = rollout(QUESTIONS, 2, make_sampler(tiny_llama, tok, config, 4), tok, mock_search, config, seed=3)
+    _check_rows(tiny_llama, traj)
+    np.testing.assert_array_equal(traj.group_id_N, [0, 0, 1, 1])
+    # a random model never closes a tag: every turn is a format error fed back as the tool result
+    assert (traj.num_turns_N == 3).all() and {e.finish_reason for e in traj.episodes} == {"max_turns"}
+    assert stats["rollout/format_errors_per_episode"] == 3 and stats["rollout/searches_per_episode"] == 0
+    assert stats["rollout/decode_s"] > 0
+    for i, episode in enumerate(traj.episodes):
+        example = QUESTIONS[i // 2]
+        turn_texts = [tok.decode(_turn_tokens(traj, i, t)) for t in range(3)]
+        assert episode.final_turn_text == prefix + tok.decode(_turn_tokens(traj, i, 2), skip_special_tokens=True)
+        feedback = [format_error_feedback(parse_reason(prefix + text, dialect), dialect) for text in turn_texts[:2]]
+        messages = [{"role": "system", "content": _system(dialect)}, {"role": "user", "content": example.question}]
+        if dialect == "qwen_tool_call":
+            for text, fb in zip(turn_texts[:2], feedback):
+                messages += [{"role": "assistant", "content": prefix + text}, {"role": "tool", "content": fb}]
+            expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            expected += "".join(prefix + text + information_block(fb) for text, fb in zip(turn_texts[:2], feedback))
+        expected += prefix + turn_texts[2]
+        n = int(traj.valid_NL[i].sum())
+        assert tok.decode(traj.tokens_NL[i, :n].tolist()) == expected
+        for t in range(3):  # the context of every turn ends with the header (or tool text) and the prefix
+            context = tok.decode(traj.tokens_NL[i, :traj.turn_start_NT[i, t]].tolist())
+            assert context.endswith(("<|im_start|>assistant\n" if dialect == "qwen_tool_call" or t == 0
+                                     else "</information>\n\n") + prefix)
+            if t:
+                tool_positions = np.arange(traj.turn_start_NT[i, t - 1] + 6, traj.turn_start_NT[i, t])
+                assert not traj.loss_mask_NL[i, tool_positions].any()
+                assert feedback[t - 1] in tok.decode(traj.tokens_NL[i, tool_positions].tolist())
+
+
+def parse_reason(text, dialect):
+    from igpo_jax.agent.parse import parse_action
+
+    return parse_action(text, dialect).reason
+
+
+def test_context_overflow_ends_the_episode_cleanly(tiny_llama, smollm2_tokenizer, mock_search):
+    tok = smollm2_tokenizer
+    config = RolloutConfig(dialect="search_tags", today=TODAY, max_turns=4, max_new_tokens=6, cache_size=1,
+                           steps_per_call=4)
+    prompt_len = len(tok.encode(tok.apply_chat_template(
+        [{"role": "system", "content": _system("search_tags")}, {"role": "user", "content": QUESTIONS[0].question}],
+        tokenize=False, add_generation_prompt=True) + "<think>", add_special_tokens=False))
+    # room for the prompt (the sampler prefills it in a power-of-two width) and one turn, not for
+    # the feedback that follows
+    prefill_width = 1 << (prompt_len - 2).bit_length()
+    config = RolloutConfig(**{**config.__dict__, "cache_size": prefill_width + 24})
+    traj, stats = rollout(QUESTIONS[:1], 2, make_sampler(tiny_llama, tok, config, 2), tok, mock_search, config)
+    _check_rows(tiny_llama, traj)
+    assert [e.finish_reason for e in traj.episodes] == ["context", "context"]
+    assert stats["rollout/finish_context"] == 1.0
+    assert (traj.num_turns_N <= 2).all()
+
+
+# ----------------------------------------------------------------------------- scripted policies
+
+QWEN_CALL = 'plan</think>\n<tool_call>\n{"name": "web_search", "arguments": {"query": ["Valdoria founder"]}}\n</tool_call>'
+QWEN_ANSWER = "found it</think>\n<answer>Kel</answer>"
+
+
+def test_qwen_search_then_answer_renders_exactly_the_chat(tiny_llama, smollm2_tokenizer, mock_search):
+    tok = smollm2_tokenizer
+    config = RolloutConfig(today=TODAY, max_turns=4, max_new_tokens=64)
+    sampler = ScriptedSampler(tiny_llama, tok, [[QWEN_CALL, QWEN_ANSWER], [QWEN_ANSWER]])
+    traj, stats = rollout(QUESTIONS[:1], 2, sampler, tok, mock_search, config)
+    _check_rows(tiny_llama, traj, sampler.history)
+    searched, direct = traj.episodes
+    assert (searched.finish_reason, searched.answer, searched.num_searches, searched.search_failures) == (
+        "answer", "Kel", 1, 0)
+    assert (direct.finish_reason, direct.answer, direct.num_searches) == ("answer", "Kel", 0)
+    np.testing.assert_array_equal(traj.num_turns_N, [2, 1])
+    np.testing.assert_array_equal(traj.turn_start_NT[1, 1:], [-1, -1, -1])
+    tool_text = 'Results for "Valdoria founder":\n1. Mock page 1 for Valdoria founder'
+    messages = [{"role": "system", "content": _system("qwen_tool_call")},
+                {"role": "user", "content": QUESTIONS[0].question},
+                {"role": "assistant", "content": "<think>" + QWEN_CALL}]
+    row = tok.decode(traj.tokens_NL[0, :int(traj.valid_NL[0].sum())].tolist())
+    tool_message = row[row.index("<|im_start|>tool\n") + len("<|im_start|>tool\n"):row.index("<|im_end|>\n<|im_start|>assistant\n<think>found")]
+    assert tool_message.startswith(tool_text)
+    messages.append({"role": "tool", "content": tool_message})
+    expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + "<think>" + QWEN_ANSWER
+    assert row == expected
+    assert traj.tokens_NL[0, :int(traj.valid_NL[0].sum())].tolist() == tok.encode(expected, add_special_tokens=False)
+    assert tool_text in searched.response_text and searched.response_text.startswith("<think>plan")
+    assert stats["rollout/searches_per_episode"] == 0.5 and stats["rollout/finish_answer"] == 1.0
+
+
+def test_a_turn_that_closes_its_message_does_not_get_a_second_end_token(tiny_llama, smollm2_tokenizer, mock_search):
+    tok = smollm2_tokenizer
+    config = RolloutConfig(today=TODAY, max_turns=2, max_new_tokens=64)
+    sampler = ScriptedSampler(tiny_llama, tok, [[QWEN_CALL + "<|im_end|>", QWEN_ANSWER]])
+    traj, _ = rollout(QUESTIONS[:1], 1, sampler, tok, mock_search, config)
+    _check_rows(tiny_llama, traj, sampler.history)
+    row = tok.decode(traj.tokens_NL[0, :int(traj.valid_NL[0].sum())].tolist())
+    assert "</tool_call><|im_end|>\n<|im_start|>tool\n" in row and row.count("<|im_end|>") == 4
+    assert traj.episodes[0].answer == "Kel"
+
+
+def test_search_tags_search_then_answer(tiny_llama, smollm2_tokenizer, mock_search):
+    tok = smollm2_tokenizer
+    config = RolloutConfig(dialect="search_tags", today=TODAY, forced_prefix="", first_turn_prefix="<search>",
+                           max_turns=3, max_new_tokens=32)
+    sampler = ScriptedSampler(tiny_llama, tok, [["Valdoria founder</search>", "<answer>Kel</answer>"],
+                                                ["Ana birthplace</search>", "<search>Ana Orlo</search>", "<answer>Orlo</answer>"]])
+    traj, stats = rollout(QUESTIONS, 1, sampler, tok, mock_search, config)
+    _check_rows(tiny_llama, traj, sampler.history)
+    assert [e.answer for e in traj.episodes] == ["Kel", "Orlo"]
+    assert [e.num_searches for e in traj.episodes] == [1, 2]
+    np.testing.assert_array_equal(traj.num_turns_N, [2, 3])
+    context = tok.decode(traj.tokens_NL[1, :traj.turn_start_NT[1, 2]].tolist())
+    assert '<search>Ana Orlo</search>\n\n<information>Results for "Ana Orlo":\n1. Mock page 1 for Ana Orlo' in context
+    assert context.endswith("</information>\n\n")
+    assert "<|im_start|>" not in tok.decode(traj.tokens_NL[1, traj.turn_start_NT[1, 0]:].tolist())  # one message
+    assert stats["rollout/turns_per_episode"] == 2.5
+
+
+def test_max_turns_is_respected_and_the_last_call_is_not_searched(tiny_llama, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    config = RolloutConfig(today=TODAY, max_turns=2, max_new_tokens=64)
+    search = ErrorSearch()
+    sampler = ScriptedSampler(tiny_llama, tok, [[QWEN_CALL, QWEN_CALL, QWEN_CALL]])
+    traj, stats = rollout(QUESTIONS[:1], 1, sampler, tok, search, config)
+    _check_rows(tiny_llama, traj, sampler.history)
+    assert traj.episodes[0].finish_reason == "max_turns" and traj.num_turns_N[0] == 2
+    assert traj.episodes[0].answer is None
+    assert search.batches == [["Valdoria founder"]]  # one round: the second turn's call was not run
+    # a failing back-end becomes error text in the tool message and is counted
+    assert traj.episodes[0].search_failures == 1 and stats["rollout/search_failures_per_episode"] == 1
+    assert 'Search for "Valdoria founder" failed: HTTP 503 after 3 retries' in traj.episodes[0].response_text
+
+
+def test_a_raising_search_client_becomes_error_results(tiny_llama, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    config = RolloutConfig(today=TODAY, max_turns=3, max_new_tokens=64)
+    sampler = ScriptedSampler(tiny_llama, tok, [[QWEN_CALL, QWEN_ANSWER]] * 2)
+    traj, _ = rollout(QUESTIONS[:1], 2, sampler, tok, RaisingSearch(), config)
+    _check_rows(tiny_llama, traj, sampler.history)
+    for episode in traj.episodes:
+        assert (episode.finish_reason, episode.answer, episode.num_searches, episode.search_failures) == (
+            "answer", "Kel", 1, 1)
+        assert "failed: RuntimeError: back-end exploded" in episode.response_text
+
+
+def test_format_error_feedback_costs_a_turn_or_ends_the_episode(tiny_llama, smollm2_tokenizer, mock_search):
+    tok = smollm2_tokenizer
+    scripts = [["no tags at all", QWEN_ANSWER]]
+    feedback = RolloutConfig(today=TODAY, max_turns=3, max_new_tokens=64)
+    traj, stats = rollout(QUESTIONS[:1], 1, ScriptedSampler(tiny_llama, tok, scripts), tok, mock_search, feedback)
+    assert (traj.episodes[0].finish_reason, traj.episodes[0].answer, int(traj.num_turns_N[0])) == ("answer", "Kel", 2)
+    assert "Your last turn could not be run: unbalanced tags: <think> is never closed" in traj.episodes[0].response_text
+    assert stats["rollout/format_errors_per_episode"] == 1
+    ends = RolloutConfig(today=TODAY, max_turns=3, max_new_tokens=64, format_error_ends_episode=True)
+    traj, _ = rollout(QUESTIONS[:1], 1, ScriptedSampler(tiny_llama, tok, scripts), tok, mock_search, ends)
+    assert (traj.episodes[0].finish_reason, int(traj.num_turns_N[0])) == ("format_error", 1)
+    truncated = RolloutConfig(today=TODAY, max_turns=3, max_new_tokens=4, format_error_ends_episode=True)
+    traj, _ = rollout(QUESTIONS[:1], 1, ScriptedSampler(tiny_llama, tok, [[QWEN_CALL]]), tok, mock_search, truncated)
+    assert traj.episodes[0].finish_reason == "length" and int(traj.loss_mask_NL[0].sum()) == 4
+
+
+class SlowSearch:
+    def __init__(self, delay_s):
+        self.delay_s = delay_s
+
+    def search_many(self, batches):
+        time.sleep(self.delay_s)
+        return [[SearchResult(q) for q in batch] for batch in batches]
+
+
+def test_other_rows_keep_decoding_while_a_search_runs(tiny_llama, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    # row 0 searches first; row 1 needs five decode calls of its own meanwhile
+    scripts = [[QWEN_CALL, QWEN_ANSWER], ["a</think>x", "b</think>x", "c</think>x", "d</think>x", QWEN_ANSWER]]
+    config = RolloutConfig(today=TODAY, max_turns=5, max_new_tokens=64)
+    sampler = ScriptedSampler(tiny_llama, tok, scripts)
+    traj, stats = rollout(QUESTIONS[:1], 2, sampler, tok, SlowSearch(1.0), config)
+    assert [e.finish_reason for e in traj.episodes] == ["answer", "answer"]
+    assert stats["rollout/search_s"] >= 1.0
+    assert stats["rollout/search_wait_s"] < stats["rollout/search_s"]  # part of the search overlapped decoding
