@@ -67,11 +67,10 @@ class ScriptedSampler:
     cut at the budget; log-probs come from a full forward over the row's history (what a cache
     holding exactly the rollout's tokens would give)."""
 
-    def __init__(self, model, tokenizer, scripts: list[list[str]], delay_s: float = 0.0):
+    def __init__(self, model, tokenizer, scripts: list[list[str]]):
         self.model, self.tokenizer, self.scripts = model, tokenizer, scripts
         self.batch_size = len(scripts)
         self.history: list[list[int]] = []
-        self.calls = 0
 
     def start(self, prompts, seeds, max_new_tokens):
         self.history = [list(p) for p in prompts]
@@ -90,7 +89,6 @@ class ScriptedSampler:
         return sorted(self.decoding)
 
     def decode(self):
-        self.calls += 1
         row = min(self.decoding)  # one row per call, so rows stop in different calls
         script = self.scripts[row]
         text = script[self.turn[row]] if self.turn[row] < len(script) else "<|im_end|>"
