@@ -154,17 +154,20 @@ def block_inputs(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP):
     copy_pos_BTP = n_before_BT[:, :, None] + jnp.arange(p)[None, None, :]
     positions_BS = jnp.concatenate([positions_from_valid(ctx_valid_BC), copy_pos_BTP.reshape(b, t * p)], 1)
 
-    ctx_ctx = causal_mask(ctx_valid_BC)  # [B, C, C]
-    ctx_copy = jnp.zeros((b, c, t * p), bool)
-    sees_ctx_BTC = ((jnp.arange(c)[None, None, :] < turn_start_BT[:, :, None])
-                    & ctx_valid_BC[:, None, :] & turn_valid_BT[:, :, None].astype(bool))
-    copy_ctx = jnp.broadcast_to(sees_ctx_BTC[:, :, None, :], (b, t, p, c)).reshape(b, t * p, c)
-    same_copy_TT = jnp.eye(t, dtype=bool)
-    causal_PP = jnp.arange(p)[:, None] >= jnp.arange(p)[None, :]
-    copy_copy = (same_copy_TT[None, :, None, :, None] & causal_PP[None, None, :, None, :]
-                 & copy_valid_BP.astype(bool)[:, None, None, None, :]).reshape(b, t * p, t * p)
-    mask_BSS = jnp.concatenate([jnp.concatenate([ctx_ctx, ctx_copy], 2),
-                                jnp.concatenate([copy_ctx, copy_copy], 2)], 1)
+    # One elementwise rule over (query q, key k) from [B, S] vectors and iotas, never concatenated
+    # blocks: XLA then fuses the mask into the attention's select like a plain causal mask (a
+    # materialised [B, S, S] mask measured ~25% slower on SmolLM2). A query may see key k iff k is
+    # real and, for a context key, k < limit[q] (q + 1 for context queries: causal; turn_start of
+    # its copy for copy queries, 0 for padded turns), or, for a copy key, k is in q's copy and ≤ q.
+    s = c + t * p
+    seg_S = jnp.concatenate([jnp.full((c,), -1, jnp.int32), jnp.repeat(jnp.arange(t, dtype=jnp.int32), p)])
+    limit_BS = jnp.concatenate([jnp.broadcast_to(jnp.arange(1, c + 1, dtype=jnp.int32), (b, c)),
+                                jnp.repeat(jnp.where(turn_valid_BT.astype(bool), turn_start_BT, 0), p, axis=1)], 1)
+    key_valid_BS = jnp.concatenate([ctx_valid_BC, jnp.tile(copy_valid_BP.astype(bool), (1, t))], 1)
+    q_S1, k_1S = jnp.arange(s)[:, None], jnp.arange(s)[None, :]
+    ctx_key = (k_1S < c)[None] & (k_1S[None] < limit_BS[:, :, None])
+    copy_key = (seg_S[None, :] == seg_S[:, None]) & (k_1S >= c) & (k_1S <= q_S1)
+    mask_BSS = key_valid_BS[:, None, :] & (ctx_key | copy_key[None])
     return positions_BS, mask_BSS
 
 
