@@ -155,8 +155,8 @@ def block_inputs(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP):
     positions_BS = jnp.concatenate([positions_from_valid(ctx_valid_BC), copy_pos_BTP.reshape(b, t * p)], 1)
 
     # One elementwise rule over (query q, key k) from [B, S] vectors and iotas, never concatenated
-    # blocks: XLA then fuses the mask into the attention's select like a plain causal mask (a
-    # materialised [B, S, S] mask measured ~25% slower on SmolLM2). A query may see key k iff k is
+    # [B, S, S] blocks: XLA can then fuse the mask into the attention's select as it does a plain
+    # causal mask (the concatenated version ran several times slower here). A query may see key k iff k is
     # real and, for a context key, k < limit[q] (q + 1 for context queries: causal; turn_start of
     # its copy for copy queries, 0 for padded turns), or, for a copy key, k is in q's copy and ≤ q.
     s = c + t * p
