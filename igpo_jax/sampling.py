@@ -22,8 +22,9 @@ the active rows' cache per call, paid only when the bucket is smaller than the f
 (Refilling freed rows with new prompts is the other option; it needs the rollout to stream
 questions, which IGPO's group-synchronous steps do not.)
 
-Sampling is reproducible per row: row r's k-th token uses fold_in(key_r, k), so it does not
-depend on which other rows share the batch.
+Sampling is reproducible per row: the k-th token of row r's s-th segment (turn) uses
+fold_in(fold_in(key_r, s), k), so it does not depend on which other rows share the batch, and
+later turns do not reuse the first turn's random draws.
 """
 
 from __future__ import annotations
@@ -173,11 +174,13 @@ class RowOutput:
 
 @dataclasses.dataclass
 class _HostRow:
-    key: np.ndarray
+    base_key: np.ndarray
+    key: np.ndarray  # this segment's key: fold_in(base_key, segment)
     pending: list[int]  # sampled/appended tokens not yet in the cache
     budget: int = 0
     out: RowOutput = dataclasses.field(default_factory=lambda: RowOutput([], []))
     decoding: bool = False
+    segment: int = 0
 
 
 def stop_string_table(tokenizer, stop_strings: Sequence[str], vocab_size: int) -> np.ndarray:
@@ -225,6 +228,7 @@ class Sampler:
         self._mesh, self._rules = mesh, rules  # the cache is created sharded over `mesh` when given
         self.cache: KVCache | None = None
         self.rows: list[_HostRow] = []
+        self._early: dict[int, RowOutput] = {}  # rows finished outside a decode call, reported by the next
 
     # ------------------------------------------------------------------------------ host API
 
@@ -234,14 +238,17 @@ class Sampler:
             raise ValueError(f"{len(prompts)} prompts for a sampler of batch_size={self.batch_size}")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        self._graphdef, self._state = nnx.split(self.model)  # the policy may have been updated since
         self.cache = KVCache.init(self.model.cfg, self.batch_size, self.cache_size, self._cache_dtype,
                                   self._mesh, self._rules)
         budgets = _per_row(max_new_tokens, len(prompts))
-        self.rows = [_HostRow(key=np.asarray(jax.random.key_data(jax.random.PRNGKey(s))), pending=list(p),
-                              budget=n) for p, s, n in zip(prompts, seeds, budgets)]
-        self._feed_pending(list(range(len(prompts))))
+        keys = [np.asarray(jax.random.PRNGKey(s)) for s in seeds]
+        self.rows = [_HostRow(base_key=k, key=np.asarray(jax.random.fold_in(k, 0)), pending=list(p), budget=n)
+                     for p, k, n in zip(prompts, keys, budgets)]
+        self._early = {}
         for row in self.rows:
-            row.decoding = True
+            row.decoding = True  # before the prefill, which may finish rows that do not fit
+        self._feed_pending(list(range(len(prompts))))
 
     def append(self, row_ids: int | Sequence[int], tokens: Sequence[int] | Sequence[Sequence[int]],
                max_new_tokens: int | Sequence[int]):
@@ -255,19 +262,23 @@ class Sampler:
                 raise ValueError(f"row {r} is still decoding; append only to stopped rows")
             row.pending.extend(int(t) for t in toks)
             row.budget, row.out, row.decoding = n, RowOutput([], []), True
+            row.segment += 1
+            row.key = np.asarray(jax.random.fold_in(row.base_key, row.segment))
         self._feed_pending(list(row_ids))
 
     def decoding_rows(self) -> list[int]:
         return [i for i, r in enumerate(self.rows) if r.decoding]
 
     def decode(self) -> dict[int, RowOutput]:
-        """One device call; returns the rows that stopped in it (tokens since their last start)."""
+        """One device call; returns the rows that stopped in it (tokens since their last start)
+        and rows whose start/append did not fit the cache (finish reason 'context')."""
+        early, self._early = self._early, {}
         active = self.decoding_rows()
         if not active:
-            return {}
+            return early
         room = self.cache_size - int(self.cache.length)
         if room <= 0:
-            return {i: self._finish(i, FINISH_CONTEXT) for i in active}
+            return {**early, **{i: self._finish(i, FINISH_CONTEXT) for i in active}}
         steps = min(self.steps_per_call, room)
         bucket = _bucket(len(active))
         compact = bucket < self.batch_size
@@ -292,7 +303,7 @@ class Sampler:
         tokens, logps = np.asarray(tokens), np.asarray(logps)
         counts, still_active = np.asarray(rows.count_B), np.asarray(rows.active_B)
         may_end = np.asarray(self._stop[1])
-        stopped = {}
+        stopped = early
         for r, j in in_call.items():
             host = self.rows[r]
             new = int(counts[j]) - len(host.out.tokens)
@@ -314,7 +325,7 @@ class Sampler:
     def generate(self, prompts, seeds, max_new_tokens) -> list[RowOutput]:
         """Single-turn convenience: start, then decode until every row has stopped."""
         self.start(prompts, seeds, max_new_tokens)
-        outputs: dict[int, RowOutput] = {}
+        outputs = self.decode()
         while self.decoding_rows():
             outputs.update(self.decode())
         return [outputs[i] for i in range(len(prompts))]
@@ -343,7 +354,7 @@ class Sampler:
         width = _bucket(width, self.append_bucket)
         if int(self.cache.length) + width > self.cache_size:
             for r in row_ids:
-                self._finish(r, FINISH_CONTEXT)
+                self._early[r] = self._finish(r, FINISH_CONTEXT)
             return
         tokens = np.zeros((self.batch_size, width), np.int32)
         valid = np.zeros((self.batch_size, width), bool)

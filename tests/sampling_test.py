@@ -157,3 +157,21 @@ def _decode_cache_size():
     from igpo_jax import sampling
 
     return sampling._decode_call._cache_size()
+
+
+def test_prompt_that_does_not_fit_finishes_with_context(tiny):
+    _, model = tiny
+    s = Sampler(model, None, batch_size=2, cache_size=24, params=GREEDY)
+    out = s.generate([list(range(1, 30)), [1, 2, 3]], seeds=[0, 1], max_new_tokens=4)
+    assert [o.finish_reason for o in out] == ["context", "context"]  # one prefill for the batch
+    assert out[0].tokens == []
+
+
+def test_each_segment_draws_fresh_randomness(tiny):
+    _, model = tiny
+    s = Sampler(model, None, batch_size=1, cache_size=128, params=SamplingParams(temperature=5.0))
+    s.start([[3, 4, 5]], seeds=[7], max_new_tokens=1)
+    first_key = s.rows[0].key.copy()
+    s.decode()
+    s.append(0, [9], max_new_tokens=1)
+    assert not np.array_equal(s.rows[0].key, first_key)

@@ -75,6 +75,15 @@ def apply_rope(x_BTnH, positions_BT, inv_freq_h):
     return out.astype(x_BTnH.dtype)
 
 
+def _attend(q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
+    """Grouped-query attention with fp32 scores and softmax."""
+    h = q_BTKGH.shape[-1]
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32) / math.sqrt(h)
+    scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_BTKGH.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, n, k, h, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_param_dtype
@@ -92,7 +101,8 @@ class Attention(nnx.Module):
             self.k_norm = _ones((h,), ("head_dim",), pd)
 
     def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None, layer=None, write_index=None):
-        """Returns (out_BTD, kv). With `kv` = the whole cache (k_LBSKH, v_LBSKH), this layer's new keys
+        """Returns (out_BTD, kv). Without a cache, `mask_BTS` must be causal (never s > t).
+        With `kv` = the whole cache (k_LBSKH, v_LBSKH), this layer's new keys
         and values are written in place at [layer, :, write_index] and attention runs over all S
         cache slots; one cache array threaded through every layer keeps XLA's update in place."""
         cfg, dt = self.cfg, self.cfg.jnp_dtype
@@ -118,12 +128,19 @@ class Attention(nnx.Module):
             kv = (cache_k, cache_v)
             k, v = cache_k[layer], cache_v[layer]
         b, t, n, h = q.shape
-        g = n // cfg.num_kv_heads
-        q = q.reshape(b, t, cfg.num_kv_heads, g, h)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(dt)).astype(jnp.float32) / math.sqrt(h)
-        scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(dt)).reshape(b, t, n, h)
+        q = q.reshape(b, t, cfg.num_kv_heads, n // cfg.num_kv_heads, h)
+        chunk = cfg.attention_chunk
+        if kv is not None or not chunk or t <= chunk:
+            out = _attend(q, k.astype(dt), v.astype(dt), mask_BTS)
+        else:
+            # Without a cache the mask is causal (s ≤ t), so query block [a, e) needs keys [0, e)
+            # only: skipping the blocks above the diagonal nearly halves the score/softmax work,
+            # which at short head dims costs more than the matmuls around it.
+            out = jnp.concatenate([
+                _attend(q[:, a:a + chunk], k[:, :a + chunk].astype(dt), v[:, :a + chunk].astype(dt),
+                        mask_BTS[:, a:a + chunk, :a + chunk])
+                for a in range(0, t, chunk)], axis=1)
+        out = out.reshape(b, t, n, h)
         out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
         return out, kv
 

@@ -1,0 +1,199 @@
+"""The policy update: log-probs of π_old / π_ref, then mini-batched, micro-batch-accumulated
+clipped-loss steps with AdamW (IGPO_SPEC §4).
+
+Legend: N rollouts in the update batch, M rows per mini-batch, U rows per micro-batch, L tokens.
+
+Token alignment: `logp_NL[:, j]` is log π(tokens[:, j] | tokens[:, :j]) (column 0 is 0), so the
+loss mask, advantages and log-probs all index the token they score.
+
+One `train_step` call is one optimiser step over one mini-batch. Its micro-batches run in a
+`lax.scan` that sums their gradients; each micro-batch loss is aggregated with the mini-batch's
+token and sequence counts, so the sum is exactly the mini-batch loss whatever the split. A
+non-finite loss or gradient norm leaves params and optimiser state untouched (`skipped` = 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from igpo_jax.igpo.loss import policy_loss
+from igpo_jax.model.attention_mask import causal_mask, positions_from_valid
+from igpo_jax.model.token_logprobs import logprobs_from_hidden
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    total_steps: int = 0  # > 0 with schedule='cosine'
+    schedule: str = "constant"  # 'constant' | 'cosine' (both after the linear warmup)
+    ppo_mini_batch_size: int = 0  # rows per optimiser step; 0 → the whole batch
+    micro_batch_size: int = 0  # rows per forward/backward; 0 → the whole mini-batch
+    ppo_epochs: int = 1
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    clip_ratio_c: float = 3.0
+    use_kl_loss: bool = True
+    kl_coef: float = 0.001
+    kl_estimator: str = "low_var_kl"
+    entropy_coeff: float = 0.0
+    loss_agg_mode: str = "token-mean"
+    logprob_chunk: int = 128  # positions per chunk of the vocab projection
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.schedule == "cosine" and self.total_steps <= 0:
+            raise ValueError("schedule='cosine' needs total_steps > 0")
+        if self.micro_batch_size and self.ppo_mini_batch_size and self.ppo_mini_batch_size % self.micro_batch_size:
+            raise ValueError(f"ppo_mini_batch_size={self.ppo_mini_batch_size} is not a multiple of "
+                             f"micro_batch_size={self.micro_batch_size}")
+
+
+def learning_rate_schedule(cfg: UpdateConfig) -> optax.Schedule:
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 0), cfg.total_steps)
+    if cfg.warmup_steps > 0:
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps),
+                                     optax.constant_schedule(cfg.lr)], [cfg.warmup_steps])
+    return optax.constant_schedule(cfg.lr)
+
+
+def make_optimizer(cfg: UpdateConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with the schedule (the reference's optimiser)."""
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class UpdateBatch:
+    tokens_NL: jax.Array  # int32
+    valid_NL: jax.Array  # bool
+    loss_mask_NL: jax.Array  # float32 (0/1)
+    advantage_NL: jax.Array  # float32
+    old_logp_NL: jax.Array  # float32, log π_old of each token
+    ref_logp_NL: jax.Array  # float32, log π_ref (zeros when the KL loss is off)
+
+
+def token_logprobs(model, tokens_NL, valid_NL, chunk: int, with_entropy: bool = False):
+    """(logp_NL, entropy_NL): log π(token j | tokens < j) at column j; column 0 is 0."""
+    valid_NL = valid_NL.astype(bool)
+    hidden, _ = model.hidden(tokens_NL, positions_from_valid(valid_NL), causal_mask(valid_NL))
+    logp, entropy = logprobs_from_hidden(model, hidden[:, :-1], tokens_NL[:, 1:], chunk, with_entropy)
+    pad = ((0, 0), (1, 0))
+    return jnp.pad(logp, pad), jnp.pad(entropy, pad)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _logprobs_call(graphdef, params, tokens_NL, valid_NL, chunk):
+    return token_logprobs(nnx.merge(graphdef, params), tokens_NL, valid_NL, chunk)[0]
+
+
+def compute_logprobs(model, tokens_NL, valid_NL, micro_batch_size: int = 0, chunk: int = 128) -> np.ndarray:
+    """Log-probs of every token under `model` (π_old or π_ref), micro-batched, on the host."""
+    graphdef, params = nnx.split(model)
+    n = tokens_NL.shape[0]
+    step = micro_batch_size or n
+    parts = [_logprobs_call(graphdef, params, tokens_NL[i:i + step], valid_NL[i:i + step], chunk)
+             for i in range(0, n, step)]
+    return np.concatenate([np.asarray(p) for p in parts], axis=0)
+
+
+def _micro_loss(params, graphdef, micro: UpdateBatch, counts, cfg: UpdateConfig, use_current_as_old: bool):
+    model = nnx.merge(graphdef, params)
+    logp, entropy = token_logprobs(model, micro.tokens_NL, micro.valid_NL, cfg.logprob_chunk,
+                                   with_entropy=cfg.entropy_coeff != 0)
+    old = jax.lax.stop_gradient(logp) if use_current_as_old else micro.old_logp_NL
+    return policy_loss(
+        logp, old, micro.advantage_NL, micro.loss_mask_NL,
+        ref_logp_BL=micro.ref_logp_NL if cfg.use_kl_loss else None,
+        entropy_BL=entropy if cfg.entropy_coeff != 0 else None,
+        clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high, clip_ratio_c=cfg.clip_ratio_c,
+        kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy_coeff=cfg.entropy_coeff,
+        loss_agg_mode=cfg.loss_agg_mode, num_tokens=counts[0], num_seqs=counts[1])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6), donate_argnums=(1, 2))
+def train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: UpdateConfig, num_micro: int,
+               use_current_as_old: bool = False):
+    """One optimiser step on a mini-batch split into `num_micro` micro-batches.
+
+    `use_current_as_old` takes π_old = stop_gradient(π_θ) (ρ = 1 exactly): valid for the first
+    mini-batch of the first epoch, whose params are still the sampling policy's.
+    """
+    optimizer = make_optimizer(cfg)
+    mask = batch.loss_mask_NL.astype(jnp.float32)
+    counts = (jnp.sum(mask), jnp.sum(jnp.any(mask > 0, axis=1)).astype(jnp.float32))
+    micro = jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
+    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+
+    def accumulate(grads, m):
+        (loss, metrics), g = grad_fn(params, graphdef, m, counts, cfg, use_current_as_old)
+        # losses are already aggregated with the mini-batch counts (they sum); the other metrics
+        # are token means of this micro-batch, weighted here by its share of the tokens
+        weight = jnp.sum(m.loss_mask_NL) / jnp.maximum(counts[0], 1.0)
+        metrics = {k: v if k.endswith("loss") else v * weight for k, v in metrics.items()}
+        return jax.tree.map(jnp.add, grads, g), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, micro)
+    loss = jnp.sum(losses)
+    metrics = jax.tree.map(jnp.sum, metrics)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32),
+                   lr=learning_rate_schedule(cfg)(opt_state[1][0].count))  # Adam's step counter
+    return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+
+
+class Updater:
+    """Holds the optimiser state and applies `update` to an NNX model in place."""
+
+    def __init__(self, model, cfg: UpdateConfig):
+        self.cfg = cfg
+        self.graphdef, params = nnx.split(model)
+        self.opt_state = make_optimizer(cfg).init(params)
+        self.model = model
+
+    def update(self, batch: UpdateBatch, rng: np.random.Generator | None = None) -> list[dict[str, Any]]:
+        """`ppo_epochs` passes over the batch in mini-batches (shuffled each epoch when `rng` is
+        given); returns one metrics dict per optimiser step (device arrays: fetch them late)."""
+        cfg = self.cfg
+        n = batch.tokens_NL.shape[0]
+        mini = cfg.ppo_mini_batch_size or n
+        micro = cfg.micro_batch_size or mini
+        if n % mini or mini % micro:
+            raise ValueError(f"batch of {n} rows does not split into mini-batches of {mini} "
+                             f"and micro-batches of {micro}")
+        _, params = nnx.split(self.model)
+        metrics = []
+        for epoch in range(cfg.ppo_epochs):
+            order = rng.permutation(n) if rng is not None else np.arange(n)
+            for k, start in enumerate(range(0, n, mini)):
+                rows = jnp.asarray(order[start:start + mini])
+                mini_batch = jax.tree.map(lambda x: x[rows], batch)
+                params, self.opt_state, m = train_step(
+                    self.graphdef, params, self.opt_state, mini_batch, cfg, mini // micro,
+                    epoch == 0 and k == 0)
+                metrics.append(m)
+        nnx.update(self.model, params)
+        return metrics
