@@ -1,0 +1,83 @@
+"""Sampling throughput, SmolLM2-135M, batch 16 × 128 new tokens: ours vs transformers `generate`.
+
+    python -m bench.sampling [--batch 16] [--new 128] [--prompt 64]
+
+Same settings in both (temperature 1.0, top-p 1.0, no early stop: every row makes exactly `new`
+tokens), fp32 on the CPU, one process. The last line is one JSON object; `roofline_frac` compares
+our decode rate with the DRAM-bandwidth bound (weights + KV cache read once per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import numpy as np
+from flax import nnx
+
+from bench.common import reference_smollm2, timed
+from igpo_jax.model.embedded import smollm2_gguf_path
+from igpo_jax.model.weights import load_gguf
+from igpo_jax.sampling import Sampler, SamplingParams
+
+DRAM_BYTES_PER_S = 10e9  # measured read bandwidth of the dev machine (DESIGN.md)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    model = load_gguf(smollm2_gguf_path())
+    cfg = model.cfg
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(100, cfg.vocab_size, args.prompt).tolist() for _ in range(args.batch)]
+    cache_size = args.prompt + args.new + 16
+    sampler = Sampler(model, None, batch_size=args.batch, cache_size=cache_size,
+                      params=SamplingParams(temperature=1.0), steps_per_call=args.new)
+    seeds = list(range(args.batch))
+    run_ours = lambda: sampler.generate(prompts, seeds, args.new)
+    out = run_ours()  # compile + warm up
+    assert all(len(o.tokens) == args.new for o in out)
+    ours_s = timed(run_ours, args.repeats)
+
+    import torch
+
+    ref = reference_smollm2()
+    ids = torch.tensor(prompts)
+
+    def run_ref():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.new,
+                                min_new_tokens=args.new, pad_token_id=0)
+
+    run_ref()
+    ref_s = timed(run_ref, args.repeats)
+
+    n_tokens = args.batch * args.new
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    mean_context = args.prompt + args.new / 2
+    kv_bytes = 2 * cfg.num_layers * args.batch * mean_context * cfg.num_kv_heads * cfg.head_dim * 4
+    step_s_bound = (weight_bytes + kv_bytes) / DRAM_BYTES_PER_S
+    ours_tok_s = n_tokens / ours_s
+    result = {
+        "bench": "sampling", "batch": args.batch, "new_tokens": args.new, "prompt_tokens": args.prompt,
+        "ours_s": round(ours_s, 3), "ref_s": round(ref_s, 3),
+        "ours_tok_s": round(ours_tok_s, 1), "ref_tok_s": round(n_tokens / ref_s, 1),
+        "ratio": round(ref_s / ours_s, 3),
+        "roofline_tok_s": round(args.batch / step_s_bound, 1),
+        "roofline_frac": round(ours_tok_s / (args.batch / step_s_bound), 3),
+        "devices": str(jax.devices()),
+    }
+    print(f"ours {result['ours_tok_s']} tok/s, transformers {result['ref_tok_s']} tok/s, ratio {result['ratio']}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
