@@ -1,0 +1,29 @@
+"""IGPO on a small Qwen3 (1.7B) on one GPU: 8 questions × 8 rollouts, up to 6 turns.
+
+    python -m igpo_jax.train --config=configs/qwen3_1_7b_igpo.py --config.model.path=/ckpt/Qwen3-1.7B \\
+        --config.data.train_files=data/train.parquet --config.data.test_files=data/test.parquet
+
+Fits one 80 GB GPU in bf16 with remat (check with `python -m igpo_jax.plan --preset=Qwen3-1.7B`).
+Qwen3's chat template has its own <think> handling; the forced prefix stays '<think>'.
+"""
+
+from igpo_jax.config_base import base_config
+
+
+def get_config():
+    c = base_config()
+    c.run_dir = "runs/qwen3_1_7b_igpo"
+    c.model.path = "/ckpt/Qwen3-1.7B"
+    c.model.param_dtype = "bfloat16"
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+    c.data.train_files = "data/train.parquet"
+    c.data.test_files = "data/test.parquet"
+    c.data.train_batch_size = 8
+    c.rollout.n = 8
+    c.rollout.max_turns = 6
+    c.rollout.max_new_tokens = 1024
+    c.rollout.context_length = 16384
+    c.actor.micro_batch_size = 4
+    c.trainer.total_training_steps = 100
+    return c

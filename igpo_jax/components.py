@@ -1,0 +1,89 @@
+"""Building the parts of a run from its config: mesh, data, policy + tokenizer, search back-end.
+
+Shared by `train` and `evaluate`, so both read a config the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Iterator
+
+import ml_collections
+
+from igpo_jax import data, sharding, world
+from igpo_jax.agent.rollout import RolloutConfig
+from igpo_jax.model import embedded, tokenizer as tokenizer_lib, weights
+from igpo_jax.sampling import SamplingParams
+from igpo_jax.search.clients import BlockingSearchClient, make_search_client
+
+
+def mesh_and_rules(config: ml_collections.ConfigDict):
+    mesh = sharding.make_mesh(dict(config.mesh.shape))
+    rules = {**sharding.DEFAULT_RULES, **dict(config.mesh.rules)}
+    return mesh, rules
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFiles:
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    corpus: str  # '' unless the run serves its own corpus
+
+
+def data_files(config: ml_collections.ConfigDict) -> DataFiles:
+    """The run's parquet files; the embedded world is written into run_dir/world when asked for."""
+    if config.data.synthetic_world:
+        out = os.path.join(config.run_dir, "world")
+        files = world.write_world(out, seed=config.data.world_seed, num_questions=config.data.world_questions)
+        return DataFiles((str(files.train),), (str(files.test),), str(files.corpus))
+    split = lambda s: tuple(p for p in (x.strip() for x in s.split(",")) if p)
+    return DataFiles(split(config.data.train_files), split(config.data.test_files), config.search.serve_corpus)
+
+
+def load_examples(files: tuple[str, ...], limit: int = 0) -> tuple[data.Example, ...]:
+    examples = data.load_examples(list(files)) if files else ()
+    return examples[:limit] if limit else examples
+
+
+def model_path(config: ml_collections.ConfigDict) -> str:
+    return config.model.path or embedded.smollm2_gguf_path()
+
+
+def load_policy(config: ml_collections.ConfigDict, mesh=None, rules=None, path: str | None = None):
+    """(model, tokenizer) from the config's checkpoint, created directly in its shardings."""
+    path = path or model_path(config)
+    model = weights.load(path, mesh, rules, param_dtype=config.model.param_dtype, dtype=config.model.dtype,
+                         remat=config.model.remat)
+    return model, tokenizer_lib.load_tokenizer(path)
+
+
+def rollout_config(config: ml_collections.ConfigDict, validation: bool = False) -> RolloutConfig:
+    r = config.rollout
+    sampling = (SamplingParams(temperature=r.val_temperature) if validation
+                else SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k))
+    return RolloutConfig(dialect=r.dialect, system_prompt=r.system_prompt, forced_prefix=r.forced_prefix,
+                         first_turn_prefix=r.first_turn_prefix, max_turns=r.max_turns,
+                         max_new_tokens=r.max_new_tokens, cache_size=r.context_length, sampling=sampling,
+                         max_tool_tokens=r.max_tool_tokens, overlap_search=r.overlap_search,
+                         steps_per_call=r.steps_per_call)
+
+
+@contextlib.contextmanager
+def search_backend(config: ml_collections.ConfigDict, corpus: str = "") -> Iterator[BlockingSearchClient]:
+    """The search client; with a corpus, the embedded retriever runs on 127.0.0.1 meanwhile."""
+    with contextlib.ExitStack() as stack:
+        base_url = config.search.base_url or None
+        if corpus and config.search.engine == "local" and not config.search.mock_mode:
+            from igpo_jax.search.server import RetrieverServer
+
+            server = stack.enter_context(RetrieverServer.from_corpus(corpus, host="127.0.0.1", port=0))
+            base_url = server.url
+        client = BlockingSearchClient(make_search_client(
+            config.search.engine, mock=config.search.mock_mode or None, base_url=base_url,
+            top_k=config.search.top_k, timeout_s=config.search.timeout_s,
+            max_concurrency=config.search.max_concurrency, max_retries=config.search.max_retries,
+            cache_path=config.search.cache_path or None))
+        stack.callback(client.close)
+        yield client

@@ -1,0 +1,154 @@
+"""Every option of a training run, with the defaults of the paper / reference where one exists.
+
+Experiment files in `configs/` start from `base_config()` and override what they change.
+Keys keep the reference's names (`n`, `gamma`, `info_gain_type`, `kl_coef`, `save_freq`, …) so
+that its scripts translate line by line; `validate` names the key and the allowed values of a
+bad setting before anything expensive starts.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from igpo_jax.agent.rollout import STOP_STRINGS
+from igpo_jax.igpo.advantages import NORM_MODES
+from igpo_jax.igpo.loss import AGG_MODES, KL_ESTIMATORS
+from igpo_jax.igpo.scoring import DEFAULT_PSEUDO_TURN_TEMPLATE
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.run_dir = "runs/default"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # HF model dir or .gguf file; '' → the embedded SmolLM2-135M-Instruct GGUF
+    c.model.param_dtype = "float32"
+    c.model.dtype = "float32"
+    c.model.remat = False
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = {"data": -1}  # named axes; one -1 takes the remaining devices
+    c.mesh.rules = ml_collections.ConfigDict()  # logical axis → mesh axis overrides (see sharding.py)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_files = ""  # comma-separated parquet files in the reference's format
+    c.data.test_files = ""
+    c.data.synthetic_world = False  # generate the embedded world into run_dir/world instead
+    c.data.world_seed = 0
+    c.data.world_questions = 400
+    c.data.train_batch_size = 32  # questions per step
+    c.data.val_batch_size = 32
+    c.data.val_max_questions = 0  # 0 → the whole test set
+    c.data.shuffle = True
+
+    c.search = ml_collections.ConfigDict()
+    c.search.engine = "local"  # 'google' | 'bing' | 'local' | 'mock'
+    c.search.mock_mode = False
+    c.search.base_url = ""  # '' → the engine's default (local: the embedded retriever when served)
+    c.search.serve_corpus = ""  # start the embedded retriever on this JSONL corpus (world: automatic)
+    c.search.top_k = 10
+    c.search.timeout_s = 20.0
+    c.search.max_concurrency = 32
+    c.search.max_retries = 3
+    c.search.cache_path = ""
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.n = 16  # agent_grpo.n: rollouts per question (the group)
+    c.rollout.dialect = "qwen_tool_call"
+    c.rollout.forced_prefix = "<think>"
+    c.rollout.first_turn_prefix = ml_collections.config_dict.placeholder(str)
+    c.rollout.system_prompt = ml_collections.config_dict.placeholder(str)
+    c.rollout.max_turns = 10
+    c.rollout.max_new_tokens = 2000  # per turn
+    c.rollout.max_tool_tokens = 512
+    c.rollout.context_length = 32768  # KV-cache slots
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+    c.rollout.val_temperature = 0.0  # validation is greedy
+    c.rollout.overlap_search = True  # False: a deterministic decode/append schedule (bitwise resumable)
+    c.rollout.steps_per_call = 32
+
+    c.algorithm = ml_collections.ConfigDict()
+    c.algorithm.use_info_gain = True
+    c.algorithm.info_gain_type = "prob_diff"
+    c.algorithm.info_gain_norm_mode = "joint"
+    c.algorithm.norm_adv_by_std_in_grpo = True
+    c.algorithm.gamma = 1.0
+    c.algorithm.use_curriculum = False
+    c.algorithm.curriculum_f1_init = 0.5
+    c.algorithm.curriculum_f1_final = 1.0
+    c.algorithm.curriculum_ig_init = 1.0
+    c.algorithm.curriculum_ig_final = 0.5
+    c.algorithm.format_penalty = -2.0
+    c.algorithm.pseudo_turn_template = DEFAULT_PSEUDO_TURN_TEMPLATE
+    c.algorithm.scoring_batch_size = 8
+
+    c.actor = ml_collections.ConfigDict()
+    c.actor.lr = 1e-6
+    c.actor.weight_decay = 0.01
+    c.actor.grad_clip = 1.0
+    c.actor.warmup_steps = 0
+    c.actor.ppo_mini_batch_size = 0  # rollouts per optimiser step; 0 → all of a step's rollouts
+    c.actor.micro_batch_size = 0  # rollouts per forward/backward; 0 → the mini-batch
+    c.actor.ppo_epochs = 1
+    c.actor.clip_ratio_low = 0.2
+    c.actor.clip_ratio_high = 0.2
+    c.actor.clip_ratio_c = 3.0
+    c.actor.use_kl_loss = True
+    c.actor.kl_coef = 0.001
+    c.actor.kl_loss_type = "low_var_kl"
+    c.actor.entropy_coeff = 0.0
+    c.actor.loss_agg_mode = "seq-mean-token-mean"
+
+    c.trainer = ml_collections.ConfigDict()
+    c.trainer.total_training_steps = 60
+    c.trainer.save_freq = 10
+    c.trainer.test_freq = 10
+    c.trainer.max_checkpoints = 3
+    c.trainer.use_tensorboard = True
+    c.trainer.use_wandb = False
+    return c
+
+
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"config.{key}={value!r} is not allowed; choose one of {sorted(allowed)}")
+
+
+def _positive(key: str, value, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(f"config.{key}={value!r} must be {'≥ 0' if zero_ok else '> 0'}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Fail fast, naming the key, on settings that would otherwise fail deep inside a step."""
+    _one_of("rollout.dialect", c.rollout.dialect, STOP_STRINGS)
+    _one_of("algorithm.info_gain_type", c.algorithm.info_gain_type, ("prob_diff", "log_prob_diff"))
+    _one_of("algorithm.info_gain_norm_mode", c.algorithm.info_gain_norm_mode, NORM_MODES)
+    _one_of("actor.kl_loss_type", c.actor.kl_loss_type, KL_ESTIMATORS)
+    _one_of("actor.loss_agg_mode", c.actor.loss_agg_mode, AGG_MODES)
+    _one_of("search.engine", c.search.engine, ("google", "bing", "local", "mock"))
+    for dtype_key in ("param_dtype", "dtype"):
+        _one_of(f"model.{dtype_key}", c.model[dtype_key], ("float32", "bfloat16", "float16"))
+    for key in ("rollout.n", "rollout.max_turns", "rollout.max_new_tokens", "rollout.context_length",
+                "data.train_batch_size", "trainer.total_training_steps", "actor.ppo_epochs"):
+        section, name = key.split(".")
+        _positive(key, c[section][name])
+    for key in ("trainer.save_freq", "trainer.test_freq", "actor.ppo_mini_batch_size", "actor.micro_batch_size",
+                "actor.lr", "rollout.temperature"):
+        section, name = key.split(".")
+        _positive(key, c[section][name], zero_ok=True)
+    if not 0 <= c.algorithm.gamma <= 1:
+        raise ValueError(f"config.algorithm.gamma={c.algorithm.gamma} must lie in [0, 1]")
+    if "{answer}" not in c.algorithm.pseudo_turn_template:
+        raise ValueError("config.algorithm.pseudo_turn_template must contain '{answer}'")
+    rollouts = c.data.train_batch_size * c.rollout.n
+    mini = c.actor.ppo_mini_batch_size or rollouts
+    micro = c.actor.micro_batch_size or mini
+    if rollouts % mini or mini % micro:
+        raise ValueError(f"config.actor.ppo_mini_batch_size={mini} must divide train_batch_size × n = {rollouts}, "
+                         f"and config.actor.micro_batch_size={micro} must divide it")
+    if not c.data.synthetic_world and not c.data.train_files:
+        raise ValueError("set config.data.train_files (parquet) or config.data.synthetic_world=True")

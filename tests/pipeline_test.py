@@ -1,0 +1,58 @@
+"""Trajectories → advantages glue, on a hand-built batch with hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from igpo_jax.agent.trajectories import Episode, Trajectories
+from igpo_jax.igpo.pipeline import AlgorithmConfig, advantages_for, score_outcomes
+
+
+def _traj():
+    # two rollouts of one question; rollout 0: two turns (search, answer); rollout 1: one turn
+    tokens = np.zeros((2, 8), np.int32)
+    loss = np.array([[0, 1, 1, 0, 0, 1, 1, 0], [0, 1, 1, 1, 0, 0, 0, 0]], bool)
+    turn = np.where(loss, np.array([[-1, 0, 0, -1, -1, 1, 1, -1], [-1, 0, 0, 0, -1, -1, -1, -1]]), -1)
+    eps = (Episode("q", ("Kesmarin",), "s", "<search>a</search><answer>Kesmarin</answer>", "", "Kesmarin", "answer"),
+           Episode("q", ("Kesmarin",), "s", "<answer>Rome</answer>", "", "Rome", "answer"))
+    return Trajectories(tokens, np.ones((2, 8), bool), loss, turn.astype(np.int32),
+                        np.array([[1, 5], [1, -1]], np.int32), np.array([2, 1], np.int32),
+                        np.array([0, 0], np.int32), np.zeros((2, 8), np.float32), eps)
+
+
+def test_igpo_advantages_by_hand():
+    traj = _traj()
+    outcomes = score_outcomes(traj, "search_tags", -2.0)
+    np.testing.assert_array_equal(outcomes.reward_N, [1.0, 0.0])
+    # P before turn 0 = 0.1, before turn 1 = 0.4 → IG of rollout 0's turn 0 = 0.3 (prob_diff)
+    mean_logp = np.log(np.array([[0.1, 0.4], [0.1, 1.0]], np.float32))  # [1, 1] is not scored
+    scored = np.array([[True, True], [True, False]])
+    adv, metrics = advantages_for(traj, outcomes, mean_logp, scored, AlgorithmConfig(gamma=1.0), 0, 10)
+    # joint normalisation over the group's rewards {0.3 (IG), 1.0, 0.0}: mean 13/30,
+    # population std sqrt(((0.3−m)² + (1−m)² + m²)/3)
+    rewards = np.array([0.3, 1.0, 0.0])
+    m, s = rewards.mean(), rewards.std()
+    ig_hat, f1_hat0, f1_hat1 = (rewards - m) / (s + 1e-6)
+    # γ = 1: turn 0 of rollout 0 gets its own plus the final turn's; turn 1 its own
+    turn0, turn1 = ig_hat + f1_hat0, f1_hat0
+    np.testing.assert_allclose(adv[0], [0, turn0, turn0, 0, 0, turn1, turn1, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(adv[1], [0, f1_hat1, f1_hat1, f1_hat1, 0, 0, 0, 0], rtol=1e-5, atol=1e-6)
+    assert metrics["ig/mean"] == pytest.approx(0.3, abs=1e-6) and metrics["ig/count"] == 1
+    assert metrics["reward/f1"] == pytest.approx(0.5) and metrics["reward/format_error_rate"] == 0
+
+
+def test_grpo_switch_gives_one_advantage_per_rollout():
+    traj = _traj()
+    outcomes = score_outcomes(traj, "search_tags", -2.0)
+    adv, metrics = advantages_for(traj, outcomes, None, None, AlgorithmConfig(use_info_gain=False), 0, 10)
+    # outcomes {1, 0}: mean 0.5, std 0.5 → ±1/(0.5 + 1e-6)·0.5 ≈ ±1
+    np.testing.assert_allclose(adv[0][traj.loss_mask_NL[0]], 0.5 / (0.5 + 1e-6), rtol=1e-6)
+    np.testing.assert_allclose(adv[1][traj.loss_mask_NL[1]], -0.5 / (0.5 + 1e-6), rtol=1e-6)
+    assert np.all(adv[~traj.loss_mask_NL] == 0) and metrics["ig/count"] == 0
+
+
+def test_info_gain_needs_scores():
+    traj = _traj()
+    with pytest.raises(ValueError, match="needs the per-turn gold-answer scores"):
+        advantages_for(traj, score_outcomes(traj, "search_tags", -2.0), None, None, AlgorithmConfig(), 0, 10)
