@@ -1,0 +1,91 @@
+"""Train step (forward + backward + AdamW), SmolLM2-135M, 8 × 512 tokens: ours vs transformers + torch.
+
+    python -m bench.train_step [--batch 8] [--length 512] [--repeats 3]
+
+Ours: `update.train_step` (token log-probs, dual-clip PPO loss, global-norm clipping, AdamW),
+jitted, params and optimiser state donated. Reference: the same model in torch (fp32), a
+token-level policy-gradient loss on log_softmax of the full logits, backward, clip, AdamW.
+Both fp32 on the CPU in one process; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bench.common import CPU_MATMUL_PEAK_FLOPS, forward_flops, reference_smollm2, timed
+from igpo_jax.model.embedded import smollm2_gguf_path
+from igpo_jax.model.weights import load_gguf
+from igpo_jax.update import UpdateBatch, UpdateConfig, make_optimizer, train_step
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    b, length = args.batch, args.length
+
+    model = load_gguf(smollm2_gguf_path())
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, model.cfg.vocab_size, (b, length)).astype(np.int32)
+    mask = np.ones((b, length), np.float32)
+    mask[:, : length // 4] = 0  # a prompt without loss
+    advantage = rng.normal(size=(b, 1)).astype(np.float32) * mask
+    cfg = UpdateConfig(lr=1e-6, use_kl_loss=False)
+    batch = UpdateBatch(jnp.asarray(tokens), jnp.ones((b, length), bool), jnp.asarray(mask), jnp.asarray(advantage),
+                        jnp.zeros((b, length)), jnp.zeros((b, length)))
+    graphdef, params = nnx.split(model)
+    opt_state = make_optimizer(cfg).init(params)
+    state = {"params": params, "opt": opt_state}
+
+    def ours():
+        state["params"], state["opt"], m = train_step(graphdef, state["params"], state["opt"], batch, cfg, 1, True)
+        jax.block_until_ready(m["loss"])
+
+    ours()  # compile + warm up
+    ours_s = timed(ours, args.repeats)
+
+    import torch
+
+    ref = reference_smollm2().train()
+    optimizer = torch.optim.AdamW(ref.parameters(), lr=1e-6, weight_decay=0.01)
+    ids = torch.tensor(tokens, dtype=torch.long)
+    t_mask = torch.tensor(mask[:, 1:])
+    t_adv = torch.tensor(advantage[:, 1:])
+
+    def reference():
+        optimizer.zero_grad()
+        logits = ref(input_ids=ids).logits[:, :-1]
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+        ratio = torch.exp(logp - logp.detach())
+        loss = (-(t_adv * ratio) * t_mask).sum() / t_mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        optimizer.step()
+
+    reference()
+    ref_s = timed(reference, args.repeats)
+
+    n_tokens = b * length
+    flops = 3 * forward_flops(model.cfg, n_tokens, length / 2)
+    result = {
+        "bench": "train_step", "batch": b, "length": length,
+        "ours_s": round(ours_s, 3), "ref_s": round(ref_s, 3),
+        "ours_tok_s": round(n_tokens / ours_s, 1), "ref_tok_s": round(n_tokens / ref_s, 1),
+        "ratio": round(ref_s / ours_s, 3),
+        "ours_frac_of_matmul_peak": round(flops / ours_s / CPU_MATMUL_PEAK_FLOPS, 3),
+        "devices": str(jax.devices()),
+    }
+    print(f"ours {result['ours_tok_s']} tok/s, transformers {result['ref_tok_s']} tok/s, ratio {result['ratio']}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
