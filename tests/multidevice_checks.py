@@ -2,6 +2,8 @@
 because the device count is fixed when JAX starts.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.multidevice_checks sampling DIR
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tests.multidevice_checks \
+        multiprocess DIR 127.0.0.1:PORT PROCESS_ID OUT_DIR        (one of two processes)
 """
 
 from __future__ import annotations
@@ -39,5 +41,163 @@ def check_sampling(model_dir: str):
     print("sampling under fsdp=4 x tensor=2 equals unsharded greedy output")
 
 
+UPDATE_ROWS, UPDATE_LEN = 8, 12
+
+
+def update_batch_np(vocab_size: int) -> dict[str, np.ndarray]:
+    """A fixed update batch (host arrays): two turns per row, one row right-padded. π_old is
+    irrelevant (the first mini-batch takes π_old = π_θ); π_ref is a constant so the KL term acts."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab_size, (UPDATE_ROWS, UPDATE_LEN)).astype(np.int32)
+    valid = np.ones((UPDATE_ROWS, UPDATE_LEN), bool)
+    valid[1, 9:] = False
+    loss_mask = np.zeros((UPDATE_ROWS, UPDATE_LEN), np.float32)
+    loss_mask[:, 4:7] = 1
+    loss_mask[:, 9:11] = 1
+    loss_mask[1, 9:] = 0
+    adv = np.where(loss_mask > 0, np.linspace(-1.0, 1.0, UPDATE_ROWS)[:, None], 0.0).astype(np.float32)
+    zeros = np.zeros((UPDATE_ROWS, UPDATE_LEN), np.float32)
+    return dict(tokens_NL=tokens, valid_NL=valid, loss_mask_NL=loss_mask, advantage_NL=adv,
+                old_logp_NL=zeros, ref_logp_NL=zeros - 5.0)
+
+
+# Adam's step is lr·m/(√v + eps): with the default eps 1e-8 a gradient of ~1e-8 (reduced in a
+# different order when sharded) swings its param by up to lr. eps 1e-3 bounds that sensitivity
+# to lr/eps = 1, so params can be compared tightly; the sharded maths under test is unchanged.
+UPDATE_CFG = dict(lr=1e-3, eps=1e-3, micro_batch_size=4)
+
+
+def one_update(model, mesh=None, rules=sharding.DEFAULT_RULES):
+    """One Updater.update step (2 micro-batches) on `update_batch_np`; with `mesh`, the batch is
+    placed by the 'batch' rule (each process passing its own rows). Returns (loss, updater)."""
+    from igpo_jax import distributed
+    from igpo_jax.update import UpdateBatch, UpdateConfig, Updater
+
+    host = update_batch_np(model.cfg.vocab_size)
+    if mesh is None:
+        batch = UpdateBatch(**{k: jax.numpy.asarray(v) for k, v in host.items()})
+        updater = Updater(model, UpdateConfig(**UPDATE_CFG))
+        return float(updater.update(batch)[0]["loss"]), updater
+    spec = sharding.logical_to_spec(("batch", "length"), rules, mesh, (UPDATE_ROWS, UPDATE_LEN))
+    rows = distributed.process_rows(mesh, spec, (UPDATE_ROWS, UPDATE_LEN))
+    batch = UpdateBatch(**distributed.host_local_batch_to_global({k: v[rows] for k, v in host.items()}, mesh, spec))
+    with sharding.activate(mesh, rules):
+        updater = Updater(model, UpdateConfig(**UPDATE_CFG))
+        metrics = updater.update(batch)
+    return float(metrics[0]["loss"]), updater
+
+
+def _host_params(model) -> list[np.ndarray]:
+    from flax import nnx
+    from jax.experimental import multihost_utils
+
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    if jax.process_count() > 1:
+        leaves = multihost_utils.process_allgather(leaves, tiled=True)
+    return [np.asarray(x, np.float32) for x in leaves]
+
+
+def check_update(model_dir: str):
+    """One update on fsdp=4 × tensor=2 equals the same update on one device."""
+    assert len(jax.devices()) == 8, jax.devices()
+    loss_1, _ = one_update(plain := load_hf(model_dir))
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    model = load_hf(model_dir, mesh=mesh, rules=sharding.DEFAULT_RULES)
+    loss_8, updater = one_update(model, mesh)
+    assert len(model.layers[0].mlp.up_proj[...].addressable_shards) == 8
+    mu = jax.tree.leaves(updater.opt_state)[1]
+    assert len(mu.sharding.device_set) == 8, mu.sharding  # moments stay sharded
+    np.testing.assert_allclose(loss_8, loss_1, rtol=1e-5)
+    worst = 0.0
+    before = _host_params(load_hf(model_dir))
+    for a, b, c in zip(_host_params(model), _host_params(plain), before):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+        worst = max(worst, float(np.max(np.abs(a - b))))
+    moved = max(float(np.max(np.abs(a - c))) for a, c in zip(_host_params(plain), before))
+    print(f"update under fsdp=4 x tensor=2 equals one device: loss {loss_8:.8f} vs {loss_1:.8f}, "
+          f"max |dparam| {worst:.2e} (step moved params by up to {moved:.2e})")
+
+
+def _bytes_on_device0(tree) -> int:
+    dev = jax.devices()[0]
+    total = 0
+    for x in jax.tree.leaves(tree):
+        total += sum(s.data.nbytes for s in x.addressable_shards if s.device == dev)
+    return total
+
+
+def check_plan(model_dir: str):
+    """Per-device bytes actually allocated on device 0 vs the planner's arithmetic; prints JSON."""
+    import json
+
+    from flax import nnx
+
+    from igpo_jax import plan
+    from igpo_jax.model.kv_cache import KVCache
+    from igpo_jax.update import UpdateConfig, make_optimizer
+
+    assert len(jax.devices()) == 8, jax.devices()
+    rules = sharding.DEFAULT_RULES
+    out = []
+    for shape, dtype in [({"fsdp": 4, "tensor": 2}, "float32"), ({"data": 2, "fsdp": 2, "tensor": 2}, "bfloat16"),
+                         ({"fsdp": 8}, "float32")]:
+        mesh = sharding.make_mesh(shape)
+        model = load_hf(model_dir, mesh=mesh, rules=rules, param_dtype=dtype, dtype=dtype)
+        params = nnx.state(model, nnx.Param)
+        opt_state = make_optimizer(UpdateConfig()).init(params)  # as Updater does
+        cache = KVCache.init(model.cfg, 8, 64, mesh=mesh, rules=rules)
+        p = plan.plan(model.cfg, shape, rules, rollout_batch=8, context=64)
+        out.append(dict(mesh=shape, dtype=dtype,
+                        allocated=dict(params=_bytes_on_device0(params), opt_state=_bytes_on_device0(opt_state),
+                                       kv_cache=_bytes_on_device0(cache)),
+                        planned=dict(params=p.params, opt_state=p.opt_state, kv_cache=p.kv_cache)))
+    print("PLAN " + json.dumps(out))
+
+
+def check_multiprocess(model_dir: str, coordinator: str, process_id: str, out_dir: str):
+    """One of two processes (4 CPU devices each): one update over the 8-device global mesh, then
+    a multi-host orbax checkpoint of the params; process 0 writes loss + params to out_dir."""
+    import os
+
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from igpo_jax import distributed
+
+    assert distributed.initialize(coordinator, 2, int(process_id))
+    assert jax.process_count() == 2 and len(jax.devices()) == 8 and len(jax.local_devices()) == 4
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    model = load_hf(model_dir, mesh=mesh, rules=sharding.DEFAULT_RULES)
+    loss, _ = one_update(model, mesh)
+    params = _host_params(model)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(out_dir, "ckpt"), nnx.state(model, nnx.Param))
+        ckpt.wait_until_finished()
+    if jax.process_index() == 0:
+        np.savez(os.path.join(out_dir, "result.npz"), loss=loss, *params)
+    print(f"process {jax.process_index()}: loss {loss:.8f}")
+
+
+def check_restore(model_dir: str, ckpt_dir: str, params_npz: str):
+    """A checkpoint written by two processes restores in one (8 devices here, other shardings)."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    mesh = sharding.make_mesh({"fsdp": 8})
+    model = load_hf(model_dir, mesh=mesh, rules=sharding.DEFAULT_RULES)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          nnx.state(model, nnx.Param))
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(ckpt_dir, target)
+    nnx.update(model, restored)
+    expected = np.load(params_npz)
+    got = _host_params(model)
+    assert len(got) == len(expected.files) - 1
+    for i, x in enumerate(got):
+        np.testing.assert_array_equal(x, expected[f"arr_{i}"])
+    print(f"restored {len(got)} arrays written by two processes")
+
+
 if __name__ == "__main__":
-    {"sampling": check_sampling}[sys.argv[1]](*sys.argv[2:])
+    {"sampling": check_sampling, "update": check_update, "plan": check_plan,
+     "multiprocess": check_multiprocess, "restore": check_restore}[sys.argv[1]](*sys.argv[2:])

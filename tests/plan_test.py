@@ -1,0 +1,79 @@
+"""The memory planner: its per-device bytes equal what a sharded model actually allocates."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from igpo_jax import plan, sharding
+from igpo_jax.model import config as model_config
+from tests.conftest import write_tiny_hf_model
+from tests.multidevice_test import _run_check
+
+
+def test_planned_bytes_equal_allocated_bytes_on_8_devices(tmp_path):
+    write_tiny_hf_model("qwen2", tmp_path)
+    line = next(l for l in _run_check("plan", str(tmp_path)).splitlines() if l.startswith("PLAN "))
+    cases = json.loads(line[len("PLAN "):])
+    assert len(cases) == 3
+    for case in cases:
+        assert case["planned"] == case["allocated"], case
+
+
+def test_shard_shape_divides_by_the_mesh_axes_of_each_dimension():
+    mesh = plan.abstract_mesh({"data": 2, "fsdp": 4, "tensor": 2})
+    rules = sharding.DEFAULT_RULES
+    assert plan.shard_shape((64, 4, 16), ("embed", "heads", "head_dim"), mesh, rules) == (16, 2, 16)
+    # batch spans data × fsdp = 8
+    assert plan.shard_shape((16, 100), ("batch", "length"), mesh, rules) == (2, 100)
+    # 3 kv heads do not divide over tensor=2: replicated on that axis
+    assert plan.shard_shape((30, 8, 64, 3, 64), plan.KV_AXES, mesh, rules) == (30, 1, 64, 3, 64)
+    assert plan.shard_shape((5,), None, mesh, rules) == (5,)
+
+
+def test_tiny_config_by_hand():
+    """2 layers, D 8, F 16, 2 heads, 1 kv head, head dim 4, vocab 32, fp32, untied, no bias."""
+    cfg = model_config.ModelConfig("llama", 32, 8, 16, 2, 2, 1, 4)
+    mesh = {"fsdp": 2, "tensor": 1}
+    p = plan.plan(cfg, mesh, rollout_batch=4, context=10, micro_batch=2, update_len=6)
+    # embed 32×8 + lm_head 8×32 + final norm 8 + 2 × (norms 2×8 + q 8×2×4 + k, v 8×1×4 + o 2×4×8
+    # + mlp 3×8×16): every tensor has one 'embed' dim, halved by fsdp = 2
+    per_layer = 2 * 8 + 64 + 32 + 32 + 64 + 3 * 128
+    assert p.params == (256 + 256 + 8 + 2 * per_layer) // 2 * 4
+    assert p.reference == p.params and p.grads == 2 * p.params
+    # two moments like the params, plus int32 counts of Adam and of the schedule
+    assert p.opt_state == 2 * p.params + 2 * 4
+    # k, v [2, 4/2, 10, 1, 4] fp32 + valid [2, 10] bool + next_pos [2] int32 + length
+    assert p.kv_cache == 2 * (2 * 2 * 10 * 1 * 4) * 4 + 2 * 10 + 2 * 4 + 4
+    u, t = 1, 6
+    assert p.activations == (2 * u * t * 8 * 4 + u * t * (4 * 8 + (4 + 2) * 4 + 3 * 16) * 4
+                             + u * 2 * t * t // 2 * 8 + 3 * u * 6 * 32 * 4)
+    assert p.peak == 4 * p.params + 8 + max(p.kv_cache, p.grads + p.activations)
+
+
+def test_fits_uses_headroom():
+    p = plan.Plan(params=10 * plan.GiB, opt_state=0, reference=0, kv_cache=4 * plan.GiB, grads=0, activations=0)
+    assert plan.fits(p, "v5e", headroom=0.1)[0]  # 14 ≤ 14.4 GiB
+    assert not plan.fits(p, "v5e", headroom=0.2)[0]  # 14 > 12.8 GiB
+
+
+def test_cli_for_qwen2_5_7b_on_fsdp_8(capsys):
+    text = plan.main(["--preset=Qwen2.5-7B-Instruct", "--mesh=fsdp=8,tensor=1", "--param_dtype", "bfloat16",
+                      "--rollout_batch", "512", "--context", "32768", "--device", "H100-80G"])
+    assert "7.62 B params" in text
+    params_gb = float(next(l for l in text.splitlines() if "params   " in l).split()[1])
+    assert params_gb == pytest.approx(15.23 / 8, abs=0.01)  # 7.62 B × 2 bytes over 8 devices
+    assert "H100-80G" in text and "does NOT fit" in text  # a 512 × 32k KV cache is 962 GB in all
+    assert capsys.readouterr().out.strip() == text
+
+
+def test_cli_reads_a_model_dir_and_rejects_bad_meshes(tmp_path):
+    write_tiny_hf_model("qwen2", tmp_path)
+    text = plan.main(["--model_path", str(tmp_path), "--mesh=fsdp=2,tensor=2", "--param_dtype=float32",
+                      "--rollout_batch=4", "--context=16", "--device=v5e"])
+    assert "fits" in text
+    with pytest.raises(ValueError, match="NAME=SIZE"):
+        plan.parse_mesh("fsdp:8")
+    assert math.prod(plan.parse_mesh("data=2,fsdp=4,tensor=2").values()) == 16
