@@ -1,0 +1,201 @@
+"""Per-step training metrics to the console, `metrics.jsonl`, TensorBoard and (optionally) W&B.
+
+Fetched a step late: `MetricsWriter.write(step, metrics)` takes device arrays as they come out
+of a jitted step and only keeps them; they are converted to floats (and written everywhere) when
+the NEXT step is written, or at `flush()` / `close()`. Converting right away would block the
+host until the device finished step s, leaving the device idle while the host prepares step
+s + 1; a step later the values are long computed and the copy costs nothing. So the console line
+for step s appears when step s + 1 is handed over, and `write` returns the record of step s.
+
+`metrics.jsonl` holds one JSON object per step: {"step": s, "<key>": float, …}. Values are
+floats only; a non-finite value (NaN, ±inf) is stored as null (JSON has no NaN) and reads back
+as NaN. A run resumed from a checkpoint appends the steps after that checkpoint again;
+`read_jsonl` keeps the last record of each step.
+
+W&B is imported only when asked for; it reads its API key from its own environment/login, and
+nothing here ever sees or logs it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_SUBDIR = "tensorboard"
+
+# What one console line shows when present (the rest goes to the files): the learning signal,
+# the update's health, the agent's behaviour, validation and speed.
+DEFAULT_CONSOLE_KEYS = (
+    "reward/mean", "reward/f1", "ig/mean", "actor/pg_loss", "actor/kl_loss", "actor/grad_norm",
+    "actor/skipped", "rollout/searches_per_episode", "response_length/mean", "val/f1",
+    "time/rollout_s", "time/update_s",
+)
+
+
+class MetricsWriter:
+    """Writes one record per training step; see the module docstring for the one-step delay."""
+
+    def __init__(self, run_dir: str | os.PathLike, use_tensorboard: bool = True, use_wandb: bool = False,
+                 console_keys: Sequence[str] = DEFAULT_CONSOLE_KEYS, print_fn: Callable[[str], Any] | None = print,
+                 wandb_project: str = "igpo_jax", wandb_run_name: str | None = None,
+                 wandb_config: Mapping[str, Any] | None = None):
+        """`print_fn=None` silences the console line; `wandb_config` is what the W&B run shows as
+        its config (pass only hyper-parameters, never credentials)."""
+        wandb = None
+        if use_wandb:  # before any file is opened, so a missing package leaves nothing behind
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("use_wandb=True needs the wandb package: pip install wandb "
+                                  "(or set trainer.use_wandb=False)") from e
+        self.run_dir = os.fspath(run_dir)
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.console_keys = tuple(console_keys)
+        self._print = print_fn
+        self._pending: tuple[int, dict[str, Any]] | None = None
+        self._closed = False
+        # One writer per run: in a multi-host run the other processes only fetch (keeping pace).
+        self._primary = jax.process_index() == 0
+        self._jsonl = open(os.path.join(self.run_dir, METRICS_FILE), "a", encoding="utf-8") if self._primary else None
+        self._tensorboard = None
+        if use_tensorboard and self._primary:
+            from tensorboardX import SummaryWriter  # no TensorFlow needed
+
+            self._tensorboard = SummaryWriter(logdir=os.path.join(self.run_dir, TENSORBOARD_SUBDIR))
+        self._wandb = None
+        if wandb is not None and self._primary:
+            self._wandb = wandb.init(project=wandb_project, name=wandb_run_name, dir=self.run_dir,
+                                     config=dict(wandb_config or {}), resume="allow")
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float] | None:
+        """Queues `step`'s metrics (scalars: Python numbers, numpy or device arrays of one element,
+        None for missing) and writes the previously queued step; returns that step's record
+        ({"step": s, key: float}), or None on the first call."""
+        if self._closed:
+            raise RuntimeError("MetricsWriter.write after close()")
+        _check_scalars(metrics)
+        written = self.flush()
+        self._pending = (int(step), dict(metrics))
+        return written
+
+    def flush(self) -> dict[str, float] | None:
+        """Writes the queued step now (blocking on its device values); returns its record."""
+        if self._pending is None:
+            return None
+        step, metrics = self._pending
+        self._pending = None
+        host = jax.device_get(metrics)  # one transfer for the whole dict
+        record = {key: _to_float(value) for key, value in host.items()}
+        self._emit(step, record)
+        return {"step": step, **record}
+
+    def close(self) -> dict[str, float] | None:
+        """Writes the last queued step and closes every sink; returns that step's record.
+        Closing again does nothing."""
+        if self._closed:
+            return None
+        written = self.flush()
+        self._closed = True
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        return written
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _emit(self, step: int, record: dict[str, float]) -> None:
+        if not self._primary:
+            return
+        line = {"step": step, **{k: v if math.isfinite(v) else None for k, v in record.items()}}
+        self._jsonl.write(json.dumps(line, allow_nan=False) + "\n")
+        self._jsonl.flush()  # a crash loses at most the step still queued
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                self._tensorboard.add_scalar(key, value, step)
+            self._tensorboard.flush()
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+        if self._print is not None:
+            self._print(console_line(step, record, self.console_keys))
+
+
+def console_line(step: int, record: Mapping[str, float], keys: Sequence[str]) -> str:
+    """'step 12 | reward/mean 0.312 | actor/grad_norm 1.07': the chosen keys that are present."""
+    parts = [f"step {step}"] + [f"{key} {record[key]:.4g}" for key in keys if key in record]
+    return " | ".join(parts)
+
+
+def read_jsonl(run_dir: str | os.PathLike) -> list[dict[str, float]]:
+    """The records of `run_dir/metrics.jsonl` (or of that file itself), one per step in step
+    order; null reads as NaN; for a step written twice (a resumed run) the later record wins.
+    A last line cut short by a crash is ignored."""
+    path = os.fspath(run_dir)
+    if os.path.isdir(path):
+        path = os.path.join(path, METRICS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no metrics file: {path}")
+    by_step: dict[int, dict[str, float]] = {}
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the unterminated final line of an interrupted write
+                continue
+            raise ValueError(f"{path}, line {number}: not a JSON object: {line[:80]!r}") from None
+        step = int(raw.pop("step"))
+        by_step[step] = {"step": step, **{k: math.nan if v is None else float(v) for k, v in raw.items()}}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+class Timer:
+    """`with Timer(timings, "rollout"): …` adds the block's wall-clock seconds to timings["rollout"]."""
+
+    def __init__(self, timings: dict[str, float], name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> Timer:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self._start
+
+
+def _check_scalars(metrics: Mapping[str, Any]) -> None:
+    # Checked when queued (shapes are known without waiting for the device), so a bad value
+    # fails at the line that produced it rather than a step later.
+    for key, value in metrics.items():
+        if value is None or isinstance(value, (numbers.Real, np.bool_)):
+            continue
+        shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+        # jnp.issubdtype also knows bfloat16, which numpy's does not
+        numeric = dtype is not None and (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_))
+        if shape is None or not numeric:
+            raise TypeError(f"metric '{key}' must be a number or a numeric array, got {type(value).__name__}")
+        if math.prod(shape) != 1:
+            raise ValueError(f"metric '{key}' must be a scalar, got an array of shape {tuple(shape)}")
+
+
+def _to_float(value: Any) -> float:
+    return math.nan if value is None else float(np.asarray(value).reshape(()))
