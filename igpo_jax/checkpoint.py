@@ -149,7 +149,7 @@ class RunCheckpointer:
         """Loads `step` (default: the newest) into `model`, `updater.opt_state` and `batches`."""
         self._manager.wait_until_finished()  # a save still in flight is not a checkpoint yet
         step = _pick_step(self._manager, self.directory, step)
-        saved = set(self._manager.item_metadata(step).keys())
+        saved = _saved_items(self.directory, step)
         wanted = {PARAMS: ocp.args.StandardRestore(abstract_like(_pure_params(model))),
                   METADATA: ocp.args.JsonRestore()}
         if updater is not None:
@@ -276,6 +276,13 @@ def _pick_step(manager: ocp.CheckpointManager, directory: str, step: int | None)
         raise CheckpointNotFoundError(f"checkpoint step {step} not found in {directory}; "
                                       f"available steps: {', '.join(map(str, steps))}")
     return step
+
+
+def _saved_items(directory: str, step: int) -> set[str]:
+    # The items are the step directory's subdirectories (orbax's default step naming); listing
+    # them avoids item_metadata, which warns about every item it has no handler for.
+    step_dir = os.path.join(directory, str(step))
+    return {name for name in os.listdir(step_dir) if os.path.isdir(os.path.join(step_dir, name))}
 
 
 def _require_item(saved: set[str], item: str, step: int, directory: str, what: str) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -147,3 +150,48 @@ def test_secrets_are_refused(tmp_path, trained):
         with pytest.raises(ValueError, match="search.serper_api_key' looks like a credential"):
             ckpt.save(1, model, metadata={"search": {"engine": "google", "serper_api_key": "x"}})
         assert ckpt.all_steps() == []
+
+
+SHARDED_RESTORE = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    jax.config.update("jax_num_cpu_devices", 8)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from flax import nnx
+    from igpo_jax import checkpoint
+    from igpo_jax.model.config import ModelConfig
+    from igpo_jax.model.qwen import Decoder
+    from igpo_jax.update import UpdateConfig, Updater
+
+    mesh = jax.make_mesh((4, 2), ("a", "b"))
+
+    def sharded_model(seed, spec_for):
+        model = Decoder(ModelConfig("qwen2", 128, 32, 64, 2, 4, 2, 8, qkv_bias=True), nnx.Rngs(seed))
+        state = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec_for(x))), state))
+        return model
+
+    saved = sharded_model(0, lambda x: P("a") if x.shape[0] % 4 == 0 else P())
+    with checkpoint.RunCheckpointer(sys.argv[1]) as ckpt:
+        ckpt.save(1, saved, Updater(saved, UpdateConfig()))
+    # restored under another layout: the target's shardings win
+    model = sharded_model(1, lambda x: P(None, "b") if x.ndim > 1 and x.shape[1] % 2 == 0 else P())
+    updater = Updater(model, UpdateConfig())
+    wanted = [x.sharding for x in jax.tree.leaves((nnx.state(model, nnx.Param), updater.opt_state))]
+    with checkpoint.RunCheckpointer(sys.argv[1]) as ckpt:
+        ckpt.restore(model, updater)
+    got = jax.tree.leaves((nnx.state(model, nnx.Param), updater.opt_state))
+    assert [x.sharding for x in got] == wanted
+    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in got)
+    for a, b in zip(jax.tree.leaves(nnx.state(saved, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    print("OK")
+""")
+
+
+@pytest.mark.slow  # a fresh process with 8 simulated devices: ~15 s on 2 cores
+def test_restore_onto_the_targets_shardings(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", SHARDED_RESTORE, str(tmp_path)], cwd=repo,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
