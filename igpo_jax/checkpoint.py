@@ -5,7 +5,7 @@ One checkpoint is one step directory written by `ocp.CheckpointManager`:
     <directory>/<step>/params       the model's nnx.Param state as a pure nested dict of arrays
                        opt_state    the optax state (its nnx.State nodes stored as pure dicts)
                        data_state   BatchIterator.state()                        (JSON)
-                       rng_state    whatever PRNG/seed state the caller keeps    (JSON)
+                       rng_state    the caller's PRNG/seed state, e.g. prng_key_to_json (JSON)
                        metadata     {"step": …, "saved_unix_time": …, **caller's metadata} (JSON)
 
 Params are stored as plain dicts (`nnx.to_pure_dict`), not as NNX Variables, so a checkpoint
@@ -37,6 +37,7 @@ import time
 from typing import Any, Protocol
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
@@ -192,6 +193,15 @@ class RunCheckpointer:
         self.close()
 
 
+def prng_key_to_json(key: jax.Array) -> dict:
+    """A typed PRNG key (`jax.random.key`) as JSON for `rng_state`; `prng_key_from_json` inverts it."""
+    return {"impl": str(jax.random.key_impl(key)), "data": np.asarray(jax.random.key_data(key)).tolist()}
+
+
+def prng_key_from_json(saved: dict) -> jax.Array:
+    return jax.random.wrap_key_data(np.asarray(saved["data"], dtype=np.uint32), impl=saved["impl"])
+
+
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs carrying each leaf's sharding: the restore target for orbax."""
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -263,7 +273,7 @@ def _existing_directory(path: str | os.PathLike) -> str:
 def _reader(directory: str) -> ocp.CheckpointManager:
     # read_only: looking must not create directories or delete a concurrent run's unfinished save
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        create=False, read_only=True, cleanup_tmp_directories=False))
+        create=False, read_only=True, save_interval_steps=0, cleanup_tmp_directories=False))
 
 
 def _pick_step(manager: ocp.CheckpointManager, directory: str, step: int | None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -142,6 +143,14 @@ def test_clear_errors_for_missing_directory_and_step(tmp_path, trained):
     with pytest.raises(checkpoint.CheckpointNotFoundError,
                        match=r"checkpoint step 5 not found in .*ckpt; available steps: 4, 8"):
         checkpoint.restore_params(tmp_path / "ckpt", model, step=5)
+
+
+def test_prng_key_json_round_trip():
+    key = jax.random.split(jax.random.key(5))[1]
+    saved = json.loads(json.dumps(checkpoint.prng_key_to_json(key)))
+    restored = checkpoint.prng_key_from_json(saved)
+    np.testing.assert_array_equal(jax.random.key_data(restored), jax.random.key_data(key))
+    assert jax.random.uniform(restored) == jax.random.uniform(key)
 
 
 def test_secrets_are_refused(tmp_path, trained):
