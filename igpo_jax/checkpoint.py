@@ -154,10 +154,10 @@ class RunCheckpointer:
         wanted = {PARAMS: ocp.args.StandardRestore(abstract_like(_pure_params(model))),
                   METADATA: ocp.args.JsonRestore()}
         if updater is not None:
-            _require_item(saved, OPT_STATE, step, self.directory, "an optimiser state")
+            _require_item(saved, OPT_STATE, step, self.directory, "optimiser state")
             wanted[OPT_STATE] = ocp.args.StandardRestore(abstract_like(_pure_states(updater.opt_state)))
         if batches is not None:
-            _require_item(saved, DATA_STATE, step, self.directory, "a data-iterator state")
+            _require_item(saved, DATA_STATE, step, self.directory, "data-iterator state")
             wanted[DATA_STATE] = ocp.args.JsonRestore()
         if RNG_STATE in saved:
             wanted[RNG_STATE] = ocp.args.JsonRestore()
@@ -297,5 +297,5 @@ def _saved_items(directory: str, step: int) -> set[str]:
 
 def _require_item(saved: set[str], item: str, step: int, directory: str, what: str) -> None:
     if item not in saved:
-        raise CheckpointNotFoundError(f"checkpoint step {step} in {directory} holds no {what} ('{item}'); "
+        raise CheckpointNotFoundError(f"checkpoint step {step} in {directory} has no {what} ('{item}'); "
                                       f"it has: {', '.join(sorted(saved))}")

@@ -138,7 +138,8 @@ def test_clear_errors_for_missing_directory_and_step(tmp_path, trained):
     with checkpoint.RunCheckpointer(tmp_path / "ckpt") as ckpt:
         ckpt.save(4, model)
         ckpt.save(8, model)
-        with pytest.raises(checkpoint.CheckpointNotFoundError, match="step 8 .* holds no an optimiser state"):
+        with pytest.raises(checkpoint.CheckpointNotFoundError,
+                           match=r"step 8 in .*ckpt has no optimiser state \('opt_state'\); it has: metadata, params"):
             ckpt.restore(model, updater=fresh(1)[1])
     with pytest.raises(checkpoint.CheckpointNotFoundError,
                        match=r"checkpoint step 5 not found in .*ckpt; available steps: 4, 8"):
