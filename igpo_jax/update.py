@@ -52,6 +52,7 @@ class UpdateConfig:
     entropy_coeff: float = 0.0
     loss_agg_mode: str = "token-mean"
     logprob_chunk: int = 128  # positions per chunk of the vocab projection
+    entropy_metric: bool = True  # report the policy entropy even when entropy_coeff = 0
 
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
@@ -117,13 +118,15 @@ def compute_logprobs(model, tokens_NL, valid_NL, micro_batch_size: int = 0, chun
 
 def _micro_loss(params, graphdef, micro: UpdateBatch, counts, cfg: UpdateConfig, use_current_as_old: bool):
     model = nnx.merge(graphdef, params)
-    logp, entropy = token_logprobs(model, micro.tokens_NL, micro.valid_NL, cfg.logprob_chunk,
-                                   with_entropy=cfg.entropy_coeff != 0)
+    with_entropy = cfg.entropy_coeff != 0 or cfg.entropy_metric
+    logp, entropy = token_logprobs(model, micro.tokens_NL, micro.valid_NL, cfg.logprob_chunk, with_entropy)
+    if cfg.entropy_coeff == 0:
+        entropy = jax.lax.stop_gradient(entropy)  # a metric only: no backward pass through it
     old = jax.lax.stop_gradient(logp) if use_current_as_old else micro.old_logp_NL
     return policy_loss(
         logp, old, micro.advantage_NL, micro.loss_mask_NL,
         ref_logp_BL=micro.ref_logp_NL if cfg.use_kl_loss else None,
-        entropy_BL=entropy if cfg.entropy_coeff != 0 else None,
+        entropy_BL=entropy if with_entropy else None,
         clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high, clip_ratio_c=cfg.clip_ratio_c,
         kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy_coeff=cfg.entropy_coeff,
         loss_agg_mode=cfg.loss_agg_mode, num_tokens=counts[0], num_seqs=counts[1])

@@ -1,0 +1,71 @@
+"""Evaluate a policy on the config's test files: greedy (or sampled) episodes, per-question JSONL
+and a per-`data_source` table of F1, EM and no-format F1 (the reference's definitions).
+
+    python -m igpo_jax.evaluate --config=configs/qwen2_5_7b_igpo.py --checkpoint=runs/x/checkpoints [--step=60]
+    python -m igpo_jax.evaluate --config=configs/demo.py --model=/path/to/hf_dir_or.gguf --out=runs/eval
+
+Without --checkpoint/--model it evaluates the config's own model.path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from igpo_jax import checkpoint, components, distributed, data, sharding
+from igpo_jax.agent.rollout import make_sampler, rollout
+from igpo_jax.evaluation import episode_record, format_table, summary
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "a run's checkpoint directory")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
+_MODEL = flags.DEFINE_string("model", "", "an HF model directory or .gguf file instead of config.model.path")
+_OUT = flags.DEFINE_string("out", "", "output directory (default: <run_dir>/eval)")
+_SAMPLED = flags.DEFINE_bool("sampled", False, "sample with the training temperature instead of greedy")
+
+
+def evaluate(config, policy, tokenizer, examples, out_dir: str, sampled: bool = False):
+    """Writes out_dir/episodes.jsonl and out_dir/summary.json; returns the summary table."""
+    rcfg = components.rollout_config(config, validation=not sampled)
+    batch = min(config.data.val_batch_size, len(examples))
+    sampler = make_sampler(policy, tokenizer, rcfg, batch)
+    os.makedirs(out_dir, exist_ok=True)
+    records = []
+    with components.search_backend(config, components.data_files(config).corpus) as search, \
+            open(os.path.join(out_dir, "episodes.jsonl"), "w") as f:
+        for chunk in data.evaluation_batches(examples, batch):
+            traj, _ = rollout(chunk, 1, sampler, tokenizer, search, rcfg, seed=0)
+            for ep, turns in zip(traj.episodes, traj.num_turns_N):
+                record = episode_record(ep, rcfg.dialect, config.algorithm.format_penalty, int(turns))
+                records.append(record)
+                f.write(json.dumps(record) + "\n")
+    table = summary(records)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(table, f, indent=2)
+    return table
+
+
+def main(argv):
+    del argv
+    distributed.initialize()  # multi-host: from flags/SLURM/TPU VM; a no-op for one process
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config=configs/<experiment>.py is required")
+    mesh, rules = components.mesh_and_rules(config)
+    examples = components.load_examples(components.data_files(config).test, config.data.val_max_questions)
+    if not examples:
+        raise app.UsageError("no test questions: set config.data.test_files (or synthetic_world)")
+    with sharding.activate(mesh, rules):
+        policy, tokenizer = components.load_policy(config, mesh, rules, path=_MODEL.value or None)
+        if _CHECKPOINT.value:
+            checkpoint.restore_params(_CHECKPOINT.value, policy, step=_STEP.value)
+        table = evaluate(config, policy, tokenizer, examples, _OUT.value or os.path.join(config.run_dir, "eval"),
+                         _SAMPLED.value)
+    print(format_table(table))
+
+
+if __name__ == "__main__":
+    app.run(main)
