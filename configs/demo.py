@@ -37,7 +37,9 @@ def get_config():
     c.rollout.max_turns = 2
     c.rollout.max_new_tokens = 40
     c.rollout.max_tool_tokens = 128
-    c.rollout.context_length = 640
+    c.rollout.context_length = 1024
+    c.rollout.temperature = 0.7  # a 135M model at temperature 1 mostly writes noise
+    c.rollout.top_p = 0.9
     c.algorithm.pseudo_turn_template = "<answer>{answer}</answer><|im_end|>"
     c.actor.lr = 1e-5
     c.actor.micro_batch_size = 4

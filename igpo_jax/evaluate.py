@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from igpo_jax import checkpoint, components, distributed, data, sharding
@@ -50,6 +50,8 @@ def evaluate(config, policy, tokenizer, examples, out_dir: str, sampled: bool = 
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
     distributed.initialize()  # multi-host: from flags/SLURM/TPU VM; a no-op for one process
     config = _CONFIG.value
     if config is None:

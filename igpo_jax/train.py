@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from igpo_jax import checkpoint, components, distributed, config_base, data, metrics as metrics_lib, sharding
@@ -166,6 +166,8 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
     distributed.initialize()  # multi-host: from flags/SLURM/TPU VM; a no-op for one process
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/<experiment>.py is required")
