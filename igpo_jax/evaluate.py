@@ -19,12 +19,6 @@ from igpo_jax import checkpoint, components, distributed, data, sharding
 from igpo_jax.agent.rollout import make_sampler, rollout
 from igpo_jax.evaluation import episode_record, format_table, summary
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "a run's checkpoint directory")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
-_MODEL = flags.DEFINE_string("model", "", "an HF model directory or .gguf file instead of config.model.path")
-_OUT = flags.DEFINE_string("out", "", "output directory (default: <run_dir>/eval)")
-_SAMPLED = flags.DEFINE_bool("sampled", False, "sample with the training temperature instead of greedy")
 
 
 def evaluate(config, policy, tokenizer, examples, out_dir: str, sampled: bool = False):
@@ -69,5 +63,18 @@ def main(argv):
     print(format_table(table))
 
 
+def _define_flags():
+    """Flags exist only when this module runs as a program, so that importing it (tests, other
+    entry points) defines none."""
+    global _CONFIG, _CHECKPOINT, _STEP, _MODEL, _OUT, _SAMPLED
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+    _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "a run's checkpoint directory")
+    _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
+    _MODEL = flags.DEFINE_string("model", "", "an HF model directory or .gguf file instead of config.model.path")
+    _OUT = flags.DEFINE_string("out", "", "output directory (default: <run_dir>/eval)")
+    _SAMPLED = flags.DEFINE_bool("sampled", False, "sample with the training temperature instead of greedy")
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

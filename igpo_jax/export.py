@@ -11,11 +11,6 @@ from ml_collections import config_flags
 from igpo_jax import checkpoint, components
 from igpo_jax.model.weights import export_hf
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "the run's experiment config", lock_config=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "the run's checkpoint directory", required=True)
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
-_OUT = flags.DEFINE_string("out", None, "output directory", required=True)
-_DTYPE = flags.DEFINE_string("dtype", None, "tensor dtype in the files (default: the model's param dtype)")
 
 
 def main(argv):
@@ -28,5 +23,17 @@ def main(argv):
     print(f"exported step {step} to {_OUT.value}")
 
 
+def _define_flags():
+    """Flags exist only when this module runs as a program, so that importing it (tests, other
+    entry points) defines none."""
+    global _CONFIG, _CHECKPOINT, _STEP, _OUT, _DTYPE
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "the run's experiment config", lock_config=True)
+    _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "the run's checkpoint directory", required=True)
+    _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
+    _OUT = flags.DEFINE_string("out", None, "output directory", required=True)
+    _DTYPE = flags.DEFINE_string("dtype", None, "tensor dtype in the files (default: the model's param dtype)")
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

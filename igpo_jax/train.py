@@ -26,7 +26,6 @@ from igpo_jax.evaluation import episode_record, summary
 from igpo_jax.igpo import pipeline, scoring
 from igpo_jax.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
 
 LENGTH_BUCKET = 64  # token rows are padded to a multiple of this, so the update compiles rarely
 
@@ -175,5 +174,13 @@ def main(argv):
     train(_CONFIG.value)
 
 
+def _define_flags():
+    """Flags exist only when this module runs as a program, so that importing it (tests, other
+    entry points) defines none."""
+    global _CONFIG
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
