@@ -27,7 +27,7 @@ from igpo_jax.igpo import pipeline, scoring
 from igpo_jax.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs
 
 
-LENGTH_BUCKET = 64  # token rows are padded to a multiple of this, so the update compiles rarely
+LENGTH_BUCKET = 128  # token rows are padded to a multiple of this, so the update compiles rarely
 
 
 def update_config(config: ml_collections.ConfigDict) -> UpdateConfig:

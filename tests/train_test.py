@@ -76,13 +76,53 @@ def test_two_step_smoke_run_writes_metrics_checkpoints_and_validation(tiny_model
     assert checkpoint.available_steps(tmp_path / "run" / "checkpoints") == [1, 2]
 
 
-def test_resume_continues_exactly(tiny_model_dir, tmp_path):
+def _train_in_subprocess_until_killed(model_dir: str, run_dir: str, steps: int, kill_after_checkpoint: int):
+    """Starts the training program, SIGKILLs it as soon as checkpoint `kill_after_checkpoint`
+    is complete (a later save may be half written: that is part of the test)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config_file = os.path.join(os.path.dirname(run_dir), "killed_run_config.py")
+    with open(config_file, "w") as f:  # the same smoke config, as a config file for the program
+        f.write("from tests.train_test import smoke_config\n\n\ndef get_config():\n"
+                f"    return smoke_config({model_dir!r}, {run_dir!r}, {steps})\n")
+    args = [sys.executable, "-m", "igpo_jax.train", f"--config={config_file}"]
+    log_path = os.path.join(os.path.dirname(run_dir), "killed_run.log")
+    log = open(log_path, "w")  # a file, not a pipe: nobody reads while it runs
+    proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"training exited before it was killed: {open(log_path).read()[-3000:]}")
+            done = os.path.exists(os.path.join(run_dir, "checkpoints")) and \
+                kill_after_checkpoint in checkpoint.available_steps(os.path.join(run_dir, "checkpoints"))
+            if done:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return
+            time.sleep(0.2)
+        raise AssertionError("no checkpoint within 600 s")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_resume_after_a_kill_continues_exactly(tiny_model_dir, tmp_path):
     straight = train(smoke_config(tiny_model_dir, str(tmp_path / "a"), steps=4))
-    first = train(smoke_config(tiny_model_dir, str(tmp_path / "b"), steps=2))  # then the process "dies"
-    resumed = train(smoke_config(tiny_model_dir, str(tmp_path / "b"), steps=4))  # a new run resumes at 2
-    assert [h["step"] for h in resumed] == [3, 4]
-    for a, b in zip(straight, first + resumed):
-        assert _comparable(a) == pytest.approx(_comparable(b), rel=1e-6, abs=1e-9, nan_ok=True), a["step"]
+    run_b = str(tmp_path / "b")
+    _train_in_subprocess_until_killed(tiny_model_dir, run_b, steps=4, kill_after_checkpoint=2)
+    assert 2 in checkpoint.available_steps(os.path.join(run_b, "checkpoints"))
+    resumed = train(smoke_config(tiny_model_dir, run_b, steps=4))  # resumes after the newest checkpoint
+    first_resumed = resumed[0]["step"]
+    assert first_resumed in (3, 4)  # the killed process may have finished step 3's save
+    records = {r["step"]: r for r in metrics.read_jsonl(run_b)}
+    for a in straight:
+        assert _comparable(a) == pytest.approx(_comparable(records[a["step"]]), rel=1e-6, abs=1e-9, nan_ok=True), \
+            a["step"]
     params = []
     for run in ("a", "b"):
         model, _ = components.load_policy(smoke_config(tiny_model_dir, str(tmp_path / run), 4))

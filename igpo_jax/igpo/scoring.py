@@ -22,7 +22,7 @@ tokens are never a context) and P stops at the last answer token (later tokens c
 causally): for T = 8 turns of ~250 tokens, T·P ≈ 160 extra tokens against ~150 dropped. The price
 is attention over S² instead of C² entries, (1 + T·P/C)² — a few percent at realistic lengths.
 
-Shapes are bucketed (C to ~1/8 octave, T to a power of two, P and A to multiples of 8 and 4,
+Shapes are bucketed (C to 1/4 octave, T to a power of two, P and A to multiples of 8 and 4,
 B to a fixed micro-batch) so a training run compiles a handful of programs, not one per batch;
 rollouts are sorted by context length before micro-batching so that short ones share a bucket.
 """
@@ -108,7 +108,7 @@ class TurnScores(NamedTuple):
     valid_NT: np.ndarray  # bool: t < T_i
 
 
-def _bucket(n: int, minimum: int, steps_per_octave: int = 8) -> int:
+def _bucket(n: int, minimum: int, steps_per_octave: int = 4) -> int:
     """Round n up to a multiple of 2^floor(log2 n) / steps_per_octave (≤ 1/steps waste), ≥ minimum."""
     n = max(n, minimum)
     step = max(1, 2 ** int(math.floor(math.log2(n))) // steps_per_octave)
