@@ -90,8 +90,11 @@ class _Rows:
     key_B: jax.Array  # per-row PRNG keys
 
 
-def _decode_loop(graphdef, state, cache: KVCache, rows: _Rows, stop_ids, may_end_stop_V, params, steps: int):
-    """Up to `steps` decode steps; returns early when any active row stops or hits a candidate."""
+def _decode_loop(graphdef, state, cache: KVCache, rows: _Rows, stop_ids, may_end_stop_V, params, steps: int,
+                 room):
+    """Up to min(`steps`, `room`) decode steps; returns early when any active row stops or hits a
+    candidate. `steps` fixes the output shape (static); `room` (traced) is the cache space left,
+    so a nearly full cache does not compile a new loop for every remaining length."""
     model = nnx.merge(graphdef, state)
     b = rows.input_B.shape[0]
     tokens = jnp.zeros((b, steps), jnp.int32)
@@ -99,7 +102,7 @@ def _decode_loop(graphdef, state, cache: KVCache, rows: _Rows, stop_ids, may_end
 
     def cond(carry):
         step, _, rows, _, _, event = carry
-        return (step < steps) & ~event & jnp.any(rows.active_B)
+        return (step < jnp.minimum(steps, room)) & ~event & jnp.any(rows.active_B)
 
     def body(carry):
         step, cache, rows, tokens, logps, _ = carry
@@ -143,12 +146,13 @@ def _scatter_rows(cache: KVCache, idx, sub: KVCache, n_real):
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8), donate_argnums=(2,))
 def _decode_call(graphdef, state, cache, idx, rows, stop_ids_and_table, params, steps, compact):
     stop_ids, may_end = stop_ids_and_table
+    room = cache.valid_BS.shape[1] - cache.length
     if not compact:
-        return _decode_loop(graphdef, state, cache, rows, stop_ids, may_end, params, steps)
+        return _decode_loop(graphdef, state, cache, rows, stop_ids, may_end, params, steps, room)
     n_real = jnp.sum(idx < cache.valid_BS.shape[0])
     safe_idx = jnp.minimum(idx, cache.valid_BS.shape[0] - 1)
     sub, rows, tokens, logps, n_steps = _decode_loop(
-        graphdef, state, _gather_rows(cache, safe_idx), rows, stop_ids, may_end, params, steps)
+        graphdef, state, _gather_rows(cache, safe_idx), rows, stop_ids, may_end, params, steps, room)
     return _scatter_rows(cache, safe_idx, sub, n_real), rows, tokens, logps, n_steps
 
 
@@ -224,6 +228,7 @@ class Sampler:
         self._stop_id_set = frozenset(int(t) for t in stop_token_ids)
         ids = np.asarray(sorted(self._stop_id_set) or [-1], np.int32)
         self._stop = (jnp.asarray(ids), jnp.asarray(table))
+        self._may_end_V = table  # host copy, read after every call
         self._cache_dtype = cache_dtype
         self._mesh, self._rules = mesh, rules  # the cache is created sharded over `mesh` when given
         self.cache: KVCache | None = None
@@ -279,12 +284,12 @@ class Sampler:
         room = self.cache_size - int(self.cache.length)
         if room <= 0:
             return {**early, **{i: self._finish(i, FINISH_CONTEXT) for i in active}}
-        steps = min(self.steps_per_call, room)
         bucket = _bucket(len(active))
         compact = bucket < self.batch_size
         n = bucket if compact else self.batch_size
         row_index = active + [self.batch_size] * (bucket - len(active)) if compact else list(range(n))
-        in_call = {r: j for j, r in enumerate(row_index) if r < self.batch_size and r in set(active)}
+        active_set = set(active)
+        in_call = {r: j for j, r in enumerate(row_index) if r in active_set}
 
         def per_row(fn, default, dtype):
             return np.asarray([fn(self.rows[r]) if r in in_call else default for r in row_index], dtype)
@@ -299,10 +304,10 @@ class Sampler:
         )
         self.cache, rows, tokens, logps, n_steps = _decode_call(
             self._graphdef, self._state, self.cache, jnp.asarray(row_index, jnp.int32), rows, self._stop,
-            self.params, steps, compact)
+            self.params, self.steps_per_call, compact)
         tokens, logps = np.asarray(tokens), np.asarray(logps)
         counts, still_active = np.asarray(rows.count_B), np.asarray(rows.active_B)
-        may_end = np.asarray(self._stop[1])
+        may_end = self._may_end_V
         stopped = early
         for r, j in in_call.items():
             host = self.rows[r]
