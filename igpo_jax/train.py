@@ -157,6 +157,9 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                                                  alg.format_penalty))
                 history.append(writer.write(done, step_metrics))
                 if config.trainer.save_freq and (done % config.trainer.save_freq == 0 or done == total):
+                    # metrics up to the checkpoint reach disk first: a run killed after this save
+                    # resumes at done + 1 and would otherwise never write this step's record
+                    history.append(writer.flush())
                     ckpt.save(done, policy, updater, batches)
         history.append(writer.close())
         ckpt.close()
