@@ -119,7 +119,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                 tic = time.perf_counter()
                 scores = None
                 if alg.use_info_gain:
-                    pts = scoring.pseudo_turns(tokenizer, ["<|answer_split|>".join(ep.golden_answers)
+                    pts = scoring.pseudo_turns(tokenizer, [pipeline.ANSWER_SPLIT.join(ep.golden_answers)
                                                            for ep in traj.episodes],
                                                config.algorithm.pseudo_turn_template)
                     scores = scoring.score_one_pass(policy, traj, pts, config.algorithm.scoring_batch_size)

@@ -15,12 +15,12 @@ import jax
 import numpy as np
 
 from igpo_jax.agent.trajectories import Trajectories
+from igpo_jax.data import ANSWER_SEPARATOR as ANSWER_SPLIT  # the reference's alias separator
 from igpo_jax.igpo.advantages import compute_advantages, curriculum_weights
 from igpo_jax.igpo.rewards import info_gain, score_outcome
 
 # Tags whose balance the format check requires, per tool-call dialect (IGPO_SPEC §2).
 FORMAT_TAGS = {"qwen_tool_call": ("think", "tool_call", "answer"), "search_tags": ("think", "search", "answer")}
-ANSWER_SPLIT = "<|answer_split|>"
 
 
 @dataclasses.dataclass(frozen=True)

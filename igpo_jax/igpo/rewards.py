@@ -27,7 +27,8 @@ import string
 import jax
 import jax.numpy as jnp
 
-ANSWER_SPLIT = "<|answer_split|>"
+from igpo_jax.data import ANSWER_SEPARATOR as ANSWER_SPLIT  # the reference's alias separator
+
 DEFAULT_TAGS = ("think", "tool_call", "answer")  # Search-R1 dialect: ("think", "search", "answer")
 DEFAULT_FORMAT_PENALTY = -2.0
 INFO_GAIN_TYPES = ("prob_diff", "log_prob_diff")

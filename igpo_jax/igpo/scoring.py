@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from igpo_jax.agent.trajectories import Trajectories
+from igpo_jax.data import ANSWER_SEPARATOR as ANSWER_SPLIT  # the reference's alias separator
 from igpo_jax.model.attention_mask import causal_mask, positions_from_valid
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
 
@@ -48,7 +49,6 @@ from igpo_jax.model.token_logprobs import logprobs_from_hidden
 DEFAULT_PSEUDO_TURN_TEMPLATE = ("\nNow there's enough information to answer\n</think>\n<answer>\n{answer}\n"
                                 "</answer><|im_end|>")
 ANSWER_FIELD = "{answer}"
-ANSWER_SPLIT = "<|answer_split|>"
 
 
 # ----------------------------------------------------------------------------- pseudo turn

@@ -27,7 +27,6 @@ import logging
 import os
 import random
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar
 
