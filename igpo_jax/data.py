@@ -7,7 +7,8 @@ The format (IGPO_SPEC §6) is one row per question:
   reward_model struct<ground_truth: str, style: str> aliases joined by '<|answer_split|>'
   extra_info   struct<index: str, split: str>
 Rows are validated when loaded, so that a bad file fails before any model is built, with a
-message that names the file, the row and the field.
+message that names the file, the row and the field. A prepared TFDS dataset can stand in for
+the files (`tfds_source`, optional): its records pass through the same validation.
 
 The iterator's whole state is a few integers (seed, epoch, position), so a checkpoint can
 store it and a resumed run sees exactly the batches it would have seen.
@@ -81,14 +82,26 @@ class Example:
 
 
 def load_examples(paths: PathLike | Sequence[PathLike]) -> tuple[Example, ...]:
-    """Reads and validates one parquet file or several (concatenated in the order given)."""
-    if isinstance(paths, (str, os.PathLike)):
+    """Reads and validates one parquet file or several (concatenated in the order given).
+
+    An entry may instead be a `tfds_source.TfdsSource` (a split of a prepared TensorFlow
+    Datasets dataset); it yields the same validated examples, and needs the optional
+    `tensorflow-datasets` package only when one is given.
+    """
+    if isinstance(paths, (str, os.PathLike)) or dataclasses.is_dataclass(paths):  # one source
         paths = [paths]
     if not paths:
         raise ValueError("load_examples: no data files given")
     examples: list[Example] = []
     for path in paths:
-        examples.extend(_load_file(path))
+        if isinstance(path, (str, os.PathLike)):
+            examples.extend(_load_file(path))
+        else:
+            from igpo_jax import tfds_source  # imports data: not at module level
+
+            if not isinstance(path, tfds_source.TfdsSource):
+                raise TypeError(f"load_examples: {path!r} is neither a file path nor a TfdsSource")
+            examples.extend(tfds_source.load_examples(path))
     return tuple(examples)
 
 
