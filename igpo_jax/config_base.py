@@ -34,6 +34,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""  # comma-separated parquet files in the reference's format
     c.data.test_files = ""
+    # Or a prepared TensorFlow Datasets dataset (optional: `pip install tensorflow-datasets`, no
+    # TensorFlow needed; prepared as array_record). See igpo_jax/tfds_source.py.
+    c.data.tfds = ml_collections.ConfigDict()
+    c.data.tfds.name = ""  # 'name[/config][:version]'; set → train questions come from it, not train_files
+    c.data.tfds.data_dir = ""  # '' → TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+    c.data.tfds.train_split = "train"  # TFDS split syntax: 'train', 'train[:90%]', …
+    c.data.tfds.test_split = ""  # e.g. 'validation[:500]'; '' → the test set is test_files (or none)
+    # example field=TFDS feature path ('/' for nested features), comma-separated, e.g.
+    # 'question=question,golden_answers=answer/aliases,index=id'. Fields: question | prompt (one),
+    # golden_answers (a string joined by '<|answer_split|>', or a sequence), data_source (unset → the
+    # dataset's name), ability, answer_style, index (unset → row number), split (unset → split name).
+    # '' → the reference's layout: data_source, prompt, ability, reward_model/*, extra_info/*.
+    c.data.tfds.fields = ""
     c.data.synthetic_world = False  # generate the embedded world into run_dir/world instead
     c.data.world_seed = 0
     c.data.world_questions = 400
@@ -150,5 +163,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if rollouts % mini or mini % micro:
         raise ValueError(f"config.actor.ppo_mini_batch_size={mini} must divide train_batch_size × n = {rollouts}, "
                          f"and config.actor.micro_batch_size={micro} must divide it")
-    if not c.data.synthetic_world and not c.data.train_files:
-        raise ValueError("set config.data.train_files (parquet) or config.data.synthetic_world=True")
+    _validate_data_source(c.data)
+
+
+def _validate_data_source(d: ml_collections.ConfigDict) -> None:
+    tfds = d.get("tfds")
+    if tfds is not None and tfds.name:
+        # Checks the field mapping only; tensorflow_datasets is not imported here.
+        from igpo_jax import tfds_source
+
+        tfds_source.parse_fields(tfds.fields)
+        for key, value in (("data.train_files", d.train_files), ("data.synthetic_world", d.synthetic_world)):
+            if value:
+                raise ValueError(f"config.data.tfds.name={tfds.name!r} and config.{key}={value!r} "
+                                 f"both name the training data; set one")
+        if not tfds.train_split:
+            raise ValueError("config.data.tfds.train_split is empty")
+        if tfds.test_split and d.test_files:
+            raise ValueError(f"config.data.tfds.test_split={tfds.test_split!r} and "
+                             f"config.data.test_files={d.test_files!r} both name the test data; set one")
+    elif not d.synthetic_world and not d.train_files:
+        raise ValueError("set config.data.train_files (parquet), config.data.tfds.name (TFDS) "
+                         "or config.data.synthetic_world=True")
