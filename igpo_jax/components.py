@@ -27,7 +27,7 @@ def mesh_and_rules(config: ml_collections.ConfigDict):
 
 @dataclasses.dataclass(frozen=True)
 class DataFiles:
-    train: tuple[str, ...]
+    train: tuple[str, ...]  # parquet paths, or tfds_source.TfdsSource entries (data.load_examples reads both)
     test: tuple[str, ...]
     corpus: str  # '' unless the run serves its own corpus
 
@@ -39,6 +39,11 @@ def data_files(config: ml_collections.ConfigDict) -> DataFiles:
         files = world.write_world(out, seed=config.data.world_seed, num_questions=config.data.world_questions)
         return DataFiles((str(files.train),), (str(files.test),), str(files.corpus))
     split = lambda s: tuple(p for p in (x.strip() for x in s.split(",")) if p)
+    if config.data.get("tfds") is not None and config.data.tfds.name:  # a TFDS dataset instead (optional)
+        from igpo_jax import tfds_source
+
+        train, test = tfds_source.sources_from_config(config.data.tfds)
+        return DataFiles(train, test or split(config.data.test_files), config.search.serve_corpus)
     return DataFiles(split(config.data.train_files), split(config.data.test_files), config.search.serve_corpus)
 
 
