@@ -6,8 +6,8 @@ Legend: N rollouts in the update batch, M rows per mini-batch, U rows per micro-
 Token alignment: `logp_NL[:, j]` is log π(tokens[:, j] | tokens[:, :j]) (column 0 is 0), so the
 loss mask, advantages and log-probs all index the token they score.
 
-One `train_step` call is one optimiser step over one mini-batch. Its micro-batches run in a
-`lax.scan` that sums their gradients; each micro-batch loss is aggregated with the mini-batch's
+One `train_step` call is one optimiser step over one mini-batch. Its micro-batches (strided
+row subsets, see `micro_batches`) run in a `lax.scan` that sums their gradients in float32; each micro-batch loss is aggregated with the mini-batch's
 token and sequence counts, so the sum is exactly the mini-batch loss whatever the split. A
 non-finite loss or gradient norm leaves params and optimiser state untouched (`skipped` = 1).
 """
@@ -73,11 +73,36 @@ def learning_rate_schedule(cfg: UpdateConfig) -> optax.Schedule:
     return optax.constant_schedule(cfg.lr)
 
 
+def _as_float32(tree):
+    """Floating leaves as float32; integer/bool leaves (and None) as they are."""
+    def cast(x):
+        return jnp.asarray(x, jnp.float32) if x is not None and jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree.map(cast, tree)
+
+
+def in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` run on float32 copies of the gradients and params, its updates cast back to each
+    param's dtype. So its state (Adam's mu *and* nu) is float32 even for bf16 params: optax's
+    `mu_dtype` covers only mu, and a bf16 nu (8 mantissa bits) cannot hold the running mean of
+    g² that Adam divides by. The state's structure is `inner`'s own, so checkpoints do not change."""
+
+    def init(params):
+        return inner.init(_as_float32(params))
+
+    def update(updates, state, params=None):
+        new_updates, new_state = inner.update(_as_float32(updates), state, _as_float32(params))
+        return jax.tree.map(lambda u, like: u.astype(like.dtype), new_updates, updates), new_state
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: UpdateConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with the schedule (the reference's optimiser)."""
+    """Global-norm clipping, then AdamW with the schedule (the reference's optimiser), whose
+    moments are float32 whatever the param dtype."""
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+        in_float32(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                               weight_decay=cfg.weight_decay)),
     )
 
 
@@ -101,19 +126,41 @@ def token_logprobs(model, tokens_NL, valid_NL, chunk: int, with_entropy: bool = 
     return jnp.pad(logp, pad), jnp.pad(entropy, pad)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _logprobs_call(graphdef, params, tokens_NL, valid_NL, chunk):
-    return token_logprobs(nnx.merge(graphdef, params), tokens_NL, valid_NL, chunk)[0]
+def micro_batches(x, num_micro: int):
+    """[N, ...] → [num_micro, N / num_micro, ...], micro-batch j taking rows j, j + num_micro, … .
+
+    Strided rather than contiguous, so that when the N rows are split over devices (data
+    parallelism, contiguous blocks per device) every micro-batch takes its rows evenly from every
+    device's block and the loop over micro-batches runs with no data moving between devices."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]), 0, 1)
 
 
-def compute_logprobs(model, tokens_NL, valid_NL, micro_batch_size: int = 0, chunk: int = 128) -> np.ndarray:
-    """Log-probs of every token under `model` (π_old or π_ref), micro-batched, on the host."""
+def from_micro_batches(x):
+    """The inverse of `micro_batches`: rows back in their original order."""
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _logprobs_call(graphdef, params, tokens_NL, valid_NL, num_micro, chunk):
+    model = nnx.merge(graphdef, params)
+    logp = jax.lax.map(lambda tv: token_logprobs(model, tv[0], tv[1], chunk)[0],
+                       (micro_batches(tokens_NL, num_micro), micro_batches(valid_NL, num_micro)))
+    return from_micro_batches(logp)
+
+
+def compute_logprobs(model, tokens_NL, valid_NL, micro_batch_size: int = 0, chunk: int = 128) -> jax.Array:
+    """Log-probs of every token under `model` (π_old or π_ref), `micro_batch_size` rows per forward.
+
+    One jitted call that stays on device: with global arrays sharded over several processes (no
+    process holds all rows) the result is a global array laid out like the batch, ready for the
+    update; nothing is fetched to the host.
+    """
     graphdef, params = nnx.split(model)
     n = tokens_NL.shape[0]
-    step = micro_batch_size or n
-    parts = [_logprobs_call(graphdef, params, tokens_NL[i:i + step], valid_NL[i:i + step], chunk)
-             for i in range(0, n, step)]
-    return np.concatenate([np.asarray(p) for p in parts], axis=0)
+    micro = micro_batch_size or n
+    if n % micro:
+        raise ValueError(f"{n} rows do not split into micro-batches of {micro}")
+    return _logprobs_call(graphdef, params, tokens_NL, valid_NL, n // micro, chunk)
 
 
 def _micro_loss(params, graphdef, micro: UpdateBatch, counts, cfg: UpdateConfig, use_current_as_old: bool):
@@ -143,7 +190,7 @@ def train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: UpdateConfi
     optimizer = make_optimizer(cfg)
     mask = batch.loss_mask_NL.astype(jnp.float32)
     counts = (jnp.sum(mask), jnp.sum(jnp.any(mask > 0, axis=1)).astype(jnp.float32))
-    micro = jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
+    micro = jax.tree.map(lambda x: micro_batches(x, num_micro), batch)
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
     def accumulate(grads, m):
@@ -152,9 +199,10 @@ def train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: UpdateConfi
         # are token means of this micro-batch, weighted here by its share of the tokens
         weight = jnp.sum(m.loss_mask_NL) / jnp.maximum(counts[0], 1.0)
         metrics = {k: v if k.endswith("loss") else v * weight for k, v in metrics.items()}
-        return jax.tree.map(jnp.add, grads, g), (loss, metrics)
+        return jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g), (loss, metrics)
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    # float32 accumulator: summing bf16 micro-batch gradients would round at every addition
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, micro)
     loss = jnp.sum(losses)
     metrics = jax.tree.map(jnp.sum, metrics)

@@ -127,3 +127,22 @@ def test_bad_config_values():
         UpdateConfig(schedule="linear")
     with pytest.raises(ValueError, match="not a multiple of micro_batch_size"):
         UpdateConfig(ppo_mini_batch_size=6, micro_batch_size=4)
+
+
+def test_adam_moments_are_float32_for_bf16_params(tmp_path):
+    """optax's mu_dtype covers only the first moment; both must be float32 (a bf16 nu cannot hold
+    the running mean of g²), while the params stay bf16 through a step."""
+    write_tiny_hf_model("qwen2", tmp_path)
+    model = load_hf(str(tmp_path), param_dtype="bfloat16", dtype="bfloat16")
+    params = nnx.state(model, nnx.Param)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    updater = Updater(model, UpdateConfig(lr=1e-3))
+    adam = updater.opt_state[1][0]  # chain(clip, adamw) → adamw's chain → ScaleByAdamState
+    moments = jax.tree.leaves(adam.mu) + jax.tree.leaves(adam.nu)
+    assert moments and {x.dtype for x in moments} == {jnp.dtype(jnp.float32)}
+    metrics = updater.update(_batch(model))
+    assert float(metrics[0]["skipped"]) == 0.0 and float(metrics[0]["grad_norm"]) > 0
+    adam = updater.opt_state[1][0]
+    assert {x.dtype for x in jax.tree.leaves(adam.mu) + jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
+    assert float(max(jnp.max(x) for x in jax.tree.leaves(adam.nu))) > 0  # it did accumulate g²
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
