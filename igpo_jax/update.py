@@ -117,11 +117,15 @@ class UpdateBatch:
     ref_logp_NL: jax.Array  # float32, log π_ref (zeros when the KL loss is off)
 
 
-def token_logprobs(model, tokens_NL, valid_NL, chunk: int, with_entropy: bool = False):
-    """(logp_NL, entropy_NL): log π(token j | tokens < j) at column j; column 0 is 0."""
+def token_logprobs(model, tokens_NL, valid_NL, chunk: int, with_entropy: bool = False, needed_NL=None):
+    """(logp_NL, entropy_NL): log π(token j | tokens < j) at column j; column 0 is 0.
+
+    `needed_NL` (optional, e.g. the loss mask): only those columns are computed, the rest read 0;
+    the vocab projection then costs ∝ the loss tokens (prompts and tool results are skipped)."""
     valid_NL = valid_NL.astype(bool)
     hidden, _ = model.hidden(tokens_NL, positions_from_valid(valid_NL), causal_mask(valid_NL))
-    logp, entropy = logprobs_from_hidden(model, hidden[:, :-1], tokens_NL[:, 1:], chunk, with_entropy)
+    needed = None if needed_NL is None else needed_NL[:, 1:].astype(bool)
+    logp, entropy = logprobs_from_hidden(model, hidden[:, :-1], tokens_NL[:, 1:], chunk, with_entropy, needed)
     pad = ((0, 0), (1, 0))
     return jnp.pad(logp, pad), jnp.pad(entropy, pad)
 
@@ -166,7 +170,9 @@ def compute_logprobs(model, tokens_NL, valid_NL, micro_batch_size: int = 0, chun
 def _micro_loss(params, graphdef, micro: UpdateBatch, counts, cfg: UpdateConfig, use_current_as_old: bool):
     model = nnx.merge(graphdef, params)
     with_entropy = cfg.entropy_coeff != 0 or cfg.entropy_metric
-    logp, entropy = token_logprobs(model, micro.tokens_NL, micro.valid_NL, cfg.logprob_chunk, with_entropy)
+    # every term of the loss (and each metric) is a mean over loss-mask tokens only
+    logp, entropy = token_logprobs(model, micro.tokens_NL, micro.valid_NL, cfg.logprob_chunk, with_entropy,
+                                   micro.loss_mask_NL > 0)
     if cfg.entropy_coeff == 0:
         entropy = jax.lax.stop_gradient(entropy)  # a metric only: no backward pass through it
     old = jax.lax.stop_gradient(logp) if use_current_as_old else micro.old_logp_NL
