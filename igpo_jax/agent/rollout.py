@@ -217,14 +217,16 @@ class _Rollout:
         chat = self.encode(render_chat(self.tokenizer, messages, add_generation_prompt=True))
         return chat + self.encode(self.config.prefix(0)), len(chat)
 
-    def run(self, examples: Sequence[Example], group_size: int, seed: int) -> list[_Row]:
+    def run(self, examples: Sequence[Example], group_size: int, seeds: Sequence[int]) -> list[_Row]:
         rows = []
         for i, example in enumerate(examples):
             tokens, response_start = self.prompt_tokens(example)
             rows += [_Row(example, i, response_start, list(tokens)) for _ in range(group_size)]
         if len(rows) > self.sampler.batch_size:
             raise ValueError(f"{len(rows)} rollouts for a sampler of batch_size={self.sampler.batch_size}")
-        seeds = np.random.SeedSequence([seed, len(rows)]).generate_state(len(rows)).tolist()
+        if len(seeds) != len(rows):
+            raise ValueError(f"{len(seeds)} row seeds for {len(rows)} rollouts")
+        seeds = [int(s) for s in seeds]
         t0 = time.perf_counter()
         self.sampler.start([r.tokens for r in rows], seeds, self.config.max_new_tokens)
         self.timing["decode_s"] += time.perf_counter() - t0
@@ -381,11 +383,21 @@ def _stats(rows: list[_Row], timing: dict[str, float]) -> dict[str, float]:
     return stats
 
 
+def row_seeds(seed: int, num_rows: int) -> list[int]:
+    """The sampling seed of each of `num_rows` rows for a batch seeded with `seed`. A multi-host
+    run computes them for the global batch and gives each process its rows' slice, so that a row
+    samples the same tokens whichever process runs it."""
+    return np.random.SeedSequence([seed, num_rows]).generate_state(num_rows).tolist()
+
+
 def rollout(examples: Sequence[Example], group_size: int, sampler: SamplerLike, tokenizer, search: SearchLike,
-            config: RolloutConfig, seed: int = 0) -> tuple[Trajectories, dict[str, float]]:
+            config: RolloutConfig, seed: int = 0,
+            seeds: Sequence[int] | None = None) -> tuple[Trajectories, dict[str, float]]:
     """G = `group_size` episodes per example (rows i·G … i·G+G−1 share group id i).
 
-    `seed` fixes every row's sampling key (pass e.g. the training step). Returns the trajectories
+    `seed` fixes every row's sampling key (pass e.g. the training step); `seeds`, when given, are
+    the rows' own seeds instead (one per row, e.g. a slice of `row_seeds` for the global batch of
+    a multi-host run). Returns the trajectories
     and float stats: per-episode means of turns, tool calls, searches (queries sent), search
     failures (queries answered with an error), format errors; finish-reason fractions; seconds
     spent decoding (including appends), searching (sum over rounds) and waiting for searches.
@@ -393,5 +405,5 @@ def rollout(examples: Sequence[Example], group_size: int, sampler: SamplerLike, 
     if not examples or group_size < 1:
         raise ValueError(f"need at least one example and group_size ≥ 1 (got {len(examples)}, {group_size})")
     run = _Rollout(sampler, tokenizer, search, config)
-    rows = run.run(examples, group_size, seed)
+    rows = run.run(examples, group_size, row_seeds(seed, len(examples) * group_size) if seeds is None else seeds)
     return _trajectories(rows, tokenizer, config.max_turns), _stats(rows, run.timing)
