@@ -128,3 +128,105 @@ def process_rows(mesh: Mesh, spec: PartitionSpec, global_shape: Sequence[int]) -
         starts.append(0 if s.start is None else s.start)
         stops.append(global_shape[0] if s.stop is None else s.stop)
     return slice(min(starts), max(stops))
+
+
+# ----------------------------------------------------------------------------- per-process work
+# Rollout and search run on each process independently (its own rows, its own number of decode
+# calls), so they must not touch devices of other processes: they use the process-local sub-mesh
+# and a local copy of the params. Only the update runs on the global mesh, in lockstep.
+
+def process_local_mesh(mesh: Mesh) -> Mesh:
+    """The block of `mesh` made of this process's devices, with the same axis names (an axis that
+    spans processes keeps only this process's share). The mesh itself when it is all local."""
+    me = jax.process_index()
+    mine = np.vectorize(lambda d: d.process_index == me)(mesh.devices)
+    coords = [np.unique(c) for c in np.nonzero(mine)]
+    block = mesh.devices[np.ix_(*coords)]
+    if block.size != int(mine.sum()) or any(d.process_index != me for d in block.flat):
+        raise ValueError(f"the devices of process {me} do not form a rectangular block of the mesh "
+                         f"{dict(mesh.shape)}; order the mesh axes so that each host's devices are contiguous")
+    if block.size == mesh.devices.size:
+        return mesh
+    return Mesh(block, mesh.axis_names, axis_types=mesh.axis_types)
+
+
+def _local_spec(spec: PartitionSpec, mesh: Mesh, local: Mesh) -> PartitionSpec:
+    """`spec` without the mesh axes that span processes (along which this process holds a part)."""
+    whole = lambda axis: local.shape[axis] == mesh.shape[axis]
+
+    def keep(entry):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept = tuple(a for a in names if whole(a))
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+
+    return PartitionSpec(*(keep(e) for e in spec))
+
+
+def process_local_copy(tree, mesh: Mesh, local: Mesh):
+    """Each global array of `tree` (sharded over `mesh`) as an array on this process's `local` mesh
+    holding the whole value. Arrays sharded only along process-local mesh axes are viewed without a
+    copy (their local shards already make up the whole value); the others are first all-gathered
+    along the axes that span processes — a collective: every process must call this together."""
+    if local is mesh:
+        return tree
+
+    def one(x):
+        if not isinstance(x, jax.Array):
+            return x
+        sharding = x.sharding
+        if not isinstance(sharding, NamedSharding) or sharding.mesh.devices.shape != mesh.devices.shape:
+            if not x.is_fully_addressable:
+                raise ValueError(f"cannot make a process-local copy of an array sharded as {sharding}")
+            return jax.device_put(x, NamedSharding(local, PartitionSpec()))
+        spec = _local_spec(sharding.spec, mesh, local)
+        if spec != sharding.spec:
+            x = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, spec))(x)
+        target = NamedSharding(local, spec)
+        by_device = {s.device: s.data for s in x.addressable_shards}
+        return jax.make_array_from_single_device_arrays(x.shape, target,
+                                                        [by_device[d] for d in target.addressable_devices])
+
+    return jax.tree.map(one, tree)
+
+
+def process_share(num_items: int, num_processes: int | None = None, process_id: int | None = None) -> slice:
+    """Process `process_id`'s contiguous share of `num_items` (shares differ by at most one)."""
+    num_processes = jax.process_count() if num_processes is None else num_processes
+    process_id = jax.process_index() if process_id is None else process_id
+    bounds = np.linspace(0, num_items, num_processes + 1).round().astype(int)
+    return slice(int(bounds[process_id]), int(bounds[process_id + 1]))
+
+
+def allgather_max(value: int) -> int:
+    """The largest `value` over all processes (e.g. a common padded length)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+def allgather_json(obj: Any) -> list[Any]:
+    """Every process's JSON-serialisable `obj`, in process order (a list of one without peers).
+    For small host-side values: metrics, evaluation records."""
+    if jax.process_count() == 1:
+        return [obj]
+    import json
+
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    width = allgather_max(len(data))  # process_allgather needs one shape everywhere
+    padded = np.zeros(width, np.uint8)
+    padded[:len(data)] = data
+    lengths = multihost_utils.process_allgather(np.asarray(len(data), np.int64))
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(rows, lengths)]
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
