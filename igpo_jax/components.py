@@ -8,11 +8,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from pathlib import Path
 from typing import Iterator
 
+import jax
 import ml_collections
 
-from igpo_jax import data, sharding, world
+from igpo_jax import data, distributed, sharding, world
 from igpo_jax.agent.rollout import RolloutConfig
 from igpo_jax.model import embedded, tokenizer as tokenizer_lib, weights
 from igpo_jax.sampling import SamplingParams
@@ -36,7 +38,14 @@ def data_files(config: ml_collections.ConfigDict) -> DataFiles:
     """The run's parquet files; the embedded world is written into run_dir/world when asked for."""
     if config.data.synthetic_world:
         out = os.path.join(config.run_dir, "world")
-        files = world.write_world(out, seed=config.data.world_seed, num_questions=config.data.world_questions)
+        write = lambda: world.write_world(out, seed=config.data.world_seed, num_questions=config.data.world_questions)
+        # Multi-host: one writer, so that no process reads a file another is rewriting; a process
+        # that does not see its files afterwards (run_dir not shared) writes its own identical copy.
+        files = write() if jax.process_index() == 0 else None
+        distributed.barrier("igpo_jax: synthetic world written")
+        if files is None:
+            written = world.WorldFiles(*(Path(out) / name for name in ("train.parquet", "test.parquet", "corpus.jsonl")))
+            files = written if all(p.exists() for p in dataclasses.astuple(written)) else write()
         return DataFiles((str(files.train),), (str(files.test),), str(files.corpus))
     split = lambda s: tuple(p for p in (x.strip() for x in s.split(",")) if p)
     if config.data.get("tfds") is not None and config.data.tfds.name:  # a TFDS dataset instead (optional)

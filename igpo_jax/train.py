@@ -5,6 +5,15 @@
 Reads top to bottom: config → mesh → data → policy and frozen reference → search back-end →
 resume → loop (rollout → gold-answer scoring → rewards/advantages → update → metrics,
 validation, checkpoint). Metrics of step s are converted to floats while step s + 1 runs.
+
+Multi-host (`jax.distributed`, one process per host): every process reads the same global batch
+of questions and rolls out only its own questions × n rows — the rows its devices hold in the
+update batch, whole groups, so that group-normalised advantages need no other process. Rollout,
+search and scoring run on the process's own devices (a local copy of the policy), free-running;
+then the processes agree on one padded length and assemble the global update batch, sharded over
+the data axes by the mesh rules. Each row's sampling seed comes from its global index, so a run
+gives the same rollouts (and, up to float rounding, the same update) on any number of processes.
+Host-side metrics are combined across processes (host_metrics.py); process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -19,8 +28,11 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from igpo_jax import checkpoint, components, distributed, config_base, data, metrics as metrics_lib, sharding
-from igpo_jax.agent.rollout import make_sampler, rollout
+from flax import nnx
+
+from igpo_jax import checkpoint, components, distributed, config_base, data, host_metrics, metrics as metrics_lib, \
+    sharding
+from igpo_jax.agent.rollout import make_sampler, rollout, row_seeds
 from igpo_jax.agent.trajectories import Trajectories
 from igpo_jax.evaluation import episode_record, summary
 from igpo_jax.igpo import pipeline, scoring
@@ -49,44 +61,102 @@ def algorithm_config(config: ml_collections.ConfigDict) -> pipeline.AlgorithmCon
         format_penalty=g.format_penalty)
 
 
-def padded_rows(traj: Trajectories, bucket: int = LENGTH_BUCKET):
-    """Token-row arrays padded on the right to a multiple of `bucket`."""
-    n, length = traj.tokens_NL.shape
-    pad = (-length) % bucket
-    grow = lambda x: np.pad(x, ((0, 0), (0, pad)))
-    return grow(traj.tokens_NL), grow(traj.valid_NL), grow(traj.loss_mask_NL.astype(np.float32))
+def padded_length(length: int, bucket: int = LENGTH_BUCKET) -> int:
+    """`length` rounded up to a multiple of `bucket`."""
+    return length + (-length) % bucket
+
+
+def update_rows(traj: Trajectories, advantage_NL: np.ndarray, length: int) -> dict[str, np.ndarray]:
+    """This process's rows of the update batch, right-padded to `length` tokens (agreed on by all
+    processes, so that their rows stack into one global array)."""
+    grow = lambda x: np.pad(x, ((0, 0), (0, length - x.shape[1])))
+    return {"tokens_NL": grow(traj.tokens_NL), "valid_NL": grow(traj.valid_NL),
+            "loss_mask_NL": grow(traj.loss_mask_NL.astype(np.float32)),
+            "advantage_NL": grow(advantage_NL.astype(np.float32))}
 
 
 def rollout_seed(config, step: int) -> int:
     return int(config.seed) * 1_000_003 + step
 
 
+def own_rows(mesh, rules, num_rows: int, group_size: int) -> slice:
+    """The rows of the global update batch that this process's devices hold, which it therefore
+    rolls out itself; whole groups, so that advantages are normalised within one process."""
+    spec = sharding.logical_to_spec(("batch", "length"), rules, mesh, (num_rows, LENGTH_BUCKET))
+    rows = distributed.process_rows(mesh, spec, (num_rows, LENGTH_BUCKET))
+    if jax.process_count() > 1 and rows.stop - rows.start == num_rows:
+        raise ValueError(f"the update batch of {num_rows} rows is not split across the {jax.process_count()} "
+                         f"processes (batch sharding {spec}): make train_batch_size × rollout.n a multiple of the "
+                         f"devices on the batch axes of mesh {dict(mesh.shape)}")
+    if rows.start % group_size or rows.stop % group_size:
+        raise ValueError(f"process {jax.process_index()} holds rows {rows.start}..{rows.stop - 1} of the update "
+                         f"batch, which split the groups of rollout.n={group_size}; make the rows per process a "
+                         f"multiple of rollout.n")
+    return rows
+
+
+def process_local_policy(policy, mesh, local_mesh, view=None):
+    """The policy on this process's devices only, for rollout and scoring (which run per process,
+    outside the lockstep of the update); the policy itself when the run has one process. Pass the
+    previous `view` to refresh it in place (the sampler holds on to it)."""
+    if local_mesh is mesh:
+        return policy
+    graphdef, state = nnx.split(policy)
+    local_state = distributed.process_local_copy(state, mesh, local_mesh)
+    if view is None:
+        return nnx.merge(graphdef, local_state)
+    nnx.update(view, local_state)
+    return view
+
+
 def validate(config, model, tokenizer, search, examples, dialect_penalty) -> dict[str, float]:
-    """Greedy episodes over the test questions; F1/EM/no-format F1 per data source."""
+    """Greedy episodes over the test questions (each process its share, with its local `model`);
+    F1/EM/no-format F1 per data source over all of them."""
     rcfg = components.rollout_config(config, validation=True)
-    batch = min(config.data.val_batch_size, len(examples))
-    sampler = make_sampler(model, tokenizer, rcfg, batch)
+    mine = examples[distributed.process_share(len(examples))]
     records = []
-    for chunk in data.evaluation_batches(examples, batch):
-        traj, _ = rollout(chunk, 1, sampler, tokenizer, search, rcfg, seed=0)
-        records += [episode_record(ep, rcfg.dialect, dialect_penalty, int(t))
-                    for ep, t in zip(traj.episodes, traj.num_turns_N)]
+    if mine:
+        batch = min(config.data.val_batch_size, len(mine))
+        sampler = make_sampler(model, tokenizer, rcfg, batch)
+        for chunk in data.evaluation_batches(mine, batch):
+            traj, _ = rollout(chunk, 1, sampler, tokenizer, search, rcfg, seed=0)
+            records += [episode_record(ep, rcfg.dialect, dialect_penalty, int(t))
+                        for ep, t in zip(traj.episodes, traj.num_turns_N)]
+    if jax.process_count() > 1:  # the summary needs only the numbers; leave the texts behind
+        slim = [{k: v for k, v in r.items() if k not in ("response", "golden_answers", "answer")} for r in records]
+        records = [r for part in distributed.allgather_json(slim) for r in part]
     table = summary(records)
     out = {f"val/{m}": table["all"][m] for m in ("f1", "em", "no_format_f1", "turns", "searches")}
     out.update({f"val/{source}/f1": row["f1"] for source, row in table.items() if source not in ("all", "macro")})
     return out
 
 
+def global_host_metrics(local: dict[str, float], rows: int, generated_tokens: int) -> dict[str, float]:
+    """This process's host-side metrics combined with every other process's (identity for one)."""
+    if jax.process_count() == 1:
+        return local
+    gathered = distributed.allgather_json({"metrics": local, "rows": rows, "tokens": generated_tokens})
+    return host_metrics.combine([g["metrics"] for g in gathered], [g["rows"] for g in gathered],
+                                [g["tokens"] for g in gathered])
+
+
 def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
     """Runs (or resumes) the configured training; returns the per-step metrics written."""
     config_base.validate(config)
     os.makedirs(config.run_dir, exist_ok=True)
-    with open(os.path.join(config.run_dir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if jax.process_index() == 0:
+        with open(os.path.join(config.run_dir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
     mesh, rules = components.mesh_and_rules(config)
+    local_mesh = distributed.process_local_mesh(mesh)  # rollout and scoring: this process's devices
+    group_size = config.rollout.n
+    num_rows = config.data.train_batch_size * group_size
+    rows = own_rows(mesh, rules, num_rows, group_size)
+    questions = slice(rows.start // group_size, rows.stop // group_size)
     files = components.data_files(config)
     train_examples = components.load_examples(files.train)
     val_examples = components.load_examples(files.test, config.data.val_max_questions)
+    # every process iterates the same global batches and takes its own questions from each
     batches = data.BatchIterator(train_examples, config.data.train_batch_size, seed=config.seed,
                                  shuffle=config.data.shuffle)
 
@@ -103,17 +173,18 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
         writer = metrics_lib.MetricsWriter(config.run_dir, use_tensorboard=config.trainer.use_tensorboard,
                                            use_wandb=config.trainer.use_wandb)
         rcfg = components.rollout_config(config)
-        sampler = make_sampler(policy, tokenizer, rcfg, config.data.train_batch_size * config.rollout.n,
-                               mesh=mesh, rules=rules)
+        actor = process_local_policy(policy, mesh, local_mesh)
+        sampler = make_sampler(actor, tokenizer, rcfg, rows.stop - rows.start, mesh=local_mesh, rules=rules)
         total = config.trainer.total_training_steps
         history = []
         with components.search_backend(config, files.corpus) as search:
             for step in range(start_step, total):
                 timings, step_metrics = {}, {}
                 tic = time.perf_counter()
-                examples = next(batches)
-                traj, rollout_stats = rollout(examples, config.rollout.n, sampler, tokenizer, search, rcfg,
-                                              seed=rollout_seed(config, step))
+                examples = next(batches)[questions]
+                with sharding.activate(local_mesh, rules):
+                    traj, rollout_stats = rollout(examples, group_size, sampler, tokenizer, search, rcfg,
+                                                  seeds=row_seeds(rollout_seed(config, step), num_rows)[rows])
                 timings["rollout"] = time.perf_counter() - tic
 
                 tic = time.perf_counter()
@@ -122,7 +193,8 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                     pts = scoring.pseudo_turns(tokenizer, [pipeline.ANSWER_SPLIT.join(ep.golden_answers)
                                                            for ep in traj.episodes],
                                                config.algorithm.pseudo_turn_template)
-                    scores = scoring.score_one_pass(policy, traj, pts, config.algorithm.scoring_batch_size)
+                    with sharding.activate(local_mesh, rules):
+                        scores = scoring.score_one_pass(actor, traj, pts, config.algorithm.scoring_batch_size)
                 outcomes = pipeline.score_outcomes(traj, rcfg.dialect, alg.format_penalty)
                 advantage_NL, reward_metrics = pipeline.advantages_for(
                     traj, outcomes, None if scores is None else scores.mean_logp_NT,
@@ -130,31 +202,38 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                 timings["scoring"] = time.perf_counter() - tic
 
                 tic = time.perf_counter()
-                tokens, valid, loss_mask = padded_rows(traj)
-                advantage = np.pad(advantage_NL, ((0, 0), (0, tokens.shape[1] - advantage_NL.shape[1])))
+                length = padded_length(distributed.allgather_max(traj.tokens_NL.shape[1]))
+                host_rows = update_rows(traj, advantage_NL, length)
+                spec = sharding.logical_to_spec(("batch", "length"), rules, mesh, (num_rows, length))
+                global_rows = distributed.host_local_batch_to_global(host_rows, mesh, spec)
                 micro = ucfg.micro_batch_size
-                old_logp = compute_logprobs(policy, tokens, valid, micro)
-                ref_logp = compute_logprobs(reference, tokens, valid, micro) if reference is not None \
-                    else np.zeros_like(old_logp)
-                batch = UpdateBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(loss_mask),
-                                    jnp.asarray(advantage), jnp.asarray(old_logp), jnp.asarray(ref_logp))
+                old_logp = compute_logprobs(policy, global_rows["tokens_NL"], global_rows["valid_NL"], micro)
+                ref_logp = compute_logprobs(reference, global_rows["tokens_NL"], global_rows["valid_NL"], micro) \
+                    if reference is not None else jnp.zeros(old_logp.shape, old_logp.dtype, device=old_logp.sharding)
+                batch = UpdateBatch(**global_rows, old_logp_NL=old_logp, ref_logp_NL=ref_logp)
                 update_metrics = updater.update(batch)
+                # the update donated the old params, which a local view shares buffers with
+                actor = process_local_policy(policy, mesh, local_mesh, actor)
                 timings["update"] = time.perf_counter() - tic
 
-                generated = float(traj.loss_mask_NL.sum())
-                step_metrics.update(rollout_stats)
-                step_metrics.update(reward_metrics)
-                step_metrics.update({f"actor/{k}": v for k, v in update_metrics[-1].items()})
-                step_metrics.update({f"search/{k}": v for k, v in search.stats.as_metrics(prefix="").items()})
-                step_metrics.update({f"time/{k}_s": v for k, v in timings.items()})
-                step_metrics["time/rollout_tok_s"] = generated / max(timings["rollout"], 1e-9)
-                step_metrics["time/update_tok_s"] = float(valid.sum()) * ucfg.ppo_epochs / max(timings["update"], 1e-9)
-                step_metrics["response_length/mean"] = generated / traj.num_rollouts
+                generated = int(traj.loss_mask_NL.sum())
+                host_side = {}
+                host_side.update(rollout_stats)
+                host_side.update(reward_metrics)
+                host_side.update({f"search/{k}": v for k, v in search.stats.as_metrics(prefix="").items()})
+                host_side.update({f"time/{k}_s": v for k, v in timings.items()})
+                host_side["time/rollout_tok_s"] = generated / max(timings["rollout"], 1e-9)
+                host_side["time/update_tok_s"] = (float(traj.valid_NL.sum()) * ucfg.ppo_epochs
+                                                  / max(timings["update"], 1e-9))
+                host_side["response_length/mean"] = generated / traj.num_rollouts
+                step_metrics.update(global_host_metrics(host_side, traj.num_rollouts, generated))
+                step_metrics.update({f"actor/{k}": v for k, v in update_metrics[-1].items()})  # global already
 
                 done = step + 1
                 if config.trainer.test_freq and (done % config.trainer.test_freq == 0 or done == total) and val_examples:
-                    step_metrics.update(validate(config, policy, tokenizer, search, val_examples,
-                                                 alg.format_penalty))
+                    with sharding.activate(local_mesh, rules):
+                        step_metrics.update(validate(config, actor, tokenizer, search, val_examples,
+                                                     alg.format_penalty))
                 history.append(writer.write(done, step_metrics))
                 if config.trainer.save_freq and (done % config.trainer.save_freq == 0 or done == total):
                     # metrics up to the checkpoint reach disk first: a run killed after this save
