@@ -75,7 +75,35 @@ def sample_tokens(logits_BV, keys_B, params: SamplingParams):
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         cutoff = jnp.min(jnp.where(mass_before < params.top_p, sorted_desc, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.vmap(jax.random.categorical)(keys_B, logits).astype(jnp.int32)
+    return categorical_inverse_cdf(logits, keys_B)
+
+
+_CDF_BLOCK = 256  # vocab entries per block of the two-level cumulative sum
+
+
+def categorical_inverse_cdf(logits_BV, keys_B):
+    """One draw per row from softmax(logits_BV) by inverting its CDF at one uniform number per row.
+
+    `jax.random.categorical` (Gumbel-max) draws V random numbers per row per token: on a CPU, the
+    threefry rounds over [B, 49152] cost more than the vocab projection itself. This needs one.
+    The CDF is two-level (sums of blocks of 256, then one block's entries) so the cumulative sums
+    stay short and exact enough. Tokens with probability 0 (masked by top-k/top-p) are never drawn.
+    """
+    b, v = logits_BV.shape
+    probs = jax.nn.softmax(logits_BV.astype(jnp.float32), axis=-1)
+    pad = (-v) % _CDF_BLOCK
+    blocks_BNC = jnp.pad(probs, ((0, 0), (0, pad))).reshape(b, -1, _CDF_BLOCK)
+    cum_BN = jnp.cumsum(jnp.sum(blocks_BNC, axis=-1), axis=-1)
+    target_B = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys_B) * cum_BN[:, -1]
+    # the block whose cumulative mass first exceeds the target (empty blocks never qualify)
+    block_B = jnp.minimum(jnp.sum(cum_BN <= target_B[:, None], axis=-1), cum_BN.shape[1] - 1)
+    before_B = jnp.where(block_B > 0, jnp.take_along_axis(cum_BN, (block_B - 1)[:, None], 1)[:, 0], 0.0)
+    within_BC = jnp.take_along_axis(blocks_BNC, block_B[:, None, None], 1)[:, 0]
+    cum_BC = before_B[:, None] + jnp.cumsum(within_BC, axis=-1)
+    # rounding may put the target past the block's last entry: fall back to its last non-zero one
+    last_nonzero_B = jnp.max(jnp.where(within_BC > 0, jnp.arange(_CDF_BLOCK), 0), axis=-1)
+    index_B = jnp.minimum(jnp.sum(cum_BC <= target_B[:, None], axis=-1), last_nonzero_B)
+    return (block_B * _CDF_BLOCK + index_B).astype(jnp.int32)
 
 
 @jax.tree_util.register_dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -79,6 +80,25 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert 0.5 < (drawn == 0).mean() < 0.75  # renormalised 0.5/0.8 = 0.625
     drawn_k = np.asarray(sample_tokens(logits, keys, SamplingParams(temperature=1.0, top_k=3)))
     assert set(drawn_k.tolist()) == {0, 1, 2}
+
+
+def test_inverse_cdf_draws_follow_the_distribution_across_cdf_blocks():
+    # 600 tokens span three CDF blocks; tokens 255 | 256 straddle the first boundary; 257–519 are empty (p = 0)
+    from igpo_jax.sampling import categorical_inverse_cdf
+
+    probs = np.zeros(600)
+    probs[[3, 255, 256, 520, 599]] = [0.1, 0.2, 0.3, 0.25, 0.15]
+    probs = probs / probs.sum()
+    n = 20000
+    logits = np.log(np.where(probs > 0, probs, 1e-45)).astype(np.float32)
+    logits[probs == 0] = -np.inf
+    keys = jax.random.split(jax.random.PRNGKey(7), n)
+    drawn = np.asarray(categorical_inverse_cdf(jnp.asarray(np.repeat(logits[None], n, 0)), keys))
+    freq = np.bincount(drawn, minlength=600) / n
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(probs))  # never a zero-probability token
+    np.testing.assert_allclose(freq, probs, atol=4 * np.sqrt(0.25 / n))  # 4 σ at worst
+    again = np.asarray(categorical_inverse_cdf(jnp.asarray(np.repeat(logits[None], n, 0)), keys))
+    np.testing.assert_array_equal(drawn, again)
 
 
 def test_fixed_seed_is_reproducible_and_independent_of_batch_composition(tiny):
