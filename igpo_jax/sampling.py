@@ -69,13 +69,32 @@ def sample_tokens(logits_BV, keys_B, params: SamplingParams):
         kth = jax.lax.top_k(logits, params.top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if params.top_p < 1:
-        sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(mass_before < params.top_p, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+        probs = jax.nn.softmax(logits, axis=-1)
+        logits = jnp.where(probs < top_p_threshold(probs, params.top_p)[:, None], -jnp.inf, logits)
     return categorical_inverse_cdf(logits, keys_B)
+
+
+def top_p_threshold(probs_BV, top_p: float):
+    """Per row, the largest probability t with Σ{p ≥ t} ≥ top_p: keeping p ≥ t is the smallest
+    nucleus whose mass reaches top_p (ties at t all stay), the same set as sorting would give.
+
+    Found by bisection on the float32 bit patterns, which order non-negative floats like the
+    floats themselves: 31 masked sums over the vocab, exact, and far cheaper on a CPU than
+    sorting [B, V] every decode step."""
+    bits_BV = jax.lax.bitcast_convert_type(probs_BV.astype(jnp.float32), jnp.int32)
+    b = probs_BV.shape[0]
+
+    def halve(_, bounds):
+        lo_B, hi_B = bounds  # invariant: mass(lo) ≥ top_p > mass(hi)
+        mid_B = lo_B + (hi_B - lo_B) // 2
+        mass_B = jnp.sum(jnp.where(bits_BV >= mid_B[:, None], probs_BV, 0.0), axis=-1)
+        reaches = mass_B >= top_p
+        return jnp.where(reaches, mid_B, lo_B), jnp.where(reaches, hi_B, mid_B)
+
+    lo_B = jnp.zeros((b,), jnp.int32)
+    hi_B = jnp.max(bits_BV, axis=-1) + 1
+    lo_B, _ = jax.lax.fori_loop(0, 31, halve, (lo_B, hi_B))
+    return jax.lax.bitcast_convert_type(lo_B, jnp.float32)
 
 
 _CDF_BLOCK = 256  # vocab entries per block of the two-level cumulative sum

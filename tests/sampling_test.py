@@ -82,6 +82,25 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert set(drawn_k.tolist()) == {0, 1, 2}
 
 
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_threshold_keeps_the_same_nucleus_as_sorting(top_p):
+    from igpo_jax.sampling import top_p_threshold
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(8, 3000)).astype(np.float32) * 3
+    logits[0, :10] = logits[0, 0]  # ties straddling the cut
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+    kept = probs >= np.asarray(top_p_threshold(jnp.asarray(probs), top_p))[:, None]
+    for row, keep in zip(probs, kept):
+        order = np.argsort(-row, kind="stable")
+        mass_before = np.cumsum(row[order].astype(np.float64)) - row[order]
+        cutoff = row[order][mass_before < top_p].min()  # the reference: sort, keep the prefix
+        # at most the token sitting on the cut may flip, by fp32 summation order (~1e-7)
+        rank_of_differences = np.flatnonzero((keep != (row >= cutoff))[order])
+        assert len(rank_of_differences) <= 1
+        assert all(abs(mass_before[r] - top_p) < 1e-5 for r in rank_of_differences)
+
+
 def test_inverse_cdf_draws_follow_the_distribution_across_cdf_blocks():
     # 600 tokens span three CDF blocks; tokens 255 | 256 straddle the first boundary; 257–519 are empty (p = 0)
     from igpo_jax.sampling import categorical_inverse_cdf
