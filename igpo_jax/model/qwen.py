@@ -219,7 +219,9 @@ class Decoder(nnx.Module):
         dt = self.cfg.jnp_dtype
         w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
         logits = hidden_BTD.astype(dt) @ w.astype(dt)
-        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        # [B, T, V], or [rows, V] when the caller flattened positions (token_logprobs)
+        axes = ("batch", "length", "vocab") if logits.ndim == 3 else ("batch", "vocab")
+        return constrain(logits.astype(jnp.float32), axes)
 
     def __call__(self, tokens_BT, positions_BT, mask_BTS, cache: KVCache | None = None):
         hidden, cache = self.hidden(tokens_BT, positions_BT, mask_BTS, cache)
