@@ -15,7 +15,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from igpo_jax import checkpoint, components, distributed, data, sharding
+from igpo_jax import checkpoint, components, distributed, data, sharding, xla_flags
 from igpo_jax.agent.rollout import make_sampler, rollout
 from igpo_jax.evaluation import episode_record, format_table, summary
 
@@ -46,6 +46,7 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
+    xla_flags.add_cpu_memory_flags()  # before any JAX operation starts a backend
     distributed.initialize()  # multi-host: from flags/SLURM/TPU VM; a no-op for one process
     config = _CONFIG.value
     if config is None:

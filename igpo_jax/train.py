@@ -31,7 +31,7 @@ from ml_collections import config_flags
 from flax import nnx
 
 from igpo_jax import checkpoint, components, distributed, config_base, data, host_metrics, metrics as metrics_lib, \
-    sharding
+    sharding, xla_flags
 from igpo_jax.agent.rollout import make_sampler, rollout, row_seeds
 from igpo_jax.agent.trajectories import Trajectories
 from igpo_jax.evaluation import episode_record, summary
@@ -212,6 +212,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                     if reference is not None else jnp.zeros(old_logp.shape, old_logp.dtype, device=old_logp.sharding)
                 batch = UpdateBatch(**global_rows, old_logp_NL=old_logp, ref_logp_NL=ref_logp)
                 update_metrics = updater.update(batch)
+                jax.block_until_ready(update_metrics)  # the phase's time is its compute, not its dispatch
                 # the update donated the old params, which a local view shares buffers with
                 actor = process_local_policy(policy, mesh, local_mesh, actor)
                 timings["update"] = time.perf_counter() - tic
@@ -249,6 +250,7 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
+    xla_flags.add_cpu_memory_flags()  # before any JAX operation starts a backend
     distributed.initialize()  # multi-host: from flags/SLURM/TPU VM; a no-op for one process
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/<experiment>.py is required")

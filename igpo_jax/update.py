@@ -146,8 +146,9 @@ def from_micro_batches(x):
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def _logprobs_call(graphdef, params, tokens_NL, valid_NL, num_micro, chunk):
-    model = nnx.merge(graphdef, params)
-    logp = jax.lax.map(lambda tv: token_logprobs(model, tv[0], tv[1], chunk)[0],
+    # merged inside the loop body: an NNX module captured from outside a lax.map cannot be
+    # rematerialised (nnx.remat would mutate its Params across trace levels)
+    logp = jax.lax.map(lambda tv: token_logprobs(nnx.merge(graphdef, params), tv[0], tv[1], chunk)[0],
                        (micro_batches(tokens_NL, num_micro), micro_batches(valid_NL, num_micro)))
     return from_micro_batches(logp)
 

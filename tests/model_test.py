@@ -109,3 +109,26 @@ def test_remat_gives_same_gradients(tmp_path):
     g2 = nnx.grad(loss)(remat)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_remat_model_also_samples_over_its_kv_cache(tmp_path):
+    # the configs that train with remat sample with the same model: the cached path must not remat
+    from igpo_jax.sampling import Sampler, SamplingParams
+
+    write_tiny_hf_model("llama", tmp_path)
+    outputs = []
+    for remat in (False, True):
+        model = load_hf(str(tmp_path), remat=remat)
+        sampler = Sampler(model, None, batch_size=2, cache_size=32, params=SamplingParams(temperature=0.0))
+        outputs.append([o.tokens for o in sampler.generate([[5, 6, 7], [8, 9]], [0, 1], 6)])
+    assert outputs[0] == outputs[1] and all(len(t) == 6 for t in outputs[0])
+
+
+def test_a_remat_model_computes_micro_batched_logprobs(tmp_path):
+    from igpo_jax.update import compute_logprobs
+
+    write_tiny_hf_model("llama", tmp_path)
+    tokens, valid = _left_padded_batch(32)
+    plain = compute_logprobs(load_hf(str(tmp_path)), tokens, valid, micro_batch_size=1)
+    remat = compute_logprobs(load_hf(str(tmp_path), remat=True), tokens, valid, micro_batch_size=1)
+    np.testing.assert_allclose(np.asarray(remat), np.asarray(plain), atol=1e-6)

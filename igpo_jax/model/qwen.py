@@ -190,6 +190,18 @@ def _block_call(block: Block, x, positions, mask, kv, layer, write_index):
     return block(x, positions, mask, kv, layer, write_index)
 
 
+def _remat_block_call(block: Block, x, positions, mask, kv, layer, write_index):
+    """`_block_call` whose activations are recomputed in the backward pass (cache-free path only).
+
+    A pure function of the block's state under `jax.checkpoint`, not `nnx.remat`: the latter
+    writes the Params back and fails when the module was merged outside an enclosing
+    lax.map/scan (a different trace level)."""
+    del kv, layer, write_index  # no cache here
+    graphdef, state = nnx.split(block)
+    pure = lambda state, x, positions, mask: nnx.merge(graphdef, state)(x, positions, mask)[0]
+    return jax.checkpoint(pure)(state, x, positions, mask), None
+
+
 class Decoder(nnx.Module):
     """Causal LM. `__call__` → logits; `hidden` + `logits_from_hidden` let callers chunk the vocab
     projection (the largest activation for small models)."""
@@ -212,7 +224,9 @@ class Decoder(nnx.Module):
         cfg = self.cfg
         x = self.embed[...].astype(cfg.jnp_dtype)[tokens_BT]
         x = constrain(x, ("batch", "length", "embed"))
-        block_call = nnx.remat(_block_call, static_argnums=(5,)) if cfg.remat else _block_call
+        # remat only pays off under a gradient, which never flows through the cached (sampling) path
+        remat = cfg.remat and cache is None
+        block_call = _remat_block_call if remat else _block_call
         kv = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH)
         write_index = None if cache is None else cache.length
         for i, block in enumerate(self.layers):
