@@ -10,6 +10,7 @@ import pytest
 
 from igpo_jax import sharding
 from tests.conftest import write_tiny_hf_model
+from tests.process_pair import run_process_pair
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,14 +54,6 @@ def test_sharded_update_equals_one_device(tmp_path):
     assert "equals one device" in _run_check("update", str(tmp_path))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_update_and_checkpoint(tmp_path):
     """Two processes × 4 CPU devices (gloo) run one update over an 8-device mesh: the loss and
     params equal one process's; their multi-host orbax checkpoint restores in one process."""
@@ -72,21 +65,9 @@ def test_two_processes_update_and_checkpoint(tmp_path):
     model_dir, out = tmp_path / "model", tmp_path / "out"
     out.mkdir()
     write_tiny_hf_model("qwen2", model_dir)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    address = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.multidevice_checks", "multiprocess", str(model_dir),
-                               address, str(i), str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=120)[0])
-    finally:
-        for p in procs:  # a failed peer leaves the other waiting on the coordinator
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n----\n".join(log[-3000:] for log in logs)
+    run_process_pair("tests.multidevice_checks",
+                     lambda address, i: ["multiprocess", str(model_dir), address, str(i), str(out)],
+                     devices_per_process=4, timeout=120, log_tail=3000)
 
     plain = load_hf(str(model_dir))  # the reference: the same step on this process's one device
     loss, _ = one_update(plain)

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -20,9 +17,9 @@ from flax import nnx
 
 from igpo_jax import checkpoint, components, host_metrics
 from igpo_jax.train import train
+from tests.process_pair import run_process_pair
 from tests.train_test import smoke_config, tiny_model_dir  # noqa: F401  (fixture)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 1  # validation runs after the update, so it also reads the refreshed local params
 
 
@@ -36,28 +33,10 @@ def multihost_config(model_dir: str, run_dir: str, steps: int):
     return c
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train_in_two_processes(model_dir: str, run_dir: str, steps: int) -> list[dict]:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    address = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_train_checks", model_dir, run_dir, str(steps),
-                               address, str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=540)[0])
-    finally:
-        for p in procs:  # a failed peer leaves the other waiting on the coordinator
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n----\n".join(log[-4000:] for log in logs)
+    run_process_pair("tests.multihost_train_checks",
+                     lambda address, i: [model_dir, run_dir, str(steps), address, str(i)],
+                     devices_per_process=2, timeout=540)
     with open(os.path.join(run_dir, "history.json")) as f:
         return json.load(f)
 
