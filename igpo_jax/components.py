@@ -13,8 +13,9 @@ from typing import Iterator
 
 import jax
 import ml_collections
+from absl import flags, logging
 
-from igpo_jax import data, distributed, sharding, world
+from igpo_jax import data, distributed, sharding, world, xla_flags
 from igpo_jax.agent.rollout import RolloutConfig
 from igpo_jax.model import embedded, tokenizer as tokenizer_lib, weights
 from igpo_jax.sampling import SamplingParams
@@ -101,3 +102,12 @@ def search_backend(config: ml_collections.ConfigDict, corpus: str = "") -> Itera
             cache_path=config.search.cache_path or None))
         stack.callback(client.close)
         yield client
+
+
+def start_program() -> None:
+    """What every entry point does first: quiet logs unless asked, the CPU memory flags (before
+    any JAX operation starts a backend), then the multi-host process group (a no-op for one)."""
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
+    xla_flags.add_cpu_memory_flags()
+    distributed.initialize()  # from flags / SLURM / TPU VM

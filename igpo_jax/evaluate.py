@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from igpo_jax import checkpoint, components, distributed, data, sharding, xla_flags
+from igpo_jax import checkpoint, components, data, sharding
 from igpo_jax.agent.rollout import make_sampler, rollout
 from igpo_jax.evaluation import episode_record, format_table, summary
 
@@ -44,10 +44,7 @@ def evaluate(config, policy, tokenizer, examples, out_dir: str, sampled: bool = 
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
-    xla_flags.add_cpu_memory_flags()  # before any JAX operation starts a backend
-    distributed.initialize()  # multi-host: from flags/SLURM/TPU VM; a no-op for one process
+    components.start_program()
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config=configs/<experiment>.py is required")

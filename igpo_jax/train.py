@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, logging
 from ml_collections import config_flags
 
 from flax import nnx
 
 from igpo_jax import checkpoint, components, distributed, config_base, data, host_metrics, metrics as metrics_lib, \
-    sharding, xla_flags
+    sharding
 from igpo_jax.agent.rollout import make_sampler, rollout, row_seeds
 from igpo_jax.agent.trajectories import Trajectories
 from igpo_jax.evaluation import episode_record, summary
@@ -248,10 +248,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
-    xla_flags.add_cpu_memory_flags()  # before any JAX operation starts a backend
-    distributed.initialize()  # multi-host: from flags/SLURM/TPU VM; a no-op for one process
+    components.start_program()
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/<experiment>.py is required")
     jax.config.update("jax_default_prng_impl", "threefry2x32")
