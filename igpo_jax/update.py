@@ -7,8 +7,8 @@ Token alignment: `logp_NL[:, j]` is log π(tokens[:, j] | tokens[:, :j]) (column
 loss mask, advantages and log-probs all index the token they score.
 
 One `train_step` call is one optimiser step over one mini-batch. Its micro-batches (strided
-row subsets, see `micro_batches`) run in a `lax.scan` that sums their gradients in float32; each micro-batch loss is aggregated with the mini-batch's
-token and sequence counts, so the sum is exactly the mini-batch loss whatever the split. A
+row subsets, see `micro_batches`) run in a `lax.scan` that sums their gradients in float32; each
+micro-batch loss is aggregated with the mini-batch's token and sequence counts, so the sum is exactly the mini-batch loss whatever the split. A
 non-finite loss or gradient norm leaves params and optimiser state untouched (`skipped` = 1).
 """
 
@@ -146,9 +146,8 @@ def from_micro_batches(x):
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def _logprobs_call(graphdef, params, tokens_NL, valid_NL, num_micro, chunk):
-    # merged inside the loop body: an NNX module captured from outside a lax.map cannot be
-    # rematerialised (nnx.remat would mutate its Params across trace levels)
-    logp = jax.lax.map(lambda tv: token_logprobs(nnx.merge(graphdef, params), tv[0], tv[1], chunk)[0],
+    model = nnx.merge(graphdef, params)
+    logp = jax.lax.map(lambda tv: token_logprobs(model, tv[0], tv[1], chunk)[0],
                        (micro_batches(tokens_NL, num_micro), micro_batches(valid_NL, num_micro)))
     return from_micro_batches(logp)
 
