@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import flags, logging
+from flax import nnx
 
-from igpo_jax import data, distributed, sharding, world, xla_flags
+from igpo_jax import data, distributed, host_memory, sharding, world, xla_flags
 from igpo_jax.agent.rollout import RolloutConfig
 from igpo_jax.model import embedded, tokenizer as tokenizer_lib, weights
 from igpo_jax.sampling import SamplingParams
@@ -74,6 +76,13 @@ def load_policy(config: ml_collections.ConfigDict, mesh=None, rules=None, path: 
     return model, tokenizer_lib.load_tokenizer(path)
 
 
+def frozen_copy(model):
+    """A copy of `model` with its own buffers (same shardings): the reference policy. Sharing the
+    policy's arrays would not do, since the update donates them."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+
+
 def rollout_config(config: ml_collections.ConfigDict, validation: bool = False) -> RolloutConfig:
     r = config.rollout
     sampling = (SamplingParams(temperature=r.val_temperature) if validation
@@ -110,4 +119,5 @@ def start_program() -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
     xla_flags.add_cpu_memory_flags()
+    host_memory.configure()
     distributed.initialize()  # from flags / SLURM / TPU VM

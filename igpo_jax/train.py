@@ -30,8 +30,8 @@ from ml_collections import config_flags
 
 from flax import nnx
 
-from igpo_jax import checkpoint, components, distributed, config_base, data, host_metrics, metrics as metrics_lib, \
-    sharding
+from igpo_jax import checkpoint, components, distributed, config_base, data, host_memory, host_metrics, \
+    metrics as metrics_lib, sharding
 from igpo_jax.agent.rollout import make_sampler, rollout, row_seeds
 from igpo_jax.agent.trajectories import Trajectories
 from igpo_jax.evaluation import episode_record, summary
@@ -162,7 +162,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
 
     with sharding.activate(mesh, rules):
         policy, tokenizer = components.load_policy(config, mesh, rules)
-        reference = components.load_policy(config, mesh, rules)[0] if config.actor.use_kl_loss else None
+        reference = components.frozen_copy(policy) if config.actor.use_kl_loss else None  # before any restore
         ucfg, alg = update_config(config), algorithm_config(config)
         updater = Updater(policy, ucfg)
         ckpt = checkpoint.RunCheckpointer(os.path.join(config.run_dir, checkpoint.CHECKPOINTS_SUBDIR),
@@ -186,6 +186,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                     traj, rollout_stats = rollout(examples, group_size, sampler, tokenizer, search, rcfg,
                                                   seeds=row_seeds(rollout_seed(config, step), num_rows)[rows])
                 timings["rollout"] = time.perf_counter() - tic
+                host_memory.release()  # the phase's freed buffers, back to the OS
 
                 tic = time.perf_counter()
                 scores = None
@@ -200,6 +201,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                     traj, outcomes, None if scores is None else scores.mean_logp_NT,
                     None if scores is None else scores.valid_NT, alg, step, total)
                 timings["scoring"] = time.perf_counter() - tic
+                host_memory.release()  # the phase's freed buffers, back to the OS
 
                 tic = time.perf_counter()
                 length = padded_length(distributed.allgather_max(traj.tokens_NL.shape[1]))
@@ -216,6 +218,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                 # the update donated the old params, which a local view shares buffers with
                 actor = process_local_policy(policy, mesh, local_mesh, actor)
                 timings["update"] = time.perf_counter() - tic
+                host_memory.release()  # the phase's freed buffers, back to the OS
 
                 generated = int(traj.loss_mask_NL.sum())
                 host_side = {}
