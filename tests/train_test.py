@@ -167,3 +167,20 @@ def test_bad_config_values_fail_fast_naming_the_key():
     c.rollout.n = 0
     with pytest.raises(ValueError, match=r"config.rollout.n=0 must be > 0"):
         config_base.validate(c)
+
+
+def test_frozen_copy_keeps_its_values_when_the_policy_buffers_are_donated(tiny_model_dir):
+    from igpo_jax.update import UpdateBatch, UpdateConfig, Updater
+    c = load_config("demo")
+    c.model.path = tiny_model_dir
+    policy, _ = components.load_policy(c)
+    reference = components.frozen_copy(policy)
+    before = jax.tree.map(np.asarray, nnx.state(reference))
+    tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % 50
+    mask = np.ones((2, 8), np.float32)
+    batch = UpdateBatch(tokens, np.ones((2, 8), bool), mask, mask, np.zeros((2, 8)), np.zeros((2, 8)))
+    Updater(policy, UpdateConfig(lr=1e-2, use_kl_loss=False)).update(batch)  # donates the policy's params
+    after = jax.tree.map(np.asarray, nnx.state(reference))
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - np.asarray(b)).max(), before, nnx.state(policy)))
+    assert max(moved) > 0  # the policy did change
