@@ -20,6 +20,7 @@ from flax import nnx
 from igpo_jax.model.attention_mask import causal_mask, positions_from_valid
 from igpo_jax.model.config import ModelConfig
 from igpo_jax.model.kv_cache import KVCache
+from igpo_jax.model.projection import project
 from igpo_jax.sharding import constrain
 
 _MASKED = -1e30  # finite, so a fully masked (padding) query row gives a uniform softmax, not NaN
@@ -82,14 +83,14 @@ def _attend(q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
     [B, T, N, H] output costs H per query instead of S, and on a CPU these elementwise passes
     over [B, N, T, S] (forward and backward) cost as much as the matmuls around them."""
     h = q_BTKGH.shape[-1]
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32) / math.sqrt(h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) / math.sqrt(h)
     scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _MASKED)
     # the shift cancels in the ratio: no gradient through it (as jax.nn.softmax does)
     shift = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
     weights = jnp.exp(scores - shift)
     total_BKGT = jnp.sum(weights, axis=-1)
-    out = jnp.einsum("bkgts,bskh->btkgh", weights.astype(q_BTKGH.dtype), v_BSKH)
-    return out / jnp.moveaxis(total_BKGT, -1, 1)[..., None].astype(out.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", weights.astype(q_BTKGH.dtype), v_BSKH, preferred_element_type=jnp.float32)
+    return (out / jnp.moveaxis(total_BKGT, -1, 1)[..., None]).astype(q_BTKGH.dtype)
 
 
 class Attention(nnx.Module):
@@ -114,9 +115,9 @@ class Attention(nnx.Module):
         and values are written in place at [layer, :, write_index] and attention runs over all S
         cache slots; one cache array threaded through every layer keeps XLA's update in place."""
         cfg, dt = self.cfg, self.cfg.jnp_dtype
-        q = jnp.einsum("btd,dnh->btnh", x_BTD, self.q_proj[...].astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", x_BTD, self.k_proj[...].astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", x_BTD, self.v_proj[...].astype(dt))
+        q = project("btd,dnh->btnh", x_BTD, self.q_proj[...])
+        k = project("btd,dkh->btkh", x_BTD, self.k_proj[...])
+        v = project("btd,dkh->btkh", x_BTD, self.v_proj[...])
         if cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -149,7 +150,7 @@ class Attention(nnx.Module):
                         mask_BTS[:, a:a + chunk, :a + chunk])
                 for a in range(0, t, chunk)], axis=1)
         out = out.reshape(b, t, n, h)
-        out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
+        out = project("btnh,nhd->btd", out, self.o_proj[...])
         return out, kv
 
 
@@ -162,11 +163,10 @@ class MLP(nnx.Module):
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
 
     def __call__(self, x_BTD):
-        dt = self.cfg.jnp_dtype
-        gate = x_BTD @ self.gate_proj[...].astype(dt)
-        up = x_BTD @ self.up_proj[...].astype(dt)
+        gate = project("btd,df->btf", x_BTD, self.gate_proj[...])
+        up = project("btd,df->btf", x_BTD, self.up_proj[...])
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return hidden @ self.down_proj[...].astype(dt)
+        return project("btf,fd->btd", hidden, self.down_proj[...])
 
 
 class Block(nnx.Module):
@@ -238,12 +238,15 @@ class Decoder(nnx.Module):
 
     def logits_from_hidden(self, hidden_BTD):
         """fp32 logits; the projection runs in the compute dtype."""
-        dt = self.cfg.jnp_dtype
-        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        logits = hidden_BTD.astype(dt) @ w.astype(dt)
+        hidden = hidden_BTD.astype(self.cfg.jnp_dtype)
         # [B, T, V], or [rows, V] when the caller flattened positions (token_logprobs)
-        axes = ("batch", "length", "vocab") if logits.ndim == 3 else ("batch", "vocab")
-        return constrain(logits.astype(jnp.float32), axes)
+        flat = hidden.ndim == 2
+        x_idx, axes = ("pd", ("batch", "vocab")) if flat else ("btd", ("batch", "length", "vocab"))
+        if self.cfg.tie_embeddings:
+            logits = project(f"{x_idx},vd->{x_idx[:-1]}v", hidden, self.embed[...], jnp.float32)
+        else:
+            logits = project(f"{x_idx},dv->{x_idx[:-1]}v", hidden, self.lm_head[...], jnp.float32)
+        return constrain(logits, axes)
 
     def __call__(self, tokens_BT, positions_BT, mask_BTS, cache: KVCache | None = None):
         hidden, cache = self.hidden(tokens_BT, positions_BT, mask_BTS, cache)
