@@ -19,8 +19,9 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def reference_smollm2():
-    """transformers + torch (CPU, fp32) loading the same GGUF file, with as many threads as cores."""
+def reference_smollm2(dtype: str = "float32"):
+    """transformers + torch (CPU, fp32 unless `dtype` says) loading the same GGUF file, with as many
+    threads as cores."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -28,7 +29,7 @@ def reference_smollm2():
 
     torch.set_num_threads(os.cpu_count() or 1)
     folder, name = os.path.split(smollm2_gguf_path())
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype)).eval()
 
 
 def forward_flops(cfg, tokens: int, context: int) -> float:

@@ -1,9 +1,10 @@
 """Sampling throughput, SmolLM2-135M, batch 16 × 128 new tokens: ours vs transformers `generate`.
 
-    python -m bench.sampling [--batch 16] [--new 128] [--prompt 64]
+    python -m bench.sampling [--batch 16] [--new 128] [--prompt 64] [--dtype bfloat16]
 
 Same settings in both (temperature 1.0, top-p 1.0, no early stop: every row makes exactly `new`
-tokens), fp32 on the CPU, one process. The last line is one JSON object; `roofline_frac` compares
+tokens), fp32 on the CPU, one process. `--dtype bfloat16` holds the weights and the KV cache of
+both in bf16 (the reference's rollout engine samples from bf16 weights too). The last line is one JSON object; `roofline_frac` compares
 our decode rate with the DRAM-bandwidth bound (weights + KV cache read once per step).
 """
 
@@ -13,6 +14,7 @@ import argparse
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -30,9 +32,11 @@ def main():
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="weights, activations and KV cache of both samplers")
     args = parser.parse_args()
 
-    model = load_gguf(smollm2_gguf_path())
+    model = load_gguf(smollm2_gguf_path(), param_dtype=args.dtype, dtype=args.dtype)
     cfg = model.cfg
     rng = np.random.default_rng(0)
     prompts = [rng.integers(100, cfg.vocab_size, args.prompt).tolist() for _ in range(args.batch)]
@@ -47,7 +51,7 @@ def main():
 
     import torch
 
-    ref = reference_smollm2()
+    ref = reference_smollm2(args.dtype)
     ids = torch.tensor(prompts)
 
     def run_ref():
@@ -63,11 +67,13 @@ def main():
     n_tokens = args.batch * args.new
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     mean_context = args.prompt + args.new / 2
-    kv_bytes = 2 * cfg.num_layers * args.batch * mean_context * cfg.num_kv_heads * cfg.head_dim * 4
+    kv_bytes = (2 * cfg.num_layers * args.batch * mean_context * cfg.num_kv_heads * cfg.head_dim
+                * jnp.dtype(args.dtype).itemsize)
     step_s_bound = (weight_bytes + kv_bytes) / DRAM_BYTES_PER_S
     ours_tok_s = n_tokens / ours_s
     result = {
         "bench": "sampling", "batch": args.batch, "new_tokens": args.new, "prompt_tokens": args.prompt,
+        "dtype": args.dtype,
         "ours_s": round(ours_s, 3), "ref_s": round(ref_s, 3),
         "ours_tok_s": round(ours_tok_s, 1), "ref_tok_s": round(n_tokens / ref_s, 1),
         "ratio": round(ref_s / ours_s, 3),

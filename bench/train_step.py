@@ -1,13 +1,15 @@
 """Train step (forward + backward + AdamW), SmolLM2-135M, 8 × 512 tokens: ours vs transformers + torch.
 
-    python -m bench.train_step [--batch 8] [--length 512] [--micro 4] [--repeats 3]
+    python -m bench.train_step [--batch 8] [--length 512] [--micro 4] [--repeats 3] [--dtype bfloat16]
 
 Ours: `update.train_step` (token log-probs, dual-clip PPO loss, global-norm clipping, AdamW),
 jitted, params and optimiser state donated; the 8 rows run as micro-batches of `--micro` rows whose
 gradients are summed before the one AdamW step (the same update as one 8-row pass; 4 rows keep
 the activations cache-friendly: per token, 8 rows in one pass were measured ~20% slower). Reference: the same model in torch (fp32), a
 token-level policy-gradient loss on log_softmax of the full logits, backward, clip, AdamW.
-Both fp32 on the CPU in one process; the last line is one JSON object.
+Both fp32 on the CPU in one process by default. `--dtype bfloat16` is mixed precision on both
+sides: fp32 weights, gradients and AdamW state, bf16 matmul inputs (ours: the model's compute
+dtype; the reference: `torch.autocast("cpu", torch.bfloat16)`). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ def main():
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--micro", type=int, default=4, help="rows per micro-batch")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype of both models (weights and optimiser state stay fp32)")
     args = parser.parse_args()
     b, length = args.batch, args.length
 
-    model = load_gguf(smollm2_gguf_path())
+    model = load_gguf(smollm2_gguf_path(), dtype=args.dtype)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.cfg.vocab_size, (b, length)).astype(np.int32)
     mask = np.ones((b, length), np.float32)
@@ -66,7 +70,8 @@ def main():
 
     def reference():
         optimizer.zero_grad()
-        logits = ref(input_ids=ids).logits[:, :-1]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+            logits = ref(input_ids=ids).logits[:, :-1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
         ratio = torch.exp(logp - logp.detach())
         loss = (-(t_adv * ratio) * t_mask).sum() / t_mask.sum()
@@ -80,11 +85,12 @@ def main():
     n_tokens = b * length
     flops = 3 * forward_flops(model.cfg, n_tokens, length / 2)
     result = {
-        "bench": "train_step", "batch": b, "length": length, "micro_batch": args.micro,
+        "bench": "train_step", "batch": b, "length": length, "micro_batch": args.micro, "dtype": args.dtype,
         "ours_s": round(ours_s, 3), "ref_s": round(ref_s, 3),
         "ours_tok_s": round(n_tokens / ours_s, 1), "ref_tok_s": round(n_tokens / ref_s, 1),
         "ratio": round(ref_s / ours_s, 3),
-        "ours_frac_of_matmul_peak": round(flops / ours_s / CPU_MATMUL_PEAK_FLOPS, 3),
+        # against the fp32 peak: only meaningful for fp32 compute
+        "ours_frac_of_matmul_peak": round(flops / ours_s / CPU_MATMUL_PEAK_FLOPS, 3) if args.dtype == "float32" else None,
         "devices": str(jax.devices()),
     }
     print(f"ours {result['ours_tok_s']} tok/s, transformers {result['ref_tok_s']} tok/s, ratio {result['ratio']}")
