@@ -239,14 +239,10 @@ class Decoder(nnx.Module):
     def logits_from_hidden(self, hidden_BTD):
         """fp32 logits; the projection runs in the compute dtype."""
         hidden = hidden_BTD.astype(self.cfg.jnp_dtype)
+        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
         # [B, T, V], or [rows, V] when the caller flattened positions (token_logprobs)
-        flat = hidden.ndim == 2
-        x_idx, axes = ("pd", ("batch", "vocab")) if flat else ("btd", ("batch", "length", "vocab"))
-        if self.cfg.tie_embeddings:
-            logits = project(f"{x_idx},vd->{x_idx[:-1]}v", hidden, self.embed[...], jnp.float32)
-        else:
-            logits = project(f"{x_idx},dv->{x_idx[:-1]}v", hidden, self.lm_head[...], jnp.float32)
-        return constrain(logits, axes)
+        x_idx, axes = ("pd", ("batch", "vocab")) if hidden.ndim == 2 else ("btd", ("batch", "length", "vocab"))
+        return constrain(project(f"{x_idx},dv->{x_idx[:-1]}v", hidden, w, jnp.float32), axes)
 
     def __call__(self, tokens_BT, positions_BT, mask_BTS, cache: KVCache | None = None):
         hidden, cache = self.hidden(tokens_BT, positions_BT, mask_BTS, cache)
