@@ -4,8 +4,9 @@
 
 Same settings in both (temperature 1.0, top-p 1.0, no early stop: every row makes exactly `new`
 tokens), fp32 on the CPU, one process. `--dtype bfloat16` holds the weights and the KV cache of
-both in bf16 (the reference's rollout engine samples from bf16 weights too). The last line is one JSON object; `roofline_frac` compares
-our decode rate with the DRAM-bandwidth bound (weights + KV cache read once per step).
+both in bf16 (the reference's rollout engine samples from bf16 weights too). The last line is
+one JSON object; `roofline_frac` compares our decode rate with the DRAM-bandwidth bound (weights
++ KV cache read once per step).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@
 Ours: `update.train_step` (token log-probs, dual-clip PPO loss, global-norm clipping, AdamW),
 jitted, params and optimiser state donated; the 8 rows run as micro-batches of `--micro` rows whose
 gradients are summed before the one AdamW step (the same update as one 8-row pass; 4 rows keep
-the activations cache-friendly: per token, 8 rows in one pass were measured ~20% slower). Reference: the same model in torch (fp32), a
-token-level policy-gradient loss on log_softmax of the full logits, backward, clip, AdamW.
+the activations cache-friendly: per token, 8 rows in one pass were measured ~20% slower).
+Reference: the same model in torch (fp32), a token-level policy-gradient loss on log_softmax of
+the full logits, backward, clip, AdamW.
 Both fp32 on the CPU in one process by default. `--dtype bfloat16` is mixed precision on both
 sides: fp32 weights, gradients and AdamW state, bf16 matmul inputs (ours: the model's compute
 dtype; the reference: `torch.autocast("cpu", torch.bfloat16)`). The last line is one JSON object.
@@ -90,7 +91,8 @@ def main():
         "ours_tok_s": round(n_tokens / ours_s, 1), "ref_tok_s": round(n_tokens / ref_s, 1),
         "ratio": round(ref_s / ours_s, 3),
         # against the fp32 peak: only meaningful for fp32 compute
-        "ours_frac_of_matmul_peak": round(flops / ours_s / CPU_MATMUL_PEAK_FLOPS, 3) if args.dtype == "float32" else None,
+        "ours_frac_of_matmul_peak": (round(flops / ours_s / CPU_MATMUL_PEAK_FLOPS, 3)
+                                     if args.dtype == "float32" else None),
         "devices": str(jax.devices()),
     }
     print(f"ours {result['ours_tok_s']} tok/s, transformers {result['ref_tok_s']} tok/s, ratio {result['ratio']}")

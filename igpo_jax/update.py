@@ -8,8 +8,9 @@ loss mask, advantages and log-probs all index the token they score.
 
 One `train_step` call is one optimiser step over one mini-batch. Its micro-batches (strided
 row subsets, see `micro_batches`) run in a `lax.scan` that sums their gradients in float32; each
-micro-batch loss is aggregated with the mini-batch's token and sequence counts, so the sum is exactly the mini-batch loss whatever the split. A
-non-finite loss or gradient norm leaves params and optimiser state untouched (`skipped` = 1).
+micro-batch loss is aggregated with the mini-batch's token and sequence counts, so the sum is
+exactly the mini-batch loss whatever the split. A non-finite loss or gradient norm leaves params
+and optimiser state untouched (`skipped` = 1).
 """
 
 from __future__ import annotations

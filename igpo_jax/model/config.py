@@ -61,7 +61,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False  # rematerialise each layer in the backward pass
-    attention_chunk: int = 64  # query block of the cache-free causal attention (0: one block); 64 measured fastest for fwd+bwd on CPU
+    # query block of the cache-free causal attention (0: one block); 64 measured fastest for
+    # forward + backward on the CPU
+    attention_chunk: int = 64
 
     def __post_init__(self):
         if self.model_type not in _ARCHITECTURES:
