@@ -61,6 +61,13 @@ def algorithm_config(config: ml_collections.ConfigDict) -> pipeline.AlgorithmCon
         format_penalty=g.format_penalty)
 
 
+def end_phase(timings: dict[str, float], name: str, tic: float) -> None:
+    """Records the phase's seconds since `tic`, then hands the buffers it freed back to the OS
+    (kept by malloc, they would add up to the peak of the next phase)."""
+    timings[name] = time.perf_counter() - tic
+    host_memory.release()
+
+
 def padded_length(length: int, bucket: int = LENGTH_BUCKET) -> int:
     """`length` rounded up to a multiple of `bucket`."""
     return length + (-length) % bucket
@@ -185,8 +192,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                 with sharding.activate(local_mesh, rules):
                     traj, rollout_stats = rollout(examples, group_size, sampler, tokenizer, search, rcfg,
                                                   seeds=row_seeds(rollout_seed(config, step), num_rows)[rows])
-                timings["rollout"] = time.perf_counter() - tic
-                host_memory.release()  # the phase's freed buffers, back to the OS
+                end_phase(timings, "rollout", tic)
 
                 tic = time.perf_counter()
                 scores = None
@@ -200,8 +206,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                 advantage_NL, reward_metrics = pipeline.advantages_for(
                     traj, outcomes, None if scores is None else scores.mean_logp_NT,
                     None if scores is None else scores.valid_NT, alg, step, total)
-                timings["scoring"] = time.perf_counter() - tic
-                host_memory.release()  # the phase's freed buffers, back to the OS
+                end_phase(timings, "scoring", tic)
 
                 tic = time.perf_counter()
                 length = padded_length(distributed.allgather_max(traj.tokens_NL.shape[1]))
@@ -217,8 +222,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                 jax.block_until_ready(update_metrics)  # the phase's time is its compute, not its dispatch
                 # the update donated the old params, which a local view shares buffers with
                 actor = process_local_policy(policy, mesh, local_mesh, actor)
-                timings["update"] = time.perf_counter() - tic
-                host_memory.release()  # the phase's freed buffers, back to the OS
+                end_phase(timings, "update", tic)
 
                 generated = int(traj.loss_mask_NL.sum())
                 host_side = {}
