@@ -43,6 +43,7 @@ from jax.sharding import AbstractMesh
 
 from igpo_jax import sharding
 from igpo_jax.model import config as model_config
+from igpo_jax.model.kv_cache import KV_AXES
 from igpo_jax.model.qwen import Decoder
 
 GiB = 1024 ** 3
@@ -52,8 +53,6 @@ DEVICES: dict[str, int] = {
     "v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB,
     "A100-80G": 80 * GiB, "H100-80G": 80 * GiB, "H200": 141 * GiB,
 }
-# Logical axes of the KV cache arrays, as KVCache.init creates them.
-KV_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -114,8 +113,8 @@ def kv_cache_bytes(cfg: model_config.ModelConfig, batch: int, size: int, mesh: A
                    rules: sharding.Rules, dtype=None) -> int:
     """Per-device bytes of `KVCache.init(cfg, batch, size, dtype, mesh, rules)`."""
     dtype = jnp.dtype(dtype or cfg.jnp_dtype)
-    kv = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
-    total = 2 * math.prod(shard_shape(kv, KV_AXES, mesh, rules)) * dtype.itemsize
+    kv = (batch, cfg.num_kv_heads, size, cfg.head_dim)
+    total = 2 * cfg.num_layers * math.prod(shard_shape(kv, KV_AXES, mesh, rules)) * dtype.itemsize
     total += math.prod(shard_shape((batch, size), ("batch", "cache_length"), mesh, rules))  # valid (bool)
     total += math.prod(shard_shape((batch,), ("batch",), mesh, rules)) * 4  # next_pos (int32)
     return total + 4  # length (int32 scalar, replicated)

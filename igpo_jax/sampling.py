@@ -174,7 +174,8 @@ def _decode_loop(graphdef, state, cache: KVCache, rows: _Rows, stop_ids, may_end
 
 
 def _gather_rows(cache: KVCache, idx):
-    return cache.replace(k_LBSKH=cache.k_LBSKH[:, idx], v_LBSKH=cache.v_LBSKH[:, idx],
+    rows_of = lambda layers: tuple(x[idx] for x in layers)
+    return cache.replace(k_layers=rows_of(cache.k_layers), v_layers=rows_of(cache.v_layers),
                          valid_BS=cache.valid_BS[idx], next_pos_B=cache.next_pos_B[idx])
 
 
@@ -182,9 +183,9 @@ def _scatter_rows(cache: KVCache, idx, sub: KVCache, n_real):
     """Write the first `n_real` rows of `sub` back at `idx`; the cursor advances for everyone."""
     keep = jnp.arange(idx.shape[0]) < n_real
     idx = jnp.where(keep, idx, cache.valid_BS.shape[0])  # out of range → dropped
+    put = lambda layers, sub_layers: tuple(x.at[idx].set(y, mode="drop") for x, y in zip(layers, sub_layers))
     return cache.replace(
-        k_LBSKH=cache.k_LBSKH.at[:, idx].set(sub.k_LBSKH, mode="drop"),
-        v_LBSKH=cache.v_LBSKH.at[:, idx].set(sub.v_LBSKH, mode="drop"),
+        k_layers=put(cache.k_layers, sub.k_layers), v_layers=put(cache.v_layers, sub.v_layers),
         valid_BS=cache.valid_BS.at[idx].set(sub.valid_BS, mode="drop"),
         next_pos_B=cache.next_pos_B.at[idx].set(sub.next_pos_B, mode="drop"),
         length=sub.length)

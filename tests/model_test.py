@@ -62,15 +62,19 @@ def test_tied_embeddings_and_rope_scaling_match(tmp_path):
     _assert_close_on_valid(forward_padded(ours, tokens, valid), _hf_logits(hf, tokens, valid), valid)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
-def test_cached_prefill_and_decode_equal_full_forward(model_type, tmp_path):
+@pytest.mark.parametrize("model_type,dtype,rtol", [("qwen2", "float32", 1e-5), ("qwen3", "float32", 1e-5),
+                                                   ("qwen2", "bfloat16", 2e-2)])
+def test_cached_prefill_and_decode_equal_full_forward(model_type, dtype, rtol, tmp_path):
+    """bf16: the cache holds bf16 keys and values (its writes and the attention products over its
+    [B, K, S, H] layout take other XLA paths than fp32's)."""
     write_tiny_hf_model(model_type, tmp_path)
-    model = load_hf(str(tmp_path))
+    model = load_hf(str(tmp_path), param_dtype=dtype, dtype=dtype)
     tokens, valid = _left_padded_batch(model.cfg.vocab_size, lengths=(9, 4, 6))
     full = forward_padded(model, tokens, valid)
 
     prefill = 5  # the first 5 columns at once, then one column per step
     cache = KVCache.init(model.cfg, batch=3, size=16)
+    assert cache.k_layers[0].dtype == jnp.dtype(dtype)
     step = jax.jit(lambda m, c, t, v: extend(m, c, t, v))
     hidden, cache = step(model, cache, tokens[:, :prefill], valid[:, :prefill])
     pieces = [model.logits_from_hidden(hidden)]
@@ -78,7 +82,7 @@ def test_cached_prefill_and_decode_equal_full_forward(model_type, tmp_path):
         hidden, cache = step(model, cache, tokens[:, t:t + 1], valid[:, t:t + 1])
         pieces.append(model.logits_from_hidden(hidden))
     cached = jnp.concatenate(pieces, axis=1)
-    _assert_close_on_valid(cached, full, valid, rtol=1e-5)
+    _assert_close_on_valid(cached, full, valid, rtol=rtol)
     assert int(cache.length) == tokens.shape[1]
     np.testing.assert_array_equal(np.asarray(cache.next_pos_B), valid.sum(1))
 

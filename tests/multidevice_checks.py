@@ -35,7 +35,7 @@ def check_sampling(model_dir: str):
     with sharding.activate(mesh, rules):
         s = Sampler(model, None, 4, 64, greedy, mesh=mesh, rules=rules)
         got = [o.tokens for o in s.generate(PROMPTS, [0] * 4, 12)]
-        k_spec = s.cache.k_LBSKH.sharding.spec
+        k_spec = s.cache.k_layers[0].sharding.spec
     assert got == expected, (got, expected)
     assert "tensor" in str(k_spec) and "fsdp" in str(k_spec), k_spec
     print("sampling under fsdp=4 x tensor=2 equals unsharded greedy output")

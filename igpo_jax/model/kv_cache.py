@@ -1,10 +1,18 @@
 """The KV cache: one pytree carried through jitted prefill/decode loops.
 
-Legend: L layers, B batch rows, S cache slots, K kv heads, H head dim.
+Legend: L layers, B batch rows, K kv heads, S cache slots, H head dim.
+
+Each layer has its own key and value arrays, laid out [B, K, S, H]:
+- attention reads a layer's array as it is. One [L, ...] array would be sliced, a copy of every
+  layer at every decode step; and with S before K, the score and value products need a
+  transposed copy as well.
+- a write touches only its own layer's array. XLA's CPU backend widens a bf16 array to float32
+  around an update, so writing into one whole-model array cost a pass over the entire cache for
+  each layer (measured: bf16 decoding ran slower than fp32 because of it).
 
 All rows write at the same slot cursor `length`, so every update is one in-place
-`dynamic_update_slice` of a fixed-shape array. Rows differ through `valid_BS` (which slots hold a
-real token: left padding, or the shorter tool results of a ragged append leave holes) and
+`dynamic_update_slice` of a fixed-shape array. Rows differ through `valid_BS` (which slots hold
+a real token: left padding, or the shorter tool results of a ragged append leave holes) and
 `next_pos_B` (each row's next RoPE position), so holes cost memory but never change the math.
 """
 
@@ -18,11 +26,15 @@ import jax.numpy as jnp
 from igpo_jax.model.attention_mask import cache_mask, positions_from_valid
 
 
+# Logical axes of each layer's key and value arrays (the planner sizes the cache from these too).
+KV_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k_LBSKH: jax.Array
-    v_LBSKH: jax.Array
+    k_layers: tuple  # per layer, keys [B, K, S, H]
+    v_layers: tuple  # per layer, values [B, K, S, H]
     valid_BS: jax.Array  # bool: slot holds a real token of that row
     next_pos_B: jax.Array  # int32: RoPE position of the row's next real token
     length: jax.Array  # int32 scalar: slots [0, length) are written
@@ -30,9 +42,8 @@ class KVCache:
     @classmethod
     def init(cls, cfg, batch: int, size: int, dtype=None, mesh=None, rules=None) -> "KVCache":
         """Empty cache; with `mesh` (and logical-axis `rules`) each array is created sharded."""
-        shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
-        dtype = dtype or cfg.jnp_dtype
-        kv_axes = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+        shape = (batch, cfg.num_kv_heads, size, cfg.head_dim)
+        dtype = jnp.dtype(dtype or cfg.jnp_dtype)
 
         def zeros(shape, dtype, axes):
             if mesh is None:
@@ -42,7 +53,8 @@ class KVCache:
             rule_table = rules if rules is not None else sharding.DEFAULT_RULES
             return jnp.zeros(shape, dtype, device=sharding.named_sharding(mesh, rule_table, axes, shape))
 
-        return cls(k_LBSKH=zeros(shape, dtype, kv_axes), v_LBSKH=zeros(shape, dtype, kv_axes),
+        per_layer = lambda: tuple(zeros(shape, dtype, KV_AXES) for _ in range(cfg.num_layers))
+        return cls(k_layers=per_layer(), v_layers=per_layer(),
                    valid_BS=zeros((batch, size), bool, ("batch", "cache_length")),
                    next_pos_B=zeros((batch,), jnp.int32, ("batch",)),
                    length=jnp.zeros((), jnp.int32))
@@ -53,6 +65,23 @@ class KVCache:
 
     def replace(self, **changes) -> "KVCache":
         return dataclasses.replace(self, **changes)
+
+    def write(self, layer: int, k_BTKH, v_BTKH) -> "KVCache":
+        """Layer `layer`'s keys and values of T new tokens at slots [length, length + T), in place.
+        (The caller advances `length` once every layer has written: see `extend`.)"""
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero, zero, self.length, zero)
+
+        def written(layers, x_BTKH):
+            x_BKTH = jnp.swapaxes(x_BTKH, 1, 2).astype(layers[layer].dtype)
+            updated = jax.lax.dynamic_update_slice(layers[layer], x_BKTH, start)
+            return layers[:layer] + (updated,) + layers[layer + 1:]
+
+        return self.replace(k_layers=written(self.k_layers, k_BTKH), v_layers=written(self.v_layers, v_BTKH))
+
+    def read(self, layer: int):
+        """(keys, values) of layer `layer`, each [B, K, S, H]."""
+        return self.k_layers[layer], self.v_layers[layer]
 
 
 def extend(model, cache: KVCache, tokens_BT, valid_BT):

@@ -76,21 +76,24 @@ def apply_rope(x_BTnH, positions_BT, inv_freq_h):
     return out.astype(x_BTnH.dtype)
 
 
-def _attend(q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
-    """Grouped-query attention with fp32 scores and softmax.
+def _attend(q_BTKGH, k, v, mask_BTS, kv_layout: str = "bskh"):
+    """Grouped-query attention with fp32 scores and softmax. `k` and `v` are laid out as
+    `kv_layout` says: [B, S, K, H] as projected, or [B, K, S, H] as the KV cache holds them.
 
     The softmax is normalised after the value matmul (as flash attention does): dividing the
     [B, T, N, H] output costs H per query instead of S, and on a CPU these elementwise passes
     over [B, N, T, S] (forward and backward) cost as much as the matmuls around them."""
     h = q_BTKGH.shape[-1]
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) / math.sqrt(h)
+    scores = jnp.einsum(f"btkgh,{kv_layout}->bkgts", q_BTKGH, k, preferred_element_type=jnp.float32) / math.sqrt(h)
     scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _MASKED)
     # the shift cancels in the ratio: no gradient through it (as jax.nn.softmax does)
     shift = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
     weights = jnp.exp(scores - shift)
     total_BKGT = jnp.sum(weights, axis=-1)
-    out = jnp.einsum("bkgts,bskh->btkgh", weights.astype(q_BTKGH.dtype), v_BSKH, preferred_element_type=jnp.float32)
-    return (out / jnp.moveaxis(total_BKGT, -1, 1)[..., None]).astype(q_BTKGH.dtype)
+    # (the dot's own [B, K, G, T, H] order, moved after: XLA's CPU backend cannot run a bf16 → f32
+    # dot that writes [B, T, K, G, H] straight from a [B, K, S, H] operand)
+    out = jnp.einsum(f"bkgts,{kv_layout}->bkgth", weights.astype(q_BTKGH.dtype), v, preferred_element_type=jnp.float32)
+    return jnp.moveaxis(out / total_BKGT[..., None], 3, 1).astype(q_BTKGH.dtype)
 
 
 class Attention(nnx.Module):
@@ -109,11 +112,11 @@ class Attention(nnx.Module):
             self.q_norm = _ones((h,), ("head_dim",), pd)
             self.k_norm = _ones((h,), ("head_dim",), pd)
 
-    def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None, layer=None, write_index=None):
-        """Returns (out_BTD, kv). Without a cache, `mask_BTS` must be causal (never s > t).
-        With `kv` = the whole cache (k_LBSKH, v_LBSKH), this layer's new keys
-        and values are written in place at [layer, :, write_index] and attention runs over all S
-        cache slots; one cache array threaded through every layer keeps XLA's update in place."""
+    def __call__(self, x_BTD, positions_BT, mask_BTS, cache: KVCache | None = None, layer: int = 0):
+        """Returns (out_BTD, cache). Without a cache, `mask_BTS` must be causal (never s > t).
+        With one, this layer's new keys and values are written into it in place (at slot
+        `cache.length`) and attention runs over all S cache slots; one cache threaded through
+        every layer keeps XLA's updates in place."""
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         q = project("btd,dnh->btnh", x_BTD, self.q_proj[...])
         k = project("btd,dkh->btkh", x_BTD, self.k_proj[...])
@@ -128,18 +131,14 @@ class Attention(nnx.Module):
         inv_freq = rope_inv_freq(cfg)
         q = constrain(apply_rope(q, positions_BT, inv_freq), ("batch", "length", "heads", "head_dim"))
         k = apply_rope(k, positions_BT, inv_freq)
-        if kv is not None:
-            cache_k, cache_v = kv
-            zero = jnp.zeros((), jnp.int32)
-            start = (jnp.asarray(layer, jnp.int32), zero, write_index, zero, zero)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
-            kv = (cache_k, cache_v)
-            k, v = cache_k[layer], cache_v[layer]
         b, t, n, h = q.shape
         q = q.reshape(b, t, cfg.num_kv_heads, n // cfg.num_kv_heads, h)
         chunk = cfg.attention_chunk
-        if kv is not None or not chunk or t <= chunk:
+        if cache is not None:
+            cache = cache.write(layer, k, v)
+            k_BKSH, v_BKSH = cache.read(layer)
+            out = _attend(q, k_BKSH.astype(dt), v_BKSH.astype(dt), mask_BTS, kv_layout="bksh")
+        elif not chunk or t <= chunk:
             out = _attend(q, k.astype(dt), v.astype(dt), mask_BTS)
         else:
             # Without a cache the mask is causal (s ≤ t), so query block [a, e) needs keys [0, e)
@@ -151,7 +150,7 @@ class Attention(nnx.Module):
                 for a in range(0, t, chunk)], axis=1)
         out = out.reshape(b, t, n, h)
         out = project("btnh,nhd->btd", out, self.o_proj[...])
-        return out, kv
+        return out, cache
 
 
 class MLP(nnx.Module):
@@ -177,26 +176,26 @@ class Block(nnx.Module):
         self.post_attn_norm = _ones((cfg.hidden_size,), ("embed",), cfg.jnp_param_dtype)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None, layer=None, write_index=None):
+    def __call__(self, x_BTD, positions_BT, mask_BTS, cache: KVCache | None = None, layer: int = 0):
         eps = self.cfg.rms_norm_eps
-        attn_out, kv = self.attn(rms_norm(x_BTD, self.input_norm[...], eps), positions_BT, mask_BTS,
-                                 kv, layer, write_index)
+        attn_out, cache = self.attn(rms_norm(x_BTD, self.input_norm[...], eps), positions_BT, mask_BTS,
+                                    cache, layer)
         x_BTD = x_BTD + attn_out
         x_BTD = x_BTD + self.mlp(rms_norm(x_BTD, self.post_attn_norm[...], eps))
-        return constrain(x_BTD, ("batch", "length", "embed")), kv
+        return constrain(x_BTD, ("batch", "length", "embed")), cache
 
 
-def _block_call(block: Block, x, positions, mask, kv, layer, write_index):
-    return block(x, positions, mask, kv, layer, write_index)
+def _block_call(block: Block, x, positions, mask, cache, layer):
+    return block(x, positions, mask, cache, layer)
 
 
-def _remat_block_call(block: Block, x, positions, mask, kv, layer, write_index):
+def _remat_block_call(block: Block, x, positions, mask, cache, layer):
     """`_block_call` whose activations are recomputed in the backward pass (cache-free path only).
 
     A pure function of the block's state under `jax.checkpoint`, not `nnx.remat`: the latter
     writes the Params back and fails when the module was merged outside an enclosing
     lax.map/scan (a different trace level)."""
-    del kv, layer, write_index  # no cache here
+    del cache, layer  # no cache here
     graphdef, state = nnx.split(block)
     pure = lambda state, x, positions, mask: nnx.merge(graphdef, state)(x, positions, mask)[0]
     return jax.checkpoint(pure)(state, x, positions, mask), None
@@ -227,14 +226,9 @@ class Decoder(nnx.Module):
         # remat only pays off under a gradient, which never flows through the cached (sampling) path
         remat = cfg.remat and cache is None
         block_call = _remat_block_call if remat else _block_call
-        kv = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH)
-        write_index = None if cache is None else cache.length
         for i, block in enumerate(self.layers):
-            x, kv = block_call(block, x, positions_BT, mask_BTS, kv, i, write_index)
-        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        if cache is None:
-            return x, None
-        return x, cache.replace(k_LBSKH=kv[0], v_LBSKH=kv[1])
+            x, cache = block_call(block, x, positions_BT, mask_BTS, cache, i)
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), cache
 
     def logits_from_hidden(self, hidden_BTD):
         """fp32 logits; the projection runs in the compute dtype."""
