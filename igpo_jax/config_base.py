@@ -15,6 +15,8 @@ from igpo_jax.igpo.advantages import NORM_MODES
 from igpo_jax.igpo.loss import AGG_MODES, KL_ESTIMATORS
 from igpo_jax.igpo.scoring import DEFAULT_PSEUDO_TURN_TEMPLATE
 
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -82,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.val_temperature = 0.0  # validation is greedy
     c.rollout.overlap_search = True  # False: a deterministic decode/append schedule (bitwise resumable)
     c.rollout.steps_per_call = 32
+    # sample from a copy of the policy in this dtype (e.g. "bfloat16", as veRL's vLLM rollouts do);
+    # unset: sample from the policy itself. Scoring and the update keep the policy's dtype.
+    c.rollout.dtype = ml_collections.config_dict.placeholder(str)
 
     c.algorithm = ml_collections.ConfigDict()
     c.algorithm.use_info_gain = True
@@ -144,7 +149,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _one_of("actor.loss_agg_mode", c.actor.loss_agg_mode, AGG_MODES)
     _one_of("search.engine", c.search.engine, ("google", "bing", "local", "mock"))
     for dtype_key in ("param_dtype", "dtype"):
-        _one_of(f"model.{dtype_key}", c.model[dtype_key], ("float32", "bfloat16", "float16"))
+        _one_of(f"model.{dtype_key}", c.model[dtype_key], DTYPES)
+    if c.rollout.dtype is not None:
+        _one_of("rollout.dtype", c.rollout.dtype, DTYPES)
     for key in ("rollout.n", "rollout.max_turns", "rollout.max_new_tokens", "rollout.context_length",
                 "data.train_batch_size", "trainer.total_training_steps", "actor.ppo_epochs"):
         section, name = key.split(".")

@@ -25,7 +25,7 @@ def evaluate(config, policy, tokenizer, examples, out_dir: str, sampled: bool = 
     """Writes out_dir/episodes.jsonl and out_dir/summary.json; returns the summary table."""
     rcfg = components.rollout_config(config, validation=not sampled)
     batch = min(config.data.val_batch_size, len(examples))
-    sampler = make_sampler(policy, tokenizer, rcfg, batch)
+    sampler = make_sampler(components.in_dtype(policy, config.rollout.dtype), tokenizer, rcfg, batch)
     os.makedirs(out_dir, exist_ok=True)
     records = []
     with components.search_backend(config, components.data_files(config).corpus) as search, \

@@ -180,8 +180,10 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
         writer = metrics_lib.MetricsWriter(config.run_dir, use_tensorboard=config.trainer.use_tensorboard,
                                            use_wandb=config.trainer.use_wandb)
         rcfg = components.rollout_config(config)
-        actor = process_local_policy(policy, mesh, local_mesh)
-        sampler = make_sampler(actor, tokenizer, rcfg, rows.stop - rows.start, mesh=local_mesh, rules=rules)
+        actor = process_local_policy(policy, mesh, local_mesh)  # scores turns
+        sampling_model = components.in_dtype(actor, config.rollout.dtype)  # generates
+        sampler = make_sampler(sampling_model, tokenizer, rcfg, rows.stop - rows.start, mesh=local_mesh,
+                               rules=rules)
         total = config.trainer.total_training_steps
         history = []
         with components.search_backend(config, files.corpus) as search:
@@ -222,6 +224,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                 jax.block_until_ready(update_metrics)  # the phase's time is its compute, not its dispatch
                 # the update donated the old params, which a local view shares buffers with
                 actor = process_local_policy(policy, mesh, local_mesh, actor)
+                sampling_model = components.in_dtype(actor, config.rollout.dtype, sampling_model)
                 end_phase(timings, "update", tic)
 
                 generated = int(traj.loss_mask_NL.sum())
@@ -240,7 +243,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                 done = step + 1
                 if config.trainer.test_freq and (done % config.trainer.test_freq == 0 or done == total) and val_examples:
                     with sharding.activate(local_mesh, rules):
-                        step_metrics.update(validate(config, actor, tokenizer, search, val_examples,
+                        step_metrics.update(validate(config, sampling_model, tokenizer, search, val_examples,
                                                      alg.format_penalty))
                 history.append(writer.write(done, step_metrics))
                 if config.trainer.save_freq and (done % config.trainer.save_freq == 0 or done == total):

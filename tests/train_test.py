@@ -167,6 +167,10 @@ def test_bad_config_values_fail_fast_naming_the_key():
     c.rollout.n = 0
     with pytest.raises(ValueError, match=r"config.rollout.n=0 must be > 0"):
         config_base.validate(c)
+    c = load_config("demo")
+    c.rollout.dtype = "bf16"
+    with pytest.raises(ValueError, match=r"config.rollout.dtype='bf16' is not allowed"):
+        config_base.validate(c)
 
 
 def test_frozen_copy_keeps_its_values_when_the_policy_buffers_are_donated(tiny_model_dir):
@@ -184,3 +188,38 @@ def test_frozen_copy_keeps_its_values_when_the_policy_buffers_are_donated(tiny_m
     jax.tree.map(np.testing.assert_array_equal, before, after)
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - np.asarray(b)).max(), before, nnx.state(policy)))
     assert max(moved) > 0  # the policy did change
+
+
+def test_rollout_dtype_samples_from_a_cast_copy_that_follows_the_policy(tiny_model_dir):
+    from igpo_jax.update import UpdateBatch, UpdateConfig, Updater
+    c = load_config("demo")
+    c.model.path = tiny_model_dir
+    policy, _ = components.load_policy(c)
+    assert components.in_dtype(policy, None) is policy and components.in_dtype(policy, "float32") is policy
+    copy = components.in_dtype(policy, "bfloat16")
+    assert copy.cfg.dtype == copy.cfg.param_dtype == "bfloat16" and policy.cfg.dtype == "float32"
+    for ours, theirs in zip(jax.tree.leaves(nnx.state(copy)), jax.tree.leaves(nnx.state(policy))):
+        assert ours.dtype == np.dtype("bfloat16") and theirs.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs.astype("bfloat16")))
+
+    tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % 50
+    mask = np.ones((2, 8), np.float32)
+    batch = UpdateBatch(tokens, np.ones((2, 8), bool), mask, mask, np.zeros((2, 8)), np.zeros((2, 8)))
+    before_update = copy.embed[...]
+    Updater(policy, UpdateConfig(lr=1e-2, use_kl_loss=False)).update(batch)
+    refreshed = components.in_dtype(policy, "bfloat16", copy)
+    assert refreshed is copy  # in place: a sampler holding `copy` samples from the new weights
+    embed = np.asarray(policy.embed[...])
+    np.testing.assert_array_equal(np.asarray(copy.embed[...]), np.asarray(policy.embed[...].astype("bfloat16")))
+    assert np.abs(np.asarray(copy.embed[...], np.float32) - np.asarray(before_update)).max() > 0
+    assert np.abs(np.asarray(copy.embed[...], np.float32) - embed).max() < 1e-2 * np.abs(embed).max()
+
+
+def test_smoke_run_with_bf16_rollouts(tiny_model_dir, tmp_path):
+    c = smoke_config(tiny_model_dir, str(tmp_path / "run"), steps=2)
+    c.rollout.dtype = "bfloat16"
+    c.trainer.save_freq = 0
+    history = train(c)
+    assert [h["step"] for h in history] == [1, 2]
+    assert history[0]["response_length/mean"] > 0 and history[0]["actor/grad_norm"] > 0
+    assert "val/f1" in history[1]
