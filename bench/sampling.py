@@ -1,6 +1,6 @@
 """Sampling throughput, SmolLM2-135M, batch 16 × 128 new tokens: ours vs transformers `generate`.
 
-    python -m bench.sampling [--batch 16] [--new 128] [--prompt 64] [--dtype bfloat16]
+    python -m bench.sampling [--batch 16] [--new 128] [--prompt 64] [--dtype bfloat16] [--cache 4096]
 
 Same settings in both (temperature 1.0, top-p 1.0, no early stop: every row makes exactly `new`
 tokens), fp32 on the CPU, one process. `--dtype bfloat16` holds the weights and the KV cache of
@@ -35,15 +35,21 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="weights, activations and KV cache of both samplers")
+    parser.add_argument("--cache", type=int, default=0,
+                        help="our KV-cache slots (default: prompt + new + 16), as a rollout sizes it for its "
+                             "longest episode; transformers' cache grows with the text")
+    parser.add_argument("--min_span", type=int, default=1024, help="Sampler(min_span=...)")
     args = parser.parse_args()
 
     model = load_gguf(smollm2_gguf_path(), param_dtype=args.dtype, dtype=args.dtype)
     cfg = model.cfg
     rng = np.random.default_rng(0)
     prompts = [rng.integers(100, cfg.vocab_size, args.prompt).tolist() for _ in range(args.batch)]
-    cache_size = args.prompt + args.new + 16
+    cache_size = args.cache or args.prompt + args.new + 16
+    if cache_size < args.prompt + args.new:
+        parser.error(f"--cache {cache_size} cannot hold {args.prompt} + {args.new} tokens")
     sampler = Sampler(model, None, batch_size=args.batch, cache_size=cache_size,
-                      params=SamplingParams(temperature=1.0), steps_per_call=args.new)
+                      params=SamplingParams(temperature=1.0), steps_per_call=args.new, min_span=args.min_span)
     seeds = list(range(args.batch))
     run_ours = lambda: sampler.generate(prompts, seeds, args.new)
     out = run_ours()  # compile + warm up
@@ -74,7 +80,7 @@ def main():
     ours_tok_s = n_tokens / ours_s
     result = {
         "bench": "sampling", "batch": args.batch, "new_tokens": args.new, "prompt_tokens": args.prompt,
-        "dtype": args.dtype,
+        "dtype": args.dtype, "cache_slots": cache_size, "min_span": args.min_span,
         "ours_s": round(ours_s, 3), "ref_s": round(ref_s, 3),
         "ours_tok_s": round(ours_tok_s, 1), "ref_tok_s": round(n_tokens / ref_s, 1),
         "ratio": round(ref_s / ours_s, 3),

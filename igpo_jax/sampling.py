@@ -15,12 +15,17 @@ A row's last sampled token is not yet in the cache ("pending"); it is fed first 
 continues, followed by any appended tokens (a tool result). Appending writes only the new tokens
 (the history stays in the cache), ragged rows leaving invalid holes in the shared slot cursor.
 
+Each call works on the first `span` slots of the cache only (a copy in, a copy back out, once
+per call): the smallest power of two (at least `min_span`) that holds every slot it can write. A cache sized for the longest episode is
+mostly empty for most of a rollout, and reading all of it at every step would cost as much as
+the weights once it is a few times longer than the text.
+
 Done rows: each call gathers the rows that are decoding into the smallest power-of-two batch
 bucket that holds them, decodes that sub-batch, and scatters its cache rows back. So rows that
 are finished or waiting for a search cost nothing per step; the price is one gather/scatter of
-the active rows' cache per call, paid only when the bucket is smaller than the full batch.
-(Refilling freed rows with new prompts is the other option; it needs the rollout to stream
-questions, which IGPO's group-synchronous steps do not.)
+the active rows' cache (their first `span` slots) per call, paid only when the bucket is smaller
+than the full batch. (Refilling freed rows with new prompts is the other option; it needs the
+rollout to stream questions, which IGPO's group-synchronous steps do not.)
 
 Sampling is reproducible per row: the k-th token of row r's s-th segment (turn) uses
 fold_in(fold_in(key_r, s), k), so it does not depend on which other rows share the batch, and
@@ -137,15 +142,16 @@ class _Rows:
     key_B: jax.Array  # per-row PRNG keys
 
 
-def _decode_loop(graphdef, state, cache: KVCache, rows: _Rows, stop_ids, may_end_stop_V, params, steps: int,
-                 room):
-    """Up to min(`steps`, `room`) decode steps; returns early when any active row stops or hits a
-    candidate. `steps` fixes the output shape (static); `room` (traced) is the cache space left,
-    so a nearly full cache does not compile a new loop for every remaining length."""
+def _decode_loop(graphdef, state, cache: KVCache, rows: _Rows, stop_ids, may_end_stop_V, params, steps: int):
+    """Up to min(`steps`, room) decode steps; returns early when any active row stops or hits a
+    candidate. `steps` fixes the output shape (static); room = size − length (traced) is the
+    cache space left, so a nearly full cache does not compile a new loop for every remaining
+    length."""
     model = nnx.merge(graphdef, state)
     b = rows.input_B.shape[0]
     tokens = jnp.zeros((b, steps), jnp.int32)
     logps = jnp.zeros((b, steps), jnp.float32)
+    room = cache.size - cache.length
 
     def cond(carry):
         step, _, rows, _, _, event = carry
@@ -173,42 +179,46 @@ def _decode_loop(graphdef, state, cache: KVCache, rows: _Rows, stop_ids, may_end
     return cache, rows, tokens, logps, n_steps
 
 
-def _gather_rows(cache: KVCache, idx):
-    rows_of = lambda layers: tuple(x[idx] for x in layers)
+def _gather_rows(cache: KVCache, idx, span: int):
+    """Rows `idx`, slots [0, span) only: a cache of `span` slots (no written slot lies beyond)."""
+    rows_of = lambda layers: tuple(x[idx, :, :span] for x in layers)
     return cache.replace(k_layers=rows_of(cache.k_layers), v_layers=rows_of(cache.v_layers),
-                         valid_BS=cache.valid_BS[idx], next_pos_B=cache.next_pos_B[idx])
+                         valid_BS=cache.valid_BS[idx, :span], next_pos_B=cache.next_pos_B[idx])
 
 
 def _scatter_rows(cache: KVCache, idx, sub: KVCache, n_real):
     """Write the first `n_real` rows of `sub` back at `idx`; the cursor advances for everyone."""
     keep = jnp.arange(idx.shape[0]) < n_real
     idx = jnp.where(keep, idx, cache.valid_BS.shape[0])  # out of range → dropped
-    put = lambda layers, sub_layers: tuple(x.at[idx].set(y, mode="drop") for x, y in zip(layers, sub_layers))
+    span = sub.size
+    put = lambda layers, sub_layers: tuple(x.at[idx, :, :span].set(y, mode="drop")
+                                           for x, y in zip(layers, sub_layers))
     return cache.replace(
         k_layers=put(cache.k_layers, sub.k_layers), v_layers=put(cache.v_layers, sub.v_layers),
-        valid_BS=cache.valid_BS.at[idx].set(sub.valid_BS, mode="drop"),
+        valid_BS=cache.valid_BS.at[idx, :span].set(sub.valid_BS, mode="drop"),
         next_pos_B=cache.next_pos_B.at[idx].set(sub.next_pos_B, mode="drop"),
         length=sub.length)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8), donate_argnums=(2,))
-def _decode_call(graphdef, state, cache, idx, rows, stop_ids_and_table, params, steps, compact):
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9), donate_argnums=(2,))
+def _decode_call(graphdef, state, cache, idx, rows, stop_ids_and_table, params, steps, compact, span):
     stop_ids, may_end = stop_ids_and_table
-    room = cache.valid_BS.shape[1] - cache.length
     if not compact:
-        return _decode_loop(graphdef, state, cache, rows, stop_ids, may_end, params, steps, room)
+        sub, rows, tokens, logps, n_steps = _decode_loop(graphdef, state, cache.window(span), rows, stop_ids,
+                                                         may_end, params, steps)
+        return cache.put_window(sub), rows, tokens, logps, n_steps
     n_real = jnp.sum(idx < cache.valid_BS.shape[0])
     safe_idx = jnp.minimum(idx, cache.valid_BS.shape[0] - 1)
     sub, rows, tokens, logps, n_steps = _decode_loop(
-        graphdef, state, _gather_rows(cache, safe_idx), rows, stop_ids, may_end, params, steps, room)
+        graphdef, state, _gather_rows(cache, safe_idx, span), rows, stop_ids, may_end, params, steps)
     return _scatter_rows(cache, safe_idx, sub, n_real), rows, tokens, logps, n_steps
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _extend_call(graphdef, state, cache, tokens_BW, valid_BW):
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
+def _extend_call(graphdef, state, cache, tokens_BW, valid_BW, span):
     model = nnx.merge(graphdef, state)
-    _, cache = extend(model, cache, tokens_BW, valid_BW)
-    return cache
+    _, window = extend(model, cache.window(span), tokens_BW, valid_BW)
+    return cache.put_window(window)
 
 
 def _bucket(n: int, minimum: int = 1) -> int:
@@ -260,7 +270,7 @@ class Sampler:
     def __init__(self, model, tokenizer, batch_size: int, cache_size: int,
                  params: SamplingParams = SamplingParams(), stop_token_ids: Sequence[int] = (),
                  stop_strings: Sequence[str] = (), steps_per_call: int = 32, append_bucket: int = 16,
-                 cache_dtype=None, mesh=None, rules=None):
+                 cache_dtype=None, mesh=None, rules=None, min_span: int = 1024):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -268,6 +278,7 @@ class Sampler:
         self.params = params
         self.steps_per_call = steps_per_call
         self.append_bucket = append_bucket
+        self.min_span = min_span
         self.stop_strings = tuple(stop_strings)
         self._graphdef, self._state = nnx.split(model)
         vocab = model.cfg.vocab_size
@@ -329,7 +340,8 @@ class Sampler:
         active = self.decoding_rows()
         if not active:
             return early
-        room = self.cache_size - int(self.cache.length)
+        length = int(self.cache.length)
+        room = self.cache_size - length
         if room <= 0:
             return {**early, **{i: self._finish(i, FINISH_CONTEXT) for i in active}}
         bucket = _bucket(len(active))
@@ -352,7 +364,7 @@ class Sampler:
         )
         self.cache, rows, tokens, logps, n_steps = _decode_call(
             self._graphdef, self._state, self.cache, jnp.asarray(row_index, jnp.int32), rows, self._stop,
-            self.params, self.steps_per_call, compact)
+            self.params, self.steps_per_call, compact, self._span(length + self.steps_per_call))
         tokens, logps = np.asarray(tokens), np.asarray(logps)
         counts, still_active = np.asarray(rows.count_B), np.asarray(rows.active_B)
         may_end = self._may_end_V
@@ -385,6 +397,11 @@ class Sampler:
 
     # ------------------------------------------------------------------------------ internals
 
+    def _span(self, slots_needed: int) -> int:
+        """The cache slots a call attends over: a power of two ≥ `slots_needed` (≥ `min_span`,
+        ≤ the cache). Powers of two bound the compiles to log2(cache_size / min_span) + 1 spans."""
+        return min(self.cache_size, _bucket(slots_needed, self.min_span))
+
     def _finish(self, r: int, reason: str) -> RowOutput:
         host = self.rows[r]
         host.decoding = False
@@ -416,7 +433,9 @@ class Sampler:
             tokens[r, :len(feed)] = feed
             valid[r, :len(feed)] = True
             self.rows[r].pending = self.rows[r].pending[-1:]
-        self.cache = _extend_call(self._graphdef, self._state, self.cache, jnp.asarray(tokens), jnp.asarray(valid))
+        span = self._span(int(self.cache.length) + width)
+        self.cache = _extend_call(self._graphdef, self._state, self.cache, jnp.asarray(tokens), jnp.asarray(valid),
+                                  span)
 
 
 def _per_row(value, n: int) -> list[int]:

@@ -155,9 +155,10 @@ def test_stop_strings_cut_at_the_token_that_completes_them(smollm2, smollm2_toke
     assert out.tokens == free[:end_token] and out.finish_reason == FINISH_STOP
 
 
-def test_append_and_continue_matches_prefilling_the_concatenation(tiny):
+@pytest.mark.parametrize("min_span", [1024, 8])  # attend over the whole cache / over growing spans
+def test_append_and_continue_matches_prefilling_the_concatenation(tiny, min_span):
     _, model = tiny
-    s = Sampler(model, None, batch_size=4, cache_size=128, params=GREEDY, steps_per_call=4)
+    s = Sampler(model, None, batch_size=4, cache_size=128, params=GREEDY, steps_per_call=4, min_span=min_span)
     first = s.generate(PROMPTS, seeds=[0, 1, 2], max_new_tokens=[5, 3, 6])
     tool = {0: [11, 12, 13], 2: [70, 71, 72, 73, 74, 75, 76]}  # ragged appends, row 1 stays done
     s.append(list(tool), list(tool.values()), max_new_tokens=6)
@@ -176,9 +177,10 @@ def test_append_and_continue_matches_prefilling_the_concatenation(tiny):
         assert cont[r].tokens == greedy_next
 
 
-def test_finished_rows_are_left_out_of_the_decode_batch(tiny):
+@pytest.mark.parametrize("min_span", [1024, 8])
+def test_finished_rows_are_left_out_of_the_decode_batch(tiny, min_span):
     _, model = tiny
-    s = Sampler(model, None, batch_size=4, cache_size=64, params=GREEDY, steps_per_call=4)
+    s = Sampler(model, None, batch_size=4, cache_size=64, params=GREEDY, steps_per_call=4, min_span=min_span)
     s.start(PROMPTS + [[1, 2]], seeds=[0, 1, 2, 3], max_new_tokens=[2, 2, 2, 12])
     first = s.decode()
     assert set(first) == {0, 1, 2}
@@ -190,6 +192,13 @@ def test_finished_rows_are_left_out_of_the_decode_batch(tiny):
     assert _decode_cache_size() > before  # a compacted (1-row) variant was compiled and used
     full = Sampler(model, None, batch_size=4, cache_size=64, params=GREEDY).generate([[1, 2]], [3], 12)[0]
     assert rest[3].tokens == full.tokens
+
+
+def test_attention_span_is_the_smallest_power_of_two_that_holds_the_call(tiny):
+    _, model = tiny
+    s = Sampler(model, None, batch_size=2, cache_size=128, min_span=8)
+    assert [s._span(n) for n in (1, 8, 9, 33, 100, 128, 500)] == [8, 8, 16, 64, 128, 128, 128]
+    assert Sampler(model, None, batch_size=2, cache_size=100)._span(3) == 100  # min_span > the cache
 
 
 def _decode_cache_size():

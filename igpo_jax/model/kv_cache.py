@@ -83,6 +83,26 @@ class KVCache:
         """(keys, values) of layer `layer`, each [B, K, S, H]."""
         return self.k_layers[layer], self.v_layers[layer]
 
+    def window(self, span: int) -> "KVCache":
+        """Slots [0, span) as a cache of their own (a copy), for calls that write below `span`:
+        attention then reads only those. (Slicing inside the model instead makes XLA's CPU
+        backend fuse the slice with the layer's write, which then copies the whole array.)"""
+        if span == self.size:
+            return self
+        first = lambda layers: tuple(x[:, :, :span] for x in layers)
+        return self.replace(k_layers=first(self.k_layers), v_layers=first(self.v_layers),
+                            valid_BS=self.valid_BS[:, :span])
+
+    def put_window(self, window: "KVCache") -> "KVCache":
+        """This cache with `window` (from `self.window`, then written to) put back in place."""
+        if window.size == self.size:
+            return window
+        zero = jnp.zeros((), jnp.int32)
+        put = lambda layers, new: tuple(jax.lax.dynamic_update_slice(x, y, (zero,) * 4) for x, y in zip(layers, new))
+        return self.replace(k_layers=put(self.k_layers, window.k_layers), v_layers=put(self.v_layers, window.v_layers),
+                            valid_BS=jax.lax.dynamic_update_slice(self.valid_BS, window.valid_BS, (zero, zero)),
+                            next_pos_B=window.next_pos_B, length=window.length)
+
 
 def extend(model, cache: KVCache, tokens_BT, valid_BT):
     """Feed T new tokens per row (padding where `valid_BT` is False) through `model`, writing
