@@ -16,9 +16,9 @@ continues, followed by any appended tokens (a tool result). Appending writes onl
 (the history stays in the cache), ragged rows leaving invalid holes in the shared slot cursor.
 
 Each call works on the first `span` slots of the cache only (a copy in, a copy back out, once
-per call): the smallest power of two (at least `min_span`) that holds every slot it can write. A cache sized for the longest episode is
-mostly empty for most of a rollout, and reading all of it at every step would cost as much as
-the weights once it is a few times longer than the text.
+per call): the smallest power of two (at least `min_span`) that holds every slot it can write.
+A cache sized for the longest episode is mostly empty for most of a rollout, and reading all of
+it at every step would cost as much as the weights once it is a few times longer than the text.
 
 Done rows: each call gathers the rows that are decoding into the smallest power-of-two batch
 bucket that holds them, decodes that sub-batch, and scatters its cache rows back. So rows that

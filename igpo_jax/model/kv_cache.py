@@ -98,9 +98,10 @@ class KVCache:
         if window.size == self.size:
             return window
         zero = jnp.zeros((), jnp.int32)
-        put = lambda layers, new: tuple(jax.lax.dynamic_update_slice(x, y, (zero,) * 4) for x, y in zip(layers, new))
-        return self.replace(k_layers=put(self.k_layers, window.k_layers), v_layers=put(self.v_layers, window.v_layers),
-                            valid_BS=jax.lax.dynamic_update_slice(self.valid_BS, window.valid_BS, (zero, zero)),
+        put = lambda old, new: jax.lax.dynamic_update_slice(old, new, (zero,) * old.ndim)
+        return self.replace(k_layers=tuple(map(put, self.k_layers, window.k_layers)),
+                            v_layers=tuple(map(put, self.v_layers, window.v_layers)),
+                            valid_BS=put(self.valid_BS, window.valid_BS),
                             next_pos_B=window.next_pos_B, length=window.length)
 
 
