@@ -16,7 +16,7 @@ continues, followed by any appended tokens (a tool result). Appending writes onl
 (the history stays in the cache), ragged rows leaving invalid holes in the shared slot cursor.
 
 Each call works on the first `span` slots of the cache only (a copy in, a copy back out, once
-per call): the smallest power of two (at least `min_span`) that holds every slot it can write.
+per call): the next power of two that holds every slot it can write, at least `min_span`.
 A cache sized for the longest episode is mostly empty for most of a rollout, and reading all of
 it at every step would cost as much as the weights once it is a few times longer than the text.
 
@@ -398,8 +398,9 @@ class Sampler:
     # ------------------------------------------------------------------------------ internals
 
     def _span(self, slots_needed: int) -> int:
-        """The cache slots a call attends over: a power of two ≥ `slots_needed` (≥ `min_span`,
-        ≤ the cache). Powers of two bound the compiles to log2(cache_size / min_span) + 1 spans."""
+        """The cache slots a call attends over: the next power of two ≥ `slots_needed`, raised to
+        `min_span`, capped at the cache. Powers of two bound the compiles to
+        log2(cache_size / min_span) + 1 spans."""
         return min(self.cache_size, _bucket(slots_needed, self.min_span))
 
     def _finish(self, r: int, reason: str) -> RowOutput:
@@ -422,7 +423,8 @@ class Sampler:
         if width <= 0:
             return
         width = _bucket(width, self.append_bucket)
-        if int(self.cache.length) + width > self.cache_size:
+        length = int(self.cache.length)
+        if length + width > self.cache_size:
             for r in row_ids:
                 self._early[r] = self._finish(r, FINISH_CONTEXT)
             return
@@ -433,7 +435,7 @@ class Sampler:
             tokens[r, :len(feed)] = feed
             valid[r, :len(feed)] = True
             self.rows[r].pending = self.rows[r].pending[-1:]
-        span = self._span(int(self.cache.length) + width)
+        span = self._span(length + width)
         self.cache = _extend_call(self._graphdef, self._state, self.cache, jnp.asarray(tokens), jnp.asarray(valid),
                                   span)
 
