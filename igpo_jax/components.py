@@ -90,8 +90,8 @@ def in_dtype(model, dtype: str | None, view=None):
     it in place (a sampler holds on to it).
 
     veRL's rollout engine samples from bf16 weights as well; on the dev CPU (avx512_bf16) a bf16
-    copy decodes about 1.5× as fast as fp32 weights (bench.sampling). Scoring and the update keep the policy's
-    own dtype: π_old is recomputed from the policy, not taken from the sampler."""
+    copy decodes about 1.5× as fast as fp32 weights (bench.sampling). Scoring and the update keep
+    the policy's own dtype: π_old is recomputed from the policy, not taken from the sampler."""
     cfg = model.cfg
     if dtype is None or cfg.param_dtype == cfg.dtype == dtype:
         return model
