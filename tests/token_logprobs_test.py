@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
 from igpo_jax.model.weights import load_hf
@@ -18,6 +19,13 @@ B, T = 3, 21
 def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     write_tiny_hf_model("llama", path)  # tied embeddings: the projection is embed.T
+    return load_hf(str(path))
+
+
+@pytest.fixture(scope="module")
+def untied_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_untied")
+    write_tiny_hf_model("qwen2", path, tie_word_embeddings=False)  # its own lm_head [D, V]
     return load_hf(str(path))
 
 
@@ -66,3 +74,54 @@ def test_gradient_of_a_masked_loss_is_the_same_with_and_without_compaction(model
     compact = jax.grad(loss)(hidden, True)
     np.testing.assert_allclose(np.asarray(compact), np.asarray(full), atol=1e-6)
     assert np.all(np.asarray(compact)[~np.asarray(needed)] == 0)
+
+
+@pytest.mark.parametrize("projection", ["tied", "untied"])
+@pytest.mark.parametrize("needed_kind", ["none_given", "ragged"])
+def test_written_out_gradient_equals_autodiff_of_the_full_log_softmax(model, untied_model, projection, needed_kind):
+    """The chunked path's custom VJP (recomputed logits, d logits from the saved log-normaliser,
+    weight gradient summed over chunks) against jax.grad of a plain log_softmax over all logits,
+    for a loss that weights both log p(target) and the entropy, w.r.t. hidden and every param."""
+    m = model if projection == "tied" else untied_model
+    hidden, targets = _inputs(m, seed=5)
+    rng = np.random.default_rng(6)
+    needed = None if needed_kind == "none_given" else jnp.asarray(rng.random((B, T)) < 0.5)
+    keep = jnp.ones((B, T), bool) if needed is None else needed
+    w_logp, w_entropy = (jnp.asarray(rng.normal(size=(B, T)), jnp.float32) for _ in range(2))
+    graphdef, state = nnx.split(m)
+
+    def chunked(state, h):
+        logp, entropy = logprobs_from_hidden(nnx.merge(graphdef, state), h, targets, 2, True, needed)
+        return jnp.sum(w_logp * logp + w_entropy * entropy)
+
+    def full(state, h):
+        logq = jax.nn.log_softmax(nnx.merge(graphdef, state).logits_from_hidden(h), axis=-1)
+        logp = jnp.take_along_axis(logq, targets[..., None], axis=-1)[..., 0]
+        entropy = -jnp.sum(jnp.exp(logq) * logq, axis=-1)
+        return jnp.sum(jnp.where(keep, w_logp * logp + w_entropy * entropy, 0.0))
+
+    (got_state, got_h), (want_state, want_h) = (jax.grad(f, argnums=(0, 1))(state, hidden) for f in (chunked, full))
+    np.testing.assert_allclose(np.asarray(got_h), np.asarray(want_h), atol=1e-5)
+    projection_grads = 0
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(got_state), jax.tree.leaves(want_state)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, err_msg=jax.tree_util.keystr(path))
+        projection_grads += int(np.abs(np.asarray(want)).max() > 1e-3)
+    assert projection_grads == 1  # only the vocab projection (embed or lm_head) gets a gradient here
+
+
+def test_bf16_compute_keeps_a_float32_weight_gradient_close_to_the_float32_one(model):
+    """With a bf16 compute dtype the projections run in bf16 (float32 accumulation); the float32
+    master weight still gets a float32 gradient, within bf16 rounding of the fp32 one."""
+    hidden, targets = _inputs(model, seed=7)
+    bf16 = nnx.merge(*nnx.split(model))
+    bf16.cfg = model.cfg.replace(dtype="bfloat16")
+
+    def loss(weight_state, m):
+        graphdef, _ = nnx.split(m)
+        logp = logprobs_from_hidden(nnx.merge(graphdef, weight_state), hidden, targets, 4)[0]
+        return jnp.sum(logp)
+
+    grads = {name: jax.grad(loss)(nnx.split(m)[1], m)["embed"][...] for name, m in (("fp32", model), ("bf16", bf16))}
+    assert grads["bf16"].dtype == jnp.float32
+    scale = np.abs(np.asarray(grads["fp32"])).max()
+    np.testing.assert_allclose(np.asarray(grads["bf16"]), np.asarray(grads["fp32"]), atol=0.02 * scale)

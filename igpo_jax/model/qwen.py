@@ -230,10 +230,14 @@ class Decoder(nnx.Module):
             x, cache = block_call(block, x, positions_BT, mask_BTS, cache, i)
         return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), cache
 
+    def vocab_weight(self):
+        """The vocab projection [D, V] in the param dtype: embed.T when the embeddings are tied."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
     def logits_from_hidden(self, hidden_BTD):
         """fp32 logits; the projection runs in the compute dtype."""
         hidden = hidden_BTD.astype(self.cfg.jnp_dtype)
-        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        w = self.vocab_weight()
         # [B, T, V], or [rows, V] when the caller flattened positions (token_logprobs)
         x_idx, axes = ("pd", ("batch", "vocab")) if hidden.ndim == 2 else ("btd", ("batch", "length", "vocab"))
         return constrain(project(f"{x_idx},dv->{x_idx[:-1]}v", hidden, w, jnp.float32), axes)
