@@ -28,6 +28,7 @@ from flax import nnx
 from igpo_jax.igpo.loss import policy_loss
 from igpo_jax.model.attention_mask import causal_mask, positions_from_valid
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
+from igpo_jax.xla_flags import TRAIN_STEP_COMPILER_OPTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +187,7 @@ def _micro_loss(params, graphdef, micro: UpdateBatch, counts, cfg: UpdateConfig,
         loss_agg_mode=cfg.loss_agg_mode, num_tokens=counts[0], num_seqs=counts[1])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5), compiler_options=TRAIN_STEP_COMPILER_OPTIONS)
 def _summed_gradients(graphdef, params, batch: UpdateBatch, cfg: UpdateConfig, num_micro: int,
                       use_current_as_old: bool):
     """Loss, float32 gradients and metrics of one mini-batch, summed over its micro-batches."""
