@@ -28,7 +28,7 @@ from flax import nnx
 from igpo_jax.igpo.loss import policy_loss
 from igpo_jax.model.attention_mask import causal_mask, positions_from_valid
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
-from igpo_jax.xla_flags import TRAIN_STEP_COMPILER_OPTIONS
+from igpo_jax.xla_flags import FP32_TRAIN_STEP_COMPILER_OPTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +187,6 @@ def _micro_loss(params, graphdef, micro: UpdateBatch, counts, cfg: UpdateConfig,
         loss_agg_mode=cfg.loss_agg_mode, num_tokens=counts[0], num_seqs=counts[1])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5), compiler_options=TRAIN_STEP_COMPILER_OPTIONS)
 def _summed_gradients(graphdef, params, batch: UpdateBatch, cfg: UpdateConfig, num_micro: int,
                       use_current_as_old: bool):
     """Loss, float32 gradients and metrics of one mini-batch, summed over its micro-batches."""
@@ -208,6 +207,17 @@ def _summed_gradients(graphdef, params, batch: UpdateBatch, cfg: UpdateConfig, n
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, micro)
     return jnp.sum(losses), grads, jax.tree.map(jnp.sum, metrics)
+
+
+# the CPU compiler option sped up the fp32 train step and slowed the bf16 one (xla_flags.py)
+_gradients_fp32 = jax.jit(_summed_gradients, static_argnums=(0, 3, 4, 5),
+                          compiler_options=FP32_TRAIN_STEP_COMPILER_OPTIONS)
+_gradients_other = jax.jit(_summed_gradients, static_argnums=(0, 3, 4, 5))
+
+
+def _gradient_program(graphdef, params):
+    """The jitted `_summed_gradients` compiled for the model's compute dtype."""
+    return _gradients_fp32 if nnx.merge(graphdef, params).cfg.dtype == "float32" else _gradients_other
 
 
 @functools.partial(jax.jit, static_argnums=(4,), donate_argnums=(0, 1))
@@ -241,7 +251,8 @@ def train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: UpdateConfi
     micro-batch's backward pass with the optimiser and needed 3.6 GB of temporaries for SmolLM2
     at 4 × 384 tokens, against 0.7 GB for the gradients alone.
     """
-    loss, grads, metrics = _summed_gradients(graphdef, params, batch, cfg, num_micro, use_current_as_old)
+    loss, grads, metrics = _gradient_program(graphdef, params)(graphdef, params, batch, cfg, num_micro,
+                                                               use_current_as_old)
     params, opt_state, step_metrics = _apply_gradients(params, opt_state, grads, loss, cfg)
     return params, opt_state, {**metrics, **step_metrics}
 

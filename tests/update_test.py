@@ -146,3 +146,13 @@ def test_adam_moments_are_float32_for_bf16_params(tmp_path):
     assert {x.dtype for x in jax.tree.leaves(adam.mu) + jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
     assert float(max(jnp.max(x) for x in jax.tree.leaves(adam.nu))) > 0  # it did accumulate g²
     assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_only_an_fp32_compute_model_gets_the_cpu_dot_fusion_program(tmp_path):
+    """The compiler option that sped up the fp32 train step slowed the bf16 one (xla_flags.py)."""
+    from igpo_jax import update
+
+    write_tiny_hf_model("qwen2", tmp_path)
+    for dtype, program in (("float32", update._gradients_fp32), ("bfloat16", update._gradients_other)):
+        graphdef, params = nnx.split(load_hf(str(tmp_path), dtype=dtype))
+        assert update._gradient_program(graphdef, params) is program
