@@ -28,8 +28,8 @@ def add_cpu_memory_flags(environ=os.environ) -> None:
     environ["XLA_FLAGS"] = current
 
 
-# By default XLA's CPU backend hands each dot to YNNPACK on its own and fuses the elementwise ops
-# around it into plain loops; the weight-gradient dots of the backward pass want their inputs
+# By default XLA's CPU backend hands each dot to YNNPACK on its own (timed the same as
+# LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT) and fuses the elementwise ops around it into plain loops; the weight-gradient dots of the backward pass want their inputs
 # transposed, and XLA then fuses that transpose into the elementwise producer: the SwiGLU backward
 # became a strided write reading four [B·T, F] arrays (~75 ms per layer and micro-batch for
 # SmolLM2, 2.9 s of a 31 s train step). With YNNPACK fusing around dots, the transposes are plain
