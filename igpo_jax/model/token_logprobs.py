@@ -27,14 +27,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from igpo_jax.model.projection import project
 from igpo_jax.sharding import constrain
 
 
 def _logits(hidden_CD, weight_DV, dtype):
-    """fp32 logits of one chunk; the matmul in the compute dtype."""
-    logits = jnp.einsum("cd,dv->cv", hidden_CD.astype(dtype), weight_DV.astype(dtype),
-                        preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", "vocab"))
+    """fp32 logits of one chunk; the matmul in the compute dtype (as `Decoder.logits_from_hidden`)."""
+    return constrain(project("cd,dv->cv", hidden_CD.astype(dtype), weight_DV, jnp.float32), ("batch", "vocab"))
 
 
 def _chunk_stats(hidden_CD, targets_C, weight_DV, dtype, with_entropy: bool):
