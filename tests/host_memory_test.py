@@ -44,3 +44,51 @@ def test_configure_and_release_are_safe_to_repeat():
     assert host_memory.configure() and host_memory.configure()
     host_memory.release()
     host_memory.release()
+
+
+# a 64 MiB block written, freed and allocated again, from a thread other than the main one (XLA
+# allocates from its workers): the page faults of writing it the second time, then the resident
+# memory handed back when `retained()` ends
+_REUSE = textwrap.dedent("""
+    import contextlib, ctypes, resource, sys, threading
+    from igpo_jax import host_memory
+    assert host_memory.configure()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 64 << 20
+    def rss_mb():
+        return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+    def faults_of_second_write(out):
+        libc.free(ctypes.memset(libc.malloc(size), 1, size))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        p = libc.malloc(size)
+        ctypes.memset(p, 2, size)
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        libc.free(p)
+    retain = sys.argv[1] == "retained"
+    out = []
+    with host_memory.retained() if retain else contextlib.nullcontext():
+        worker = threading.Thread(target=faults_of_second_write, args=(out,))
+        worker.start()
+        worker.join()
+        rss_inside = rss_mb()
+    print(out[0], rss_inside - rss_mb())
+""")
+
+
+def _reuse(mode: str) -> tuple[int, float]:
+    out = subprocess.run([sys.executable, "-c", _REUSE, mode], capture_output=True, text=True, check=True)
+    faults, returned_mb = out.stdout.split()
+    return int(faults), float(returned_mb)
+
+
+def test_retained_reuses_freed_blocks_without_page_faults_and_returns_them_after():
+    faults, returned_mb = _reuse("retained")
+    assert faults < 200, faults  # the block's 16384 pages are still mapped
+    assert returned_mb > 50, returned_mb  # ... until the end of `retained()`
+
+
+def test_outside_retained_a_large_block_comes_back_as_fresh_pages():
+    faults, _ = _reuse("plain")
+    assert faults > 8000, faults  # mapped anew and faulted in page by page
