@@ -27,6 +27,7 @@ import string
 import jax
 import jax.numpy as jnp
 
+from igpo_jax.agent.parse import extract_answer  # one definition for rollouts and rewards
 from igpo_jax.data import ANSWER_SEPARATOR as ANSWER_SPLIT  # the reference's alias separator
 
 DEFAULT_TAGS = ("think", "tool_call", "answer")  # Search-R1 dialect: ("think", "search", "answer")
@@ -36,7 +37,6 @@ INFO_GAIN_TYPES = ("prob_diff", "log_prob_diff")
 # string.punctuation (ASCII), as the reference: widening it to Unicode punctuation would change
 # tokens such as "o’brien" and make our F1 incomparable with the published numbers.
 _PUNCT_TO_SPACE = str.maketrans({c: " " for c in string.punctuation})
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 # ----------------------------------------------------------------------------- answer metrics
@@ -74,12 +74,6 @@ def exact_match(prediction: str, ground_truth: str) -> float:
 
 
 # ----------------------------------------------------------------------------- format
-
-def extract_answer(text: str) -> str | None:
-    """Content of the first <answer>…</answer>, stripped; None when there is none."""
-    match = _ANSWER.search(text)
-    return match.group(1).strip() if match else None
-
 
 def tags_balanced(text: str, tags: tuple[str, ...] = DEFAULT_TAGS) -> bool:
     """Each tag on its own: no close before its open and every open closed (depth counting).
