@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import random
+import sqlite3
 import subprocess
 import sys
 import time
@@ -366,3 +367,30 @@ def test_format_results_respects_the_budget_and_shares_it():
     assert text.count("\n1. ") == 2 and "…" in text
     words = format_results(results, measure=lambda s: len(s.split()), budget=60)
     assert len(words.split()) <= 60 and "short" in words
+
+
+class _LockedFor:
+    """A connection stand-in whose first `n` statements fail as sqlite does when another process
+    holds the lock that changing the journal mode needs (it reports at once, without waiting)."""
+
+    def __init__(self, n: int, message: str = "database is locked"):
+        self.n, self.message, self.calls = n, message, 0
+
+    def execute(self, statement):
+        self.calls += 1
+        if self.calls <= self.n:
+            raise sqlite3.OperationalError(self.message)
+
+
+def test_switching_to_wal_waits_out_another_process_holding_the_lock():
+    from igpo_jax.search.cache import _enable_wal
+
+    db = _LockedFor(3)
+    _enable_wal(db, busy_timeout_s=5.0)
+    assert db.calls == 4
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _enable_wal(_LockedFor(10**9), busy_timeout_s=0.1)  # gives up at the busy timeout
+    other = _LockedFor(1, "disk I/O error")
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        _enable_wal(other, busy_timeout_s=5.0)
+    assert other.calls == 1  # only a lock is worth waiting for

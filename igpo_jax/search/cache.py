@@ -45,6 +45,23 @@ def default_cache_path() -> str:
         os.path.expanduser("~"), ".cache", "igpo_jax", "search.sqlite")
 
 
+def _enable_wal(db: sqlite3.Connection, busy_timeout_s: float) -> None:
+    """Switches a connection to WAL, retrying while another process holds the lock.
+
+    Changing the journal mode needs an exclusive lock, and sqlite reports "database is locked"
+    at once instead of waiting in its busy handler: several processes opening a new cache
+    together (the workers of one run) would otherwise fail at random."""
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
 class SearchCache:
     """A (namespace, query, top_k) → JSON value store with a time-to-live.
 
@@ -67,7 +84,7 @@ class SearchCache:
             # and blocks writers in other processes.
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
                                        check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(self._db, busy_timeout_s)
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable enough for a cache
             self._db.execute(_SCHEMA)
         except sqlite3.Error as error:
