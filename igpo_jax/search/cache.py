@@ -48,9 +48,10 @@ def default_cache_path() -> str:
 def _enable_wal(db: sqlite3.Connection, busy_timeout_s: float) -> None:
     """Switches a connection to WAL, retrying while another process holds the lock.
 
-    Changing the journal mode needs an exclusive lock, and sqlite reports "database is locked"
-    at once instead of waiting in its busy handler: several processes opening a new cache
-    together (the workers of one run) would otherwise fail at random."""
+    Changing the journal mode needs an exclusive lock; when waiting for it could deadlock (two
+    connections changing it at once), sqlite reports "database is locked" without going through
+    its busy handler. Several processes opening a new cache together (the workers of one run)
+    failed that way at random."""
     deadline = time.monotonic() + busy_timeout_s
     while True:
         try:
