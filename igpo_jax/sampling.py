@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from igpo_jax.buckets import power_of_two
 from igpo_jax.model.kv_cache import KVCache, extend
 
 FINISH_STOP = "stop"  # a stop token id or a stop string
@@ -221,10 +222,6 @@ def _extend_call(graphdef, state, cache, tokens_BW, valid_BW, span):
     return cache.put_window(window)
 
 
-def _bucket(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
 @dataclasses.dataclass
 class RowOutput:
     """What one row generated since its last start/append."""
@@ -344,7 +341,7 @@ class Sampler:
         room = self.cache_size - length
         if room <= 0:
             return {**early, **{i: self._finish(i, FINISH_CONTEXT) for i in active}}
-        bucket = _bucket(len(active))
+        bucket = power_of_two(len(active))
         compact = bucket < self.batch_size
         n = bucket if compact else self.batch_size
         row_index = active + [self.batch_size] * (bucket - len(active)) if compact else list(range(n))
@@ -401,7 +398,7 @@ class Sampler:
         """The cache slots a call attends over: the next power of two ≥ `slots_needed`, raised to
         `min_span`, capped at the cache. Powers of two bound the compiles to
         log2(cache_size / min_span) + 1 spans."""
-        return min(self.cache_size, _bucket(slots_needed, self.min_span))
+        return min(self.cache_size, power_of_two(slots_needed, self.min_span))
 
     def _finish(self, r: int, reason: str) -> RowOutput:
         host = self.rows[r]
@@ -422,7 +419,7 @@ class Sampler:
         width = max((len(self.rows[r].pending) - 1 for r in row_ids), default=0)
         if width <= 0:
             return
-        width = _bucket(width, self.append_bucket)
+        width = power_of_two(width, self.append_bucket)
         length = int(self.cache.length)
         if length + width > self.cache_size:
             for r in row_ids:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple, Sequence
 
 import jax
@@ -40,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from igpo_jax.agent.trajectories import Trajectories
+from igpo_jax.buckets import power_of_two, quarter_octave
 from igpo_jax.data import ANSWER_SEPARATOR as ANSWER_SPLIT  # the reference's alias separator
 from igpo_jax.model.attention_mask import causal_mask, positions_from_valid
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
@@ -108,19 +108,8 @@ class TurnScores(NamedTuple):
     valid_NT: np.ndarray  # bool: t < T_i
 
 
-def _bucket(n: int, minimum: int, steps_per_octave: int = 4) -> int:
-    """Round n up to a multiple of 2^floor(log2 n) / steps_per_octave (≤ 1/steps waste), ≥ minimum."""
-    n = max(n, minimum)
-    step = max(1, 2 ** int(math.floor(math.log2(n))) // steps_per_octave)
-    return -(-n // step) * step
-
-
 def _round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (max(n, 1) - 1).bit_length())
 
 
 def _answer_layout(pt: PseudoTurn) -> tuple[np.ndarray, np.ndarray]:
@@ -214,8 +203,8 @@ def _micro_batch_arrays(traj: Trajectories, pts: Sequence[PseudoTurn], rows: np.
     valid_NT = _valid_turns(traj)
     ts = np.asarray(traj.turn_start_NT)
     layouts = [_answer_layout(pts[i]) for i in rows]
-    c = _bucket(int(max(ts[i][valid_NT[i]].max() for i in rows)), 32)
-    t = _pow2(int(np.asarray(traj.num_turns_N)[rows].max()))
+    c = quarter_octave(int(max(ts[i][valid_NT[i]].max() for i in rows)), 32)
+    t = power_of_two(int(np.asarray(traj.num_turns_N)[rows].max()))
     p = _round_up(max(len(cp) for _, cp in layouts), 8)
     a = _round_up(max(len(ix) for ix, _ in layouts), 4)
     out = dict(
@@ -298,7 +287,7 @@ def score_per_turn(model, traj: Trajectories, pts: Sequence[PseudoTurn], bucket:
             seqs.append(np.concatenate([ctx, pts[i].ids]).astype(np.int32))
             answer_pos.append(len(ctx) + np.flatnonzero(pts[i].answer_mask))
         s = max(map(len, seqs))
-        s = _bucket(s, 32) if bucket else s
+        s = quarter_octave(s, 32) if bucket else s
         tokens = np.zeros((len(rows), s), np.int32)
         valid = np.zeros((len(rows), s), bool)
         pred_pos = np.zeros((len(rows), a), np.int32)
