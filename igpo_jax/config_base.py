@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.val_temperature = 0.0  # validation is greedy
     c.rollout.overlap_search = True  # False: a deterministic decode/append schedule (bitwise resumable)
     c.rollout.steps_per_call = 32
+    # decode attends over the smallest power-of-two window of the cache that holds every slot,
+    # at least this many: smaller → less attention work early in an episode, more compiled spans
+    c.rollout.min_span = 1024
     # sample from a copy of the policy in this dtype (e.g. "bfloat16", as veRL's vLLM rollouts do);
     # unset: sample from the policy itself. Scoring and the update keep the policy's dtype.
     c.rollout.dtype = ml_collections.config_dict.placeholder(str)
@@ -153,7 +156,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.rollout.dtype is not None:
         _one_of("rollout.dtype", c.rollout.dtype, DTYPES)
     for key in ("rollout.n", "rollout.max_turns", "rollout.max_new_tokens", "rollout.context_length",
-                "data.train_batch_size", "trainer.total_training_steps", "actor.ppo_epochs"):
+                "rollout.min_span", "data.train_batch_size", "trainer.total_training_steps", "actor.ppo_epochs"):
         section, name = key.split(".")
         _positive(key, c[section][name])
     for key in ("trainer.save_freq", "trainer.test_freq", "actor.ppo_mini_batch_size", "actor.micro_batch_size",

@@ -142,10 +142,12 @@ def test_every_config_builds_its_pipeline_on_a_tiny_model(name, tiny_model_dir):
     c.model.path = tiny_model_dir
     c.model.param_dtype = c.model.dtype = "float32"
     c.mesh.shape = {"data": -1}
+    c.rollout.min_span = 256  # not the sampler's own default: it must come from the config
     config_base.validate(c)
     assert c.run_dir and c.trainer.total_training_steps > 0
     model, tokenizer = components.load_policy(c)
-    make_sampler(model, tokenizer, components.rollout_config(c), num_rows=2)
+    sampler = make_sampler(model, tokenizer, components.rollout_config(c), num_rows=2)
+    assert sampler.min_span == c.rollout.min_span
     Updater(model, update_config(c))
     algorithm_config(c)
 
@@ -166,6 +168,10 @@ def test_bad_config_values_fail_fast_naming_the_key():
     c = load_config("demo")
     c.rollout.n = 0
     with pytest.raises(ValueError, match=r"config.rollout.n=0 must be > 0"):
+        config_base.validate(c)
+    c = load_config("demo")
+    c.rollout.min_span = 0
+    with pytest.raises(ValueError, match=r"config.rollout.min_span=0 must be > 0"):
         config_base.validate(c)
     c = load_config("demo")
     c.rollout.dtype = "bf16"

@@ -69,6 +69,7 @@ class RolloutConfig:
     format_error_ends_episode: bool = False
     overlap_search: bool = True
     steps_per_call: int = 32
+    min_span: int = 1024  # smallest cache window that decoding attends over (sampling.py)
 
     def __post_init__(self):
         if self.dialect not in STOP_STRINGS:
@@ -109,7 +110,7 @@ def make_sampler(model, tokenizer, config: RolloutConfig, num_rows: int, **sampl
     """A Sampler with the dialect's stop strings, the tokenizer's stop ids and the config's limits."""
     return Sampler(model, tokenizer, batch_size=num_rows, cache_size=config.cache_size, params=config.sampling,
                    stop_token_ids=stop_token_ids(tokenizer), stop_strings=config.stop_strings,
-                   steps_per_call=config.steps_per_call, **sampler_kwargs)
+                   steps_per_call=config.steps_per_call, min_span=config.min_span, **sampler_kwargs)
 
 
 # ----------------------------------------------------------------------------- chat rendering
