@@ -10,9 +10,11 @@ mmap threshold; `release()` (between the phases of a step) hands free heap pages
 The other side of that trade is page faults. A buffer handed back to the OS comes back as fresh
 pages that the kernel maps and zeroes on first write: the SmolLM2 train step (8 × 512 tokens)
 maps a 4.5 GB temporary per run and, with glibc's defaults, took 1.6 M page faults and 4–7
-CPU-seconds in the kernel per 26 s step (3.4 M with `configure()`'s 1 MiB threshold). Within `retained()` (a phase that runs the same programs again and again, like the
-update) freed buffers stay in the heap for the next run instead: no faults, and the pages go
-back at the end of the phase. glibc maps large blocks of threads other than the main one
+CPU-seconds in the kernel per 26 s step (3.4 M with `configure()`'s 1 MiB threshold). Within
+`retained()` (around a loop that runs the same programs again and again, such as several
+optimiser steps) freed buffers stay in the heap for the next run instead: no faults, and the
+pages go back when it ends. `igpo_jax.train` does not use it: its update phase runs one
+optimiser step by default, and the retained heap would raise the demo's peak memory. glibc maps large blocks of threads other than the main one
 outside the heap whatever the settings, hence one arena: XLA allocates from its worker threads.
 """
 

@@ -29,8 +29,9 @@ def add_cpu_memory_flags(environ=os.environ) -> None:
 
 
 # By default XLA's CPU backend hands each dot to YNNPACK on its own (timed the same as
-# LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT) and fuses the elementwise ops around it into plain loops; the weight-gradient dots of the backward pass want their inputs
-# transposed, and XLA then fuses that transpose into the elementwise producer: the SwiGLU backward
+# LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT) and fuses the elementwise ops around it into plain loops;
+# the weight-gradient dots of the backward pass want their inputs transposed, and XLA then
+# fuses that transpose into the elementwise producer: the SwiGLU backward
 # became a strided write reading four [B·T, F] arrays (~75 ms per layer and micro-batch for
 # SmolLM2, 2.9 s of a 31 s train step). With YNNPACK fusing around dots, the transposes are plain
 # one-array copies (0.2 s in all) and the SmolLM2 train step (8 × 512 tokens) took 26.9 s instead of
