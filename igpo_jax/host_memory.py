@@ -14,8 +14,9 @@ CPU-seconds in the kernel per 26 s step (3.4 M with `configure()`'s 1 MiB thresh
 `retained()` (around a loop that runs the same programs again and again, such as several
 optimiser steps) freed buffers stay in the heap for the next run instead: no faults, and the
 pages go back when it ends. `igpo_jax.train` does not use it: its update phase runs one
-optimiser step by default, and the retained heap would raise the demo's peak memory. glibc maps large blocks of threads other than the main one
-outside the heap whatever the settings, hence one arena: XLA allocates from its worker threads.
+optimiser step by default, and the retained heap would raise the demo's peak memory. glibc
+maps large blocks of threads other than the main one outside the heap whatever the settings,
+hence one arena: XLA allocates from its worker threads.
 """
 
 from __future__ import annotations
