@@ -6,6 +6,8 @@ The format (IGPO_SPEC §6) is one row per question:
   ability      str
   reward_model struct<ground_truth: str, style: str> aliases joined by '<|answer_split|>'
   extra_info   struct<index: str, split: str>
+                     (+ supporting_doc_ids: list<str>, optional: the corpus documents that answer
+                     the question, last = the one stating the answer; the synthetic world writes it)
 Rows are validated when loaded, so that a bad file fails before any model is built, with a
 message that names the file, the row and the field. A prepared TFDS dataset can stand in for
 the files (`tfds_source`, optional): its records pass through the same validation.
@@ -39,6 +41,11 @@ PARQUET_SCHEMA = pa.schema([
     ("extra_info", pa.struct([("index", pa.string()), ("split", pa.string())])),
 ])
 REQUIRED_COLUMNS = tuple(PARQUET_SCHEMA.names)
+# Files whose questions know their supporting documents (the synthetic world) add one field to
+# extra_info; readers of the reference's format ignore extra_info fields they do not know.
+_EXTRA_INFO_WITH_DOCS = pa.struct([("index", pa.string()), ("split", pa.string()),
+                                   ("supporting_doc_ids", pa.list_(pa.string()))])
+PARQUET_SCHEMA_WITH_DOCS = PARQUET_SCHEMA.set(4, pa.field("extra_info", _EXTRA_INFO_WITH_DOCS))
 
 PathLike = Union[str, os.PathLike]
 
@@ -75,6 +82,9 @@ class Example:
     split: str
     ability: str = DEFAULT_ABILITY
     answer_style: str = DEFAULT_ANSWER_STYLE
+    # corpus ids of the documents that answer the question, in reading order (the last one states
+    # the answer); () when the data does not say (every real benchmark file)
+    supporting_doc_ids: tuple[str, ...] = ()
 
     def chat_messages(self) -> list[dict[str, str]]:
         """The prompt as the list of {role, content} dicts that chat templates take."""
@@ -178,10 +188,13 @@ def _parse_row(path: PathLike, row_number: int, row: dict[str, Any]) -> Example:
         index = str(index)
     index = require_str(index, "extra_info.index")
     split = require_str(extra_info["split"], "extra_info.split")
+    doc_ids = extra_info.get("supporting_doc_ids") or ()
+    if not isinstance(doc_ids, (list, tuple)) or not all(isinstance(d, str) and d for d in doc_ids):
+        raise fail("extra_info.supporting_doc_ids", f"expected a list of non-empty strings, found {_describe(doc_ids)}")
 
     return Example(index=index, data_source=data_source, question=question,
                    golden_answers=golden_answers, prompt=tuple(prompt), split=split,
-                   ability=ability, answer_style=answer_style)
+                   ability=ability, answer_style=answer_style, supporting_doc_ids=tuple(doc_ids))
 
 
 def _describe(value: Any) -> str:
@@ -189,15 +202,19 @@ def _describe(value: Any) -> str:
 
 
 def examples_to_table(examples: Sequence[Example]) -> pa.Table:
+    """The reference's schema exactly, unless some example carries supporting_doc_ids (then
+    PARQUET_SCHEMA_WITH_DOCS, whose extra_info has that one field more)."""
+    with_docs = any(e.supporting_doc_ids for e in examples)
     rows = [{
         "data_source": e.data_source,
         "prompt": [{"content": m.content, "role": m.role} for m in e.prompt],
         "ability": e.ability,
         "reward_model": {"ground_truth": ANSWER_SEPARATOR.join(e.golden_answers),
                          "style": e.answer_style},
-        "extra_info": {"index": e.index, "split": e.split},
+        "extra_info": {"index": e.index, "split": e.split,
+                       **({"supporting_doc_ids": list(e.supporting_doc_ids)} if with_docs else {})},
     } for e in examples]
-    return pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA_WITH_DOCS if with_docs else PARQUET_SCHEMA)
 
 
 def write_examples(path: PathLike, examples: Sequence[Example]) -> None:

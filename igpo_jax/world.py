@@ -14,6 +14,12 @@ Entities and the facts their documents state:
 One-hop questions are answered by the question entity's own document; two-hop questions by
 the document of an entity that the first document names, and by no single document.
 
+Held out: the test questions are about entities that no training question asks about. A share
+of each kind's entities is set aside; a test question's supporting documents all belong to set-
+aside entities and a training question's to none (so validation measures a skill, searching and
+reading, not facts memorised from training rewards). The share is the smallest multiple of 0.05
+(at least `test_fraction`) that leaves enough questions of each kind on both sides.
+
 Outputs (`write_world`): train.parquet and test.parquet in the reference's format (see
 igpo_jax.data), and corpus.jsonl in Search-R1's wiki-18 format ({"id", "contents"} with
 contents = '"Title"\\ntext') for the embedded retriever.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -171,7 +178,8 @@ class WorldQuestion:
     def to_example(self) -> data.Example:
         return data.Example(index=self.index, data_source=self.data_source,
                             question=self.question, golden_answers=self.answers,
-                            prompt=(data.Message("user", self.question),), split=self.split)
+                            prompt=(data.Message("user", self.question),), split=self.split,
+                            supporting_doc_ids=self.supporting_doc_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,9 +464,29 @@ def _pick(draw: _Draw, per_template: list[list[_Candidate]], count: int,
     return picked
 
 
+def _held_out(draw: _Draw, entities: _Entities, share: float) -> set[str]:
+    """Doc ids of the first `share` of each kind's entities in one seeded order per kind; a larger
+    share holds out a superset, so searching upwards for a share that suffices is well defined."""
+    held = set()
+    for kind in (entities.countries, entities.cities, entities.universities, entities.companies,
+                 entities.people):
+        order = draw.shuffled([e.doc_id for e in kind])
+        held.update(order[:round(len(order) * share)])
+    return held
+
+
+def _split_candidates(per_template: list[list[_Candidate]],
+                      held: set[str]) -> tuple[list[list[_Candidate]], list[list[_Candidate]]]:
+    """(test, train) candidates per template: all documents held out, or none; mixed ones drop."""
+    test = [[c for c in cands if set(c.doc_ids) <= held] for cands in per_template]
+    train = [[c for c in cands if not set(c.doc_ids) & held] for cands in per_template]
+    return test, train
+
+
 def build_world(seed: int = 0, num_questions: int = 400, two_hop_fraction: float = 0.5,
                 test_fraction: float = 0.1, shape: WorldShape = WorldShape()) -> World:
-    """The world for `seed`: one document per entity and `num_questions` questions."""
+    """The world for `seed`: one document per entity and `num_questions` questions, of which
+    round(num_questions · test_fraction) are test questions on held-out entities (module doc)."""
     if not 0.0 <= two_hop_fraction <= 1.0 or not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"two_hop_fraction ({two_hop_fraction}) must be in [0, 1] and "
                          f"test_fraction ({test_fraction}) in [0, 1)")
@@ -468,19 +496,36 @@ def build_world(seed: int = 0, num_questions: int = 400, two_hop_fraction: float
                       for e in entities.all())
 
     num_two_hop = round(num_questions * two_hop_fraction)
-    picked = (_pick(draw, _candidates(entities, _ONE_HOP, documents), num_questions - num_two_hop,
-                    "one-hop")
-              + _pick(draw, _candidates(entities, _TWO_HOP, documents), num_two_hop, "two-hop"))
-    picked = draw.shuffled(picked)
-    num_test = round(len(picked) * test_fraction)
+    num_test = round(num_questions * test_fraction)
+    num_test_two_hop = round(num_test * two_hop_fraction)
+    wanted = {  # hops → (test, train) counts
+        1: (num_test - num_test_two_hop, num_questions - num_two_hop - (num_test - num_test_two_hop)),
+        2: (num_test_two_hop, num_two_hop - num_test_two_hop)}
+    pools = {1: _candidates(entities, _ONE_HOP, documents), 2: _candidates(entities, _TWO_HOP, documents)}
+    entity_seed = draw.integer(0, 2**31 - 1)  # the held-out order: the same for every share tried
+    share = max(0.05, math.ceil(test_fraction / 0.05 - 1e-9) * 0.05)
+    while True:
+        held = _held_out(_Draw(entity_seed), entities, share) if num_test else set()
+        splits = {hops: _split_candidates(pools[hops], held) for hops in pools}
+        enough_test = all(sum(map(len, splits[h][0])) >= wanted[h][0] for h in pools)
+        if enough_test or share >= 0.95:
+            break
+        share = round(share + 0.05, 2)
+    picked_test, picked_train = [], []
+    for hops, kind in ((1, "one-hop"), (2, "two-hop")):
+        test_cands, train_cands = splits[hops]
+        picked_test += _pick(draw, test_cands, wanted[hops][0], f"held-out {kind}")
+        picked_train += _pick(draw, train_cands, wanted[hops][1], f"training {kind} (with "
+                              f"{share:.0%} of the entities held out for {num_test} test questions)")
+    picked = ([(c, "test") for c in draw.shuffled(picked_test)]
+              + [(c, "train") for c in draw.shuffled(picked_train)])
     questions = []
     counters = {ONE_HOP_SOURCE: 0, TWO_HOP_SOURCE: 0}
-    for position, candidate in enumerate(picked):
+    for candidate, split in picked:
         source = ONE_HOP_SOURCE if len(candidate.doc_ids) == 1 else TWO_HOP_SOURCE
         questions.append(WorldQuestion(
             index=f"{source}_{counters[source]}", question=candidate.question,
-            answers=candidate.answers, supporting_doc_ids=candidate.doc_ids,
-            split="test" if position < num_test else "train"))
+            answers=candidate.answers, supporting_doc_ids=candidate.doc_ids, split=split))
         counters[source] += 1
     return World(seed=seed, documents=documents, questions=tuple(questions))
 

@@ -111,7 +111,7 @@ def test_names_are_distinct_and_fictional(default_world):
 def test_parquet_round_trips_through_the_reader(tmp_path, default_world):
     files = world.write_world(tmp_path, seed=0)
     for path in (files.train, files.test):
-        assert pq.read_schema(path).remove_metadata() == data.PARQUET_SCHEMA
+        assert pq.read_schema(path).remove_metadata() == data.PARQUET_SCHEMA_WITH_DOCS
     by_index = {q.index: q for q in default_world.questions}
     train = data.load_examples(files.train)
     test = data.load_examples(files.test)
@@ -122,14 +122,23 @@ def test_parquet_round_trips_through_the_reader(tmp_path, default_world):
         assert example.split == split
         assert example.golden_answers == q.answers
         assert example.prompt == (data.Message("user", q.question),)
+        assert example.supporting_doc_ids == q.supporting_doc_ids and example.supporting_doc_ids
         assert example.data_source in ("synthetic_1hop", "synthetic_2hop")
 
 
 @pytest.mark.skipif(not REFERENCE_DEV_FILE.exists(), reason="reference dev file not present")
 def test_parquet_schema_matches_the_reference_file(tmp_path):
+    # the reference's schema, with one more extra_info field (supporting_doc_ids) after its own
     files = world.write_world(tmp_path, seed=0, num_questions=20)
-    assert pq.read_schema(files.train).remove_metadata() == \
-        pq.read_schema(REFERENCE_DEV_FILE).remove_metadata()
+    ours, reference = (pq.read_schema(p).remove_metadata() for p in (files.train, REFERENCE_DEV_FILE))
+    assert ours.names == reference.names
+    for name in reference.names:
+        if name != "extra_info":
+            assert ours.field(name) == reference.field(name)
+    extra_ours, extra_ref = ours.field("extra_info").type, reference.field("extra_info").type
+    assert [extra_ours.field(i) for i in range(extra_ref.num_fields)] == \
+        [extra_ref.field(i) for i in range(extra_ref.num_fields)]
+    assert extra_ours.num_fields == extra_ref.num_fields + 1
 
 
 def test_corpus_is_search_r1_jsonl(tmp_path, default_world):
@@ -155,3 +164,21 @@ def test_asking_for_more_questions_than_the_world_holds_is_a_clear_error():
         world.build_world(seed=0, num_questions=100,
                           shape=world.WorldShape(countries=1, cities=1, rivers=1,
                                                  universities=1, companies=1, people=2))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_questions": 200},
+                                    {"num_questions": 512, "two_hop_fraction": 0.0, "test_fraction": 0.5}])
+def test_test_questions_are_about_entities_no_training_question_asks_about(kwargs):
+    built = world.build_world(seed=0, **kwargs)
+    test = [q for q in built.questions if q.split == "test"]
+    train = [q for q in built.questions if q.split == "train"]
+    n = kwargs.get("num_questions", 400)
+    assert len(test) == round(n * kwargs.get("test_fraction", 0.1)) and len(test) + len(train) == n
+    test_docs = {d for q in test for d in q.supporting_doc_ids}
+    train_docs = {d for q in train for d in q.supporting_doc_ids}
+    assert test_docs and train_docs and not test_docs & train_docs
+    # nor does a training question name a held-out entity (a two-hop question names only its first)
+    held_titles = {built.document(d).title for d in test_docs}
+    assert not any(title in q.question for q in train for title in held_titles)
+    hops = [q.hops for q in test]
+    assert hops.count(2) == round(len(test) * kwargs.get("two_hop_fraction", 0.5))
