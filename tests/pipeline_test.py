@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -14,8 +16,10 @@ def _traj():
     tokens = np.zeros((2, 8), np.int32)
     loss = np.array([[0, 1, 1, 0, 0, 1, 1, 0], [0, 1, 1, 1, 0, 0, 0, 0]], bool)
     turn = np.where(loss, np.array([[-1, 0, 0, -1, -1, 1, 1, -1], [-1, 0, 0, 0, -1, -1, -1, -1]]), -1)
-    eps = (Episode("q", ("Kesmarin",), "s", "<search>a</search><answer>Kesmarin</answer>", "", "Kesmarin", "answer"),
-           Episode("q", ("Kesmarin",), "s", "<answer>Rome</answer>", "", "Rome", "answer"))
+    eps = (Episode("q", ("Kesmarin",), "s", "<search>a</search><answer>Kesmarin</answer>", "", "Kesmarin", "answer",
+                   supporting_doc_ids=("4",), retrieved_ids_per_turn=(("9", "4"), None)),
+           Episode("q", ("Kesmarin",), "s", "<answer>Rome</answer>", "", "Rome", "answer",
+                   supporting_doc_ids=("4",), retrieved_ids_per_turn=(None,)))
     return Trajectories(tokens, np.ones((2, 8), bool), loss, turn.astype(np.int32),
                         np.array([[1, 5], [1, -1]], np.int32), np.array([2, 1], np.int32),
                         np.array([0, 0], np.int32), np.zeros((2, 8), np.float32), eps)
@@ -40,6 +44,14 @@ def test_igpo_advantages_by_hand():
     np.testing.assert_allclose(adv[1], [0, f1_hat1, f1_hat1, f1_hat1, 0, 0, 0, 0], rtol=1e-5, atol=1e-6)
     assert metrics["ig/mean"] == pytest.approx(0.3, abs=1e-6) and metrics["ig/count"] == 1
     assert metrics["reward/f1"] == pytest.approx(0.5) and metrics["reward/format_error_rate"] == 0
+    # diagnostics: one live group; rollout 0 searched and found doc 4 (IG 0.3); P before its search 0.1,
+    # final contexts: rollout 0 slot 1 (0.4), rollout 1 slot 0 (0.1)
+    assert metrics["diag/collapse_frac"] == 0 and metrics["diag/searched_frac"] == 0.5
+    assert metrics["diag/answer_doc_found_frac"] == 0.5 and metrics["diag/format_ok_frac"] == 1
+    assert metrics["diag/ig_answer_doc"] == pytest.approx(0.3) and metrics["diag/ig_other_doc_count"] == 0
+    assert "diag/ig_other_doc" not in metrics  # a mean over no turns is absent, not 0
+    assert metrics["diag/p_gold_before_search"] == pytest.approx(0.1, rel=1e-5)
+    assert metrics["diag/p_gold_final_context"] == pytest.approx(0.25, rel=1e-5)
 
 
 def test_grpo_switch_gives_one_advantage_per_rollout():
@@ -56,3 +68,13 @@ def test_info_gain_needs_scores():
     traj = _traj()
     with pytest.raises(ValueError, match="needs the per-turn gold-answer scores"):
         advantages_for(traj, score_outcomes(traj, "search_tags", -2.0), None, None, AlgorithmConfig(), 0, 10)
+
+
+def test_grpo_groups_that_all_score_the_same_are_collapsed():
+    traj = _traj()
+    same = dataclasses.replace(traj, episodes=tuple(dataclasses.replace(ep, response_text="no answer")
+                                                    for ep in traj.episodes))
+    _, metrics = advantages_for(same, score_outcomes(same, "search_tags", -2.0), None, None,
+                                AlgorithmConfig(use_info_gain=False), 0, 10)
+    assert metrics["diag/collapse_frac"] == 1.0 and metrics["diag/format_ok_frac"] == 0
+    assert "diag/p_gold_before_search" not in metrics and "diag/ig_answer_doc_count" not in metrics

@@ -35,7 +35,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import time
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -166,6 +166,7 @@ class _Row:
     failures: int = 0
     format_errors: int = 0
     finish: str | None = None
+    retrieved: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # turn → hit ids
 
     def __post_init__(self):
         n = len(self.tokens)
@@ -198,8 +199,10 @@ class _Next:
 # ----------------------------------------------------------------------------- the rollout
 
 class _Rollout:
-    def __init__(self, sampler: SamplerLike, tokenizer, search: SearchLike, config: RolloutConfig):
+    def __init__(self, sampler: SamplerLike, tokenizer, search: SearchLike, config: RolloutConfig,
+                 on_progress: Callable[[int, int], None] | None = None):
         self.sampler, self.tokenizer, self.search, self.config = sampler, tokenizer, search, config
+        self.on_progress = on_progress or (lambda turns, episodes: None)
         self.frame = chat_frame(tokenizer) if config.dialect == "qwen_tool_call" else None
         self.limits = ParseLimits(max_queries=config.max_queries)
         self.stop_ids = frozenset(stop_token_ids(tokenizer))
@@ -252,6 +255,7 @@ class _Rollout:
                         round_queries.append(step.queries)
                     else:
                         feedback.append((r, out, step.feedback))
+                self.on_progress(len(stopped), sum(rows[r].finish is not None for r in stopped))
                 self._continue(rows, feedback)
                 if round_rows:
                     in_flight[pool.submit(_search_round, self.search, round_queries)] = round_rows
@@ -289,6 +293,7 @@ class _Rollout:
     def _tool_text(self, row: _Row, results: list[SearchResult]) -> str:
         row.searches += len(results)
         row.failures += sum(not result.ok for result in results)
+        row.retrieved[len(row.turn_starts) - 1] = tuple(hit.url for result in results for hit in result.hits)
         return format_results(results, budget=self.config.max_tool_tokens, measure=lambda s: len(self.encode(s)))
 
     def _continue(self, rows: list[_Row], items: list[tuple[int, RowOutput, str]]) -> None:
@@ -306,6 +311,7 @@ class _Rollout:
                 rows[r].add_context(tokens)
             else:  # the continuation did not fit in the cache: it was never fed, so it is not recorded
                 rows[r].finish = CONTEXT
+                self.on_progress(0, 1)
 
     def _continuation(self, out: RowOutput, tool_text: str, next_turn: int) -> list[int]:
         prefix = self.config.prefix(next_turn)
@@ -362,7 +368,9 @@ def _episode(row: _Row, tokenizer) -> Episode:
                    data_source=row.example.data_source,
                    response_text=tokenizer.decode(row.tokens[row.response_start:], skip_special_tokens=False),
                    final_turn_text=final, answer=extract_answer(final), finish_reason=row.finish or CONTEXT,
-                   num_searches=row.searches, search_failures=row.failures)
+                   num_searches=row.searches, search_failures=row.failures,
+                   supporting_doc_ids=tuple(row.example.supporting_doc_ids),
+                   retrieved_ids_per_turn=tuple(row.retrieved.get(t) for t in range(len(row.turn_starts))))
 
 
 def _stats(rows: list[_Row], timing: dict[str, float]) -> dict[str, float]:
@@ -392,19 +400,20 @@ def row_seeds(seed: int, num_rows: int) -> list[int]:
 
 
 def rollout(examples: Sequence[Example], group_size: int, sampler: SamplerLike, tokenizer, search: SearchLike,
-            config: RolloutConfig, seed: int = 0,
-            seeds: Sequence[int] | None = None) -> tuple[Trajectories, dict[str, float]]:
+            config: RolloutConfig, seed: int = 0, seeds: Sequence[int] | None = None,
+            on_progress: Callable[[int, int], None] | None = None) -> tuple[Trajectories, dict[str, float]]:
     """G = `group_size` episodes per example (rows i·G … i·G+G−1 share group id i).
 
     `seed` fixes every row's sampling key (pass e.g. the training step); `seeds`, when given, are
     the rows' own seeds instead (one per row, e.g. a slice of `row_seeds` for the global batch of
-    a multi-host run). Returns the trajectories
+    a multi-host run). `on_progress(turns, episodes)`, when given, hears each batch of turns that
+    ended and of episodes that finished with them, as they happen (progress bars). Returns the trajectories
     and float stats: per-episode means of turns, tool calls, searches (queries sent), search
     failures (queries answered with an error), format errors; finish-reason fractions; seconds
     spent decoding (including appends), searching (sum over rounds) and waiting for searches.
     """
     if not examples or group_size < 1:
         raise ValueError(f"need at least one example and group_size ≥ 1 (got {len(examples)}, {group_size})")
-    run = _Rollout(sampler, tokenizer, search, config)
+    run = _Rollout(sampler, tokenizer, search, config, on_progress)
     rows = run.run(examples, group_size, row_seeds(seed, len(examples) * group_size) if seeds is None else seeds)
     return _trajectories(rows, tokenizer, config.max_turns), _stats(rows, run.timing)

@@ -16,6 +16,7 @@ import numpy as np
 
 from igpo_jax.agent.trajectories import Trajectories
 from igpo_jax.data import ANSWER_SEPARATOR as ANSWER_SPLIT  # the reference's alias separator
+from igpo_jax.igpo import diagnostics
 from igpo_jax.igpo.advantages import compute_advantages, curriculum_weights
 from igpo_jax.igpo.rewards import info_gain, score_outcome
 
@@ -93,4 +94,19 @@ def advantages_for(traj: Trajectories, outcomes: Outcomes, mean_logp_NT: np.ndar
         "curriculum/w_ig": float(w_ig),
         "advantage/mean": float(token_NL[traj.loss_mask_NL].mean()) if traj.loss_mask_NL.any() else 0.0,
     }
+    metrics.update(step_diagnostics(traj, outcomes, token_NL, mean_logp_NT, scored_NT, ig_NT, ig_mask_NT))
     return token_NL, metrics
+
+
+def step_diagnostics(traj: Trajectories, outcomes: Outcomes, token_NL: np.ndarray, mean_logp_NT, scored_NT,
+                     ig_NT: np.ndarray, ig_mask_NT: np.ndarray) -> dict[str, float]:
+    """diag/* metrics (igpo.diagnostics); P(gold) and IG ones only when the turns were scored."""
+    searched_NT, answer_doc_NT = diagnostics.turn_retrieval(traj.episodes, traj.max_turns)
+    out = {"diag/collapse_frac": diagnostics.collapse_fraction(token_NL, traj.loss_mask_NL, traj.group_id_N)}
+    out.update(diagnostics.behaviour(searched_NT, np.asarray([ep.answer is not None for ep in traj.episodes]),
+                                     outcomes.format_ok_N, answer_doc_NT))
+    if mean_logp_NT is not None:
+        valid_NT = np.ones(mean_logp_NT.shape, bool) if scored_NT is None else np.asarray(scored_NT)
+        out.update(diagnostics.p_gold(np.asarray(mean_logp_NT), valid_NT, traj.num_turns_N, searched_NT))
+        out.update(diagnostics.ig_by_retrieval(ig_NT, ig_mask_NT, searched_NT, answer_doc_NT))
+    return diagnostics.drop_nan(out)
