@@ -17,7 +17,7 @@ import ml_collections
 from absl import flags, logging
 from flax import nnx
 
-from igpo_jax import data, distributed, host_memory, sharding, world, xla_flags
+from igpo_jax import compilation_cache, data, distributed, host_memory, sharding, world, xla_flags
 from igpo_jax.agent.rollout import RolloutConfig
 from igpo_jax.model import embedded, tokenizer as tokenizer_lib, weights
 from igpo_jax.model.qwen import Decoder
@@ -135,9 +135,11 @@ def search_backend(config: ml_collections.ConfigDict, corpus: str = "") -> Itera
 
 def start_program() -> None:
     """What every entry point does first: quiet logs unless asked, the CPU memory flags (before
-    any JAX operation starts a backend), then the multi-host process group (a no-op for one)."""
+    any JAX operation starts a backend), the persistent compilation cache (before anything
+    compiles; `compilation_cache.py`), then the multi-host process group (a no-op for one)."""
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
     xla_flags.add_cpu_memory_flags()
+    compilation_cache.enable()
     host_memory.configure()
     distributed.initialize()  # from flags / SLURM / TPU VM
