@@ -31,6 +31,7 @@ def get_config():
     c.search.top_k = 10
     c.search.cache_path = "runs/search_cache.sqlite"
     c.rollout.n = 16
+    c.rollout.today = "2026-01-01"  # the system prompt's {today}, pinned: the same prompts on any day
     c.rollout.dialect = "qwen_tool_call"
     c.rollout.forced_prefix = "<think>"
     c.rollout.max_turns = 10

@@ -21,6 +21,7 @@ def get_config():
     c.data.test_files = "data/test.parquet"
     c.data.train_batch_size = 8
     c.rollout.n = 8
+    c.rollout.today = "2026-01-01"  # the system prompt's {today}, pinned: the same prompts on any day
     c.rollout.max_turns = 6
     c.rollout.max_new_tokens = 1024
     c.rollout.context_length = 16384

@@ -8,6 +8,8 @@ bad setting before anything expensive starts.
 
 from __future__ import annotations
 
+import datetime
+
 import ml_collections
 
 from igpo_jax.agent.rollout import STOP_STRINGS
@@ -90,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
     # sample from a copy of the policy in this dtype (e.g. "bfloat16", as veRL's vLLM rollouts do);
     # unset: sample from the policy itself. Scoring and the update keep the policy's dtype.
     c.rollout.dtype = ml_collections.config_dict.placeholder(str)
+    # the system prompt's {today} (ISO date); unset: the day the run starts. configs/ pin it, so
+    # that a run's prompts (and hence its rollouts) are the same on any day.
+    c.rollout.today = ml_collections.config_dict.placeholder(str)
 
     c.algorithm = ml_collections.ConfigDict()
     c.algorithm.use_info_gain = True
@@ -130,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainer.max_checkpoints = 3
     c.trainer.use_tensorboard = True
     c.trainer.use_wandb = False
+    # write rollout samples (RUN_DIR/samples/step_NNNNNN.jsonl) every this many steps, and at
+    # every validation step; 0: at validation steps only
+    c.trainer.sample_freq = 0
+    c.trainer.progress = True  # tqdm bars; False (or env IGPO_PROGRESS=0) for quiet runs and tests
     return c
 
 
@@ -159,12 +168,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
                 "rollout.min_span", "data.train_batch_size", "trainer.total_training_steps", "actor.ppo_epochs"):
         section, name = key.split(".")
         _positive(key, c[section][name])
-    for key in ("trainer.save_freq", "trainer.test_freq", "actor.ppo_mini_batch_size", "actor.micro_batch_size",
-                "actor.lr", "rollout.temperature"):
+    for key in ("trainer.save_freq", "trainer.test_freq", "trainer.sample_freq", "actor.ppo_mini_batch_size",
+                "actor.micro_batch_size", "actor.lr", "rollout.temperature"):
         section, name = key.split(".")
         _positive(key, c[section][name], zero_ok=True)
     if not 0 <= c.algorithm.gamma <= 1:
         raise ValueError(f"config.algorithm.gamma={c.algorithm.gamma} must lie in [0, 1]")
+    if c.rollout.today is not None:
+        try:
+            datetime.date.fromisoformat(c.rollout.today)
+        except ValueError:
+            raise ValueError(f"config.rollout.today={c.rollout.today!r} must be an ISO date (YYYY-MM-DD)") from None
     if "{answer}" not in c.algorithm.pseudo_turn_template:
         raise ValueError("config.algorithm.pseudo_turn_template must contain '{answer}'")
     rollouts = c.data.train_batch_size * c.rollout.n

@@ -1,11 +1,16 @@
 """Per-step training metrics to the console, `metrics.jsonl`, TensorBoard and (optionally) W&B.
 
 Fetched a step late: `MetricsWriter.write(step, metrics)` takes device arrays as they come out
-of a jitted step and only keeps them; they are converted to floats (and written everywhere) when
+of a jitted step and only keeps them; they are converted to floats (and written to the files) when
 the NEXT step is written, or at `flush()` / `close()`. Converting right away would block the
 host until the device finished step s, leaving the device idle while the host prepares step
-s + 1; a step later the values are long computed and the copy costs nothing. So the console line
-for step s appears when step s + 1 is handed over, and `write` returns the record of step s.
+s + 1; a step later the values are long computed and the copy costs nothing. `write` returns the
+record of step s - 1.
+
+The console line of step s is printed by `write(s, …)` itself, so a person at the terminal sees
+each step when it ends: it shows the host-side numbers and the device values that are already
+computed (`jax.Array.is_ready()`: copying those blocks nothing); a value still in flight is left
+to the files.
 
 `metrics.jsonl` holds one JSON object per step: {"step": s, "<key>": float, …}. Values are
 floats only; a non-finite value (NaN, ±inf) is stored as null (JSON has no NaN) and reads back
@@ -86,6 +91,8 @@ class MetricsWriter:
         _check_scalars(metrics)
         written = self.flush()
         self._pending = (int(step), dict(metrics))
+        if self._print is not None and self._primary:
+            self._print(console_line(int(step), _available_now(metrics), self.console_keys))
         return written
 
     def flush(self) -> dict[str, float] | None:
@@ -132,8 +139,6 @@ class MetricsWriter:
             self._tensorboard.flush()
         if self._wandb is not None:
             self._wandb.log(record, step=step)
-        if self._print is not None:
-            self._print(console_line(step, record, self.console_keys))
 
 
 def console_line(step: int, record: Mapping[str, float], keys: Sequence[str]) -> str:
@@ -195,6 +200,14 @@ def _check_scalars(metrics: Mapping[str, Any]) -> None:
             raise TypeError(f"metric '{key}' must be a number or a numeric array, got {type(value).__name__}")
         if math.prod(shape) != 1:
             raise ValueError(f"metric '{key}' must be a scalar, got an array of shape {tuple(shape)}")
+
+
+def _available_now(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The values that can be read without waiting: host numbers, and device arrays whose
+    computation has finished (fetched together, one transfer)."""
+    host = {k: v for k, v in metrics.items() if isinstance(v, (numbers.Real, np.bool_, np.ndarray))}
+    ready = {k: v for k, v in metrics.items() if isinstance(v, jax.Array) and v.is_ready()}
+    return {k: _to_float(v) for k, v in {**host, **jax.device_get(ready)}.items()}
 
 
 def _to_float(value: Any) -> float:

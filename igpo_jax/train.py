@@ -36,6 +36,7 @@ from igpo_jax.agent.rollout import make_sampler, rollout, row_seeds
 from igpo_jax.agent.trajectories import Trajectories
 from igpo_jax.evaluation import episode_record, summary
 from igpo_jax.igpo import pipeline, scoring
+from igpo_jax.reporting import progress, samples as samples_lib
 from igpo_jax.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs
 
 
@@ -138,6 +139,29 @@ def validate(config, model, tokenizer, search, examples, dialect_penalty) -> dic
     return out
 
 
+def samples_due(config, done: int) -> bool:
+    """Whether step `done` writes rollout samples: every trainer.sample_freq steps, and on the
+    steps that validate (every test_freq, and the last)."""
+    t = config.trainer
+    return bool((t.sample_freq and done % t.sample_freq == 0)
+                or (t.test_freq and (done % t.test_freq == 0 or done == t.total_training_steps)))
+
+
+def write_rollout_samples(config, actor, tokenizer, traj, examples, scores, advantage_NL, done: int) -> str:
+    """RUN_DIR/samples/step_NNNNNN.jsonl for this process's rollouts of step `done` (process 0's
+    share in a multi-host run). A GRPO run never scores P(gold); it does so here, on these
+    steps only (one forward over the rows), so its samples show how P(gold) moved too."""
+    if scores is None:
+        pts = scoring.pseudo_turns(tokenizer, [pipeline.ANSWER_SPLIT.join(ep.golden_answers) for ep in traj.episodes],
+                                   config.algorithm.pseudo_turn_template)
+        scores = scoring.score_one_pass(actor, traj, pts, config.algorithm.scoring_batch_size)
+    records = samples_lib.episode_samples(
+        traj, examples, tokenizer, components.rollout_config(config), format_penalty=config.algorithm.format_penalty,
+        mean_logp_NT=scores.mean_logp_NT, valid_NT=scores.valid_NT, info_gain_type=config.algorithm.info_gain_type,
+        advantage_NL=advantage_NL, step=done)
+    return samples_lib.write_samples(config.run_dir, done, records)
+
+
 def global_host_metrics(local: dict[str, float], rows: int, generated_tokens: int) -> dict[str, float]:
     """This process's host-side metrics combined with every other process's (identity for one)."""
     if jax.process_count() == 1:
@@ -178,7 +202,8 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
         if start_step:
             logging.info("resumed from step %d", start_step)
         writer = metrics_lib.MetricsWriter(config.run_dir, use_tensorboard=config.trainer.use_tensorboard,
-                                           use_wandb=config.trainer.use_wandb)
+                                           use_wandb=config.trainer.use_wandb, print_fn=progress.console_print)
+        show = progress.enabled(config.trainer.progress, jax.process_index() == 0)
         rcfg = components.rollout_config(config)
         actor = process_local_policy(policy, mesh, local_mesh)  # scores turns
         sampling_model = components.in_dtype(actor, config.rollout.dtype)  # generates
@@ -187,14 +212,19 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
         total = config.trainer.total_training_steps
         history = []
         with components.search_backend(config, files.corpus) as search:
+            steps_bar = progress.bar(total, "train", show, unit="step", leave=True, initial=start_step)
             for step in range(start_step, total):
                 timings, step_metrics = {}, {}
                 tic = time.perf_counter()
                 examples = next(batches)[questions]
-                with sharding.activate(local_mesh, rules):
+                steps_bar.set_postfix_str("rollout")
+                with sharding.activate(local_mesh, rules), \
+                        progress.bar(rows.stop - rows.start, f"step {step + 1} rollout", show, unit="ep") as bar:
                     traj, rollout_stats = rollout(examples, group_size, sampler, tokenizer, search, rcfg,
-                                                  seeds=row_seeds(rollout_seed(config, step), num_rows)[rows])
+                                                  seeds=row_seeds(rollout_seed(config, step), num_rows)[rows],
+                                                  on_progress=progress.rollout_callback(bar))
                 end_phase(timings, "rollout", tic)
+                steps_bar.set_postfix_str("scoring")
 
                 tic = time.perf_counter()
                 scores = None
@@ -209,7 +239,11 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                     traj, outcomes, None if scores is None else scores.mean_logp_NT,
                     None if scores is None else scores.valid_NT, alg, step, total)
                 end_phase(timings, "scoring", tic)
+                if samples_due(config, step + 1) and jax.process_index() == 0:
+                    with sharding.activate(local_mesh, rules):
+                        write_rollout_samples(config, actor, tokenizer, traj, examples, scores, advantage_NL, step + 1)
 
+                steps_bar.set_postfix_str("update")
                 tic = time.perf_counter()
                 length = padded_length(distributed.allgather_max(traj.tokens_NL.shape[1]))
                 host_rows = update_rows(traj, advantage_NL, length)
@@ -245,12 +279,14 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                     with sharding.activate(local_mesh, rules):
                         step_metrics.update(validate(config, sampling_model, tokenizer, search, val_examples,
                                                      alg.format_penalty))
-                history.append(writer.write(done, step_metrics))
+                history.append(writer.write(done, step_metrics))  # prints the step's console line now
+                steps_bar.update(1)
                 if config.trainer.save_freq and (done % config.trainer.save_freq == 0 or done == total):
                     # metrics up to the checkpoint reach disk first: a run killed after this save
                     # resumes at done + 1 and would otherwise never write this step's record
                     history.append(writer.flush())
                     ckpt.save(done, policy, updater, batches)
+            steps_bar.close()
         history.append(writer.close())
         ckpt.close()
     return [h for h in history if h]
@@ -259,6 +295,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
 def main(argv):
     del argv
     components.start_program()
+    progress.line_buffered_stdout()  # a log file (nohup, `> log`) gets each step's line when it ends
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/<experiment>.py is required")
     jax.config.update("jax_default_prng_impl", "threefry2x32")

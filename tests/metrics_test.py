@@ -59,11 +59,26 @@ def test_values_are_fetched_when_the_next_step_is_written(tmp_path):
         assert fetched == [0.5]  # step 1 is read only now, while step 2 stays queued
         assert record == {"step": 1, "loss": 0.5}
         assert [r["step"] for r in read_jsonl(tmp_path)] == [1]
-        assert lines == ["step 1 | loss 0.5"]
+        assert lines == ["step 1", "step 2"]  # printed at write time: pending device values are not shown
         assert writer.flush() == {"step": 2, "loss": 0.25}
         assert writer.flush() is None
     assert fetched == [0.5, 0.25]
     assert [r["step"] for r in read_jsonl(tmp_path)] == [1, 2]
+
+
+def test_console_line_of_a_step_is_printed_when_it_is_written(tmp_path):
+    import jax
+
+    lines = []
+    computed = jax.jit(lambda x: x * 2)(jnp.float32(0.25))
+    computed.block_until_ready()  # finished on the device: copying it waits for nothing
+    with MetricsWriter(tmp_path, use_tensorboard=False, console_keys=("reward", "loss", "skipped", "val"),
+                       print_fn=lines.append) as writer:
+        writer.write(1, {"reward": 0.125, "loss": computed, "skipped": np.bool_(False), "val": None})
+        assert lines == ["step 1 | reward 0.125 | loss 0.5 | skipped 0"]
+        assert read_jsonl(tmp_path) == []  # the files still get step 1 a step late
+        writer.write(2, {"reward": 0.5})
+        assert lines[-1] == "step 2 | reward 0.5" and [r["step"] for r in read_jsonl(tmp_path)] == [1]
 
 
 def test_jsonl_holds_floats_and_nan_as_null(tmp_path):
