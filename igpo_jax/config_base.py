@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic_world = False  # generate the embedded world into run_dir/world instead
     c.data.world_seed = 0
     c.data.world_questions = 400
+    c.data.world_two_hop_fraction = 0.5  # the rest are one-hop
+    c.data.world_test_fraction = 0.1  # held-out questions: about entities no training question asks about
     c.data.train_batch_size = 32  # questions per step
     c.data.val_batch_size = 32
     c.data.val_max_questions = 0  # 0 → the whole test set
@@ -132,6 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainer.total_training_steps = 60
     c.trainer.save_freq = 10
     c.trainer.test_freq = 10
+    c.trainer.val_before_train = False  # validate the initial policy first (written as step 0)
     c.trainer.max_checkpoints = 3
     c.trainer.use_tensorboard = True
     c.trainer.use_wandb = False

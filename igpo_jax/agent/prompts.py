@@ -80,6 +80,29 @@ without explanation, for example <answer> Beijing </answer>.
 
 Today is {today}."""
 
+# Search-R1 dialect with two worked examples, for small models (the embedded 135M one): each
+# example searches for the question's entity and copies the asked-for fact from a document that
+# also states others. Measured on held-out world questions (configs/world_igpo.py): with the first
+# turn forced to `<search>` and the last to `<answer>`, the base model searched for the right entity
+# in every episode, where the zero-shot prompt often searched the question's words.
+SEARCH_TAGS_FEW_SHOT_PROMPT = """\
+Answer the question with the help of a search engine. First search for the name the question \
+asks about by writing <search> name </search>; the results come back between <information> and \
+</information>. Then write the final answer, a few words copied from the results, inside \
+<answer> and </answer>.
+
+Example 1. Question: In which year was Pemdo Labs founded?
+<search> Pemdo Labs </search>
+<information>1. Pemdo Labs
+Pemdo Labs is a software company headquartered in Korvath. It was founded in 1974 by Ilsa Varn.</information>
+<answer> 1974 </answer>
+
+Example 2. Question: Where was Ilsa Varn born?
+<search> Ilsa Varn </search>
+<information>1. Ilsa Varn
+Ilsa Varn is an architect born in 1948 in Korvath. Varn studied at Belmar College and works for Pemdo Labs.</information>
+<answer> Korvath </answer>"""
+
 DEFAULT_PROMPTS = {"qwen_tool_call": QWEN_TOOL_CALL_PROMPT, "search_tags": SEARCH_TAGS_PROMPT}
 
 _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -1,0 +1,22 @@
+"""IGPO vs GRPO × seeds 0, 1, 2 on the embedded world (6 runs of configs/world_igpo.py; GRPO is
+the same config with algorithm.use_info_gain=False, i.e. configs/world_grpo.py):
+
+    python -m igpo_jax.sweep configs/sweeps/world_igpo_vs_grpo.py [--launch]   # one after another
+    python -m igpo_jax.plot runs/world_igpo_vs_grpo/*                          # both arms, one figure
+
+On the 2-core development machine run them one at a time (--launch): each is one full
+world_igpo run (see its docstring for the time per run). The seed changes the rollouts' sampling
+and the question order, not the world (data.world_seed) nor the held-out validation questions.
+"""
+
+from igpo_jax.sweep import grid
+
+BASE_CONFIG = "configs/world_igpo.py"
+
+
+def get_sweep():
+    runs = {}
+    for point in grid(use_info_gain=[True, False], seed=[0, 1, 2]):
+        name = f"{'igpo' if point['use_info_gain'] else 'grpo'}_seed{point['seed']}"
+        runs[name] = {"algorithm.use_info_gain": point["use_info_gain"], "seed": point["seed"]}
+    return runs

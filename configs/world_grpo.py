@@ -1,0 +1,30 @@
+"""The GRPO baseline on the embedded world: configs/world_igpo.py with information gain off
+(outcome reward only: one advantage for every generated token of a rollout). Same command:
+
+    python -m igpo_jax.train --config=configs/world_grpo.py
+    python -m bench.learning --config=configs/world_grpo.py
+
+Everything else (prompt, forced prefixes, world, held-out validation, lr, batch, steps) is
+world_igpo's, so the two arms differ only in the switch. What to expect: the groups in which every
+rollout scores the same give GRPO no gradient (diag/collapse_frac, high while most answers are
+wrong or malformed); IGPO still learns from the search turn's information gain there. Time per
+run: as world_igpo's less the scoring pass (NOT YET MEASURED for the full length).
+"""
+
+import importlib.util
+import os
+
+
+def _igpo_config():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "world_igpo.py")
+    spec = importlib.util.spec_from_file_location("world_igpo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    c = _igpo_config()
+    c.run_dir = "runs/world_grpo"
+    c.algorithm.use_info_gain = False
+    return c

@@ -1,0 +1,70 @@
+"""IGPO on the embedded world, sized for one sitting on 2 CPU cores: the learning experiment.
+
+    python -m igpo_jax.train --config=configs/world_igpo.py
+    python -m bench.learning --config=configs/world_igpo.py          # fresh run dir; ends in one JSON line
+    python -m igpo_jax.sweep configs/sweeps/world_igpo_vs_grpo.py    # IGPO and GRPO × seeds 0, 1, 2
+
+SmolLM2-135M-Instruct (embedded GGUF), the synthetic world with one-hop questions only (the first
+rung of difficulty: one search finds the document that states the answer), the embedded BM25
+retriever. configs/world_grpo.py is this file with `algorithm.use_info_gain=False`.
+
+Validation: 192 held-out questions (their entities are never asked about in training), greedy,
+before the first update (step 0) and every `test_freq` steps; `val/no_format_f1_se` says how
+large a change is noise (≈ 0.02 at F1 ≈ 0.06, ≈ 0.03 at 0.3).
+
+What a researcher would tune, tuned (the algorithm, IGPO_SPEC §2–§4, is untouched):
+- a two-shot system prompt (prompts.SEARCH_TAGS_FEW_SHOT_PROMPT): search for the entity, then
+  copy the answer from the results;
+- forced prefixes: turn 1 opens `<search>`, turn 2 opens `<answer>` (2 turns). Measured with the
+  base model, greedy, 32 held-out questions: with the one-shot prompt and free later turns 9% of
+  episodes wrote an `<answer>` (F1 with the format rule −1.81); with `<answer>` forced on the last
+  turn 72% were well formed, 66% had the answer's document in their results, and no-format F1
+  was 0.06 (the model mostly answered with the entity it searched, not the fact). So the policy
+  has a gradient from step 0 and room to rise: pick the right words from the document it found.
+- the pseudo answer turn continues the forced `<answer>` prefix (" {answer} </answer>"), so the
+  final context's P(gold) is the probability that the policy's next turn answers with the gold;
+- lr 2e-5 (a 135M model, ~16 steps), 4 questions × 8 rollouts per step, temperature 0.7.
+
+Time here and the curve to expect: NOT YET MEASURED for the full length (the lead runs the
+sweep); see bench.learning's JSON and the sweep's curves. Expected shape: val/no_format_f1 rises
+from ≈ 0.06 at step 0, val/format_error falls from ≈ 0.3, diag/ig_answer_doc > diag/ig_other_doc.
+"""
+
+from igpo_jax.agent.prompts import SEARCH_TAGS_FEW_SHOT_PROMPT
+from igpo_jax.config_base import base_config
+
+
+def get_config():
+    c = base_config()
+    c.run_dir = "runs/world_igpo"
+    c.model.path = ""  # the embedded SmolLM2-135M-Instruct
+    c.model.remat = True  # keeps the update's activations (and the peak memory) small
+    c.data.synthetic_world = True
+    c.data.world_questions = 448
+    c.data.world_two_hop_fraction = 0.0  # one-hop first
+    c.data.world_test_fraction = 192 / 448  # 192 held-out test questions, 256 training questions
+    c.data.train_batch_size = 4
+    c.data.val_batch_size = 64
+    c.data.val_max_questions = 0  # all 192
+    c.search.engine = "local"
+    c.search.top_k = 2
+    c.rollout.n = 8
+    c.rollout.dialect = "search_tags"
+    c.rollout.system_prompt = SEARCH_TAGS_FEW_SHOT_PROMPT
+    c.rollout.first_turn_prefix = "<search>"
+    c.rollout.forced_prefix = "<answer>"  # every later turn, i.e. (max_turns = 2) the final one
+    c.rollout.max_turns = 2
+    c.rollout.max_new_tokens = 32
+    c.rollout.max_tool_tokens = 128
+    c.rollout.context_length = 1024
+    c.rollout.temperature = 0.7  # a 135M model at temperature 1 mostly writes noise
+    c.rollout.top_p = 0.9
+    c.algorithm.use_info_gain = True
+    c.algorithm.pseudo_turn_template = " {answer} </answer><|im_end|>"
+    c.actor.lr = 2e-5
+    c.actor.micro_batch_size = 8
+    c.trainer.total_training_steps = 16
+    c.trainer.val_before_train = True
+    c.trainer.test_freq = 8
+    c.trainer.save_freq = 8
+    return c

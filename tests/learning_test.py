@@ -1,0 +1,119 @@
+"""The learning experiment: world_igpo / world_grpo configs, their sweep, bench.learning's summary,
+and (slow) a few steps of world_igpo shrunk, checking the validation and diagnostic metrics."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+
+from igpo_jax import components, config_base, sweep
+from bench.learning import summarise
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _flat(config) -> dict:
+    out = {}
+
+    def walk(prefix, node):
+        for key, value in node.items():
+            if hasattr(value, "items"):
+                walk(f"{prefix}{key}.", value)
+            else:
+                out[prefix + key] = value
+    walk("", config)
+    return out
+
+
+def test_world_configs_differ_only_in_the_information_gain_switch():
+    igpo, grpo = load_config("world_igpo"), load_config("world_grpo")
+    for c in (igpo, grpo):
+        config_base.validate(c)
+        assert c.data.synthetic_world and c.model.path == "" and c.trainer.val_before_train
+    a, b = _flat(igpo), _flat(grpo)
+    assert {k for k in a if a[k] != b[k]} == {"algorithm.use_info_gain", "run_dir"}
+    assert a["algorithm.use_info_gain"] and not b["algorithm.use_info_gain"]
+
+
+def test_world_config_holds_out_enough_questions(tmp_path):
+    c = load_config("world_igpo")
+    c.run_dir = str(tmp_path)
+    files = components.data_files(c)
+    train, test = components.load_examples(files.train), components.load_examples(files.test)
+    assert len(test) >= 192 and len(train) >= c.data.train_batch_size * c.trainer.total_training_steps
+    assert all(e.data_source == "synthetic_1hop" and e.supporting_doc_ids for e in train + test)
+    assert not {d for e in test for d in e.supporting_doc_ids} & {d for e in train for d in e.supporting_doc_ids}
+
+
+def test_sweep_runs_both_arms_for_three_seeds():
+    cmds = sweep.commands(os.path.join(REPO, "configs", "sweeps", "world_igpo_vs_grpo.py"))
+    runs = {next(a for a in cmd if a.startswith("--config.run_dir=")).split("/")[-1]: cmd for cmd in cmds}
+    assert sorted(runs) == sorted(f"{arm}_seed{s}" for arm in ("igpo", "grpo") for s in (0, 1, 2))
+    assert "--config.algorithm.use_info_gain=False" in runs["grpo_seed2"] and "--config.seed=2" in runs["grpo_seed2"]
+    assert all("--config=configs/world_igpo.py" in cmd for cmd in cmds)
+
+
+def test_bench_summary_reads_step_zero_and_the_last_validation():
+    records = [{"step": 0, "val/f1": -1.0, "val/no_format_f1": 0.1, "val/no_format_f1_se": 0.02,
+                "val/format_error": 0.5, "val/questions": 192.0},
+               {"step": 1, "diag/collapse_frac": 0.5}, {"step": 2, "diag/collapse_frac": 0.25,
+                "val/f1": 0.2, "val/no_format_f1": 0.4, "val/format_error": 0.1}]
+    out = summarise(records, 12.34)
+    assert (out["val_f1_step0"], out["val_f1_final"]) == (-1.0, 0.2)
+    assert (out["val_no_format_f1_step0"], out["val_no_format_f1_final"]) == (0.1, 0.4)
+    assert out["format_error_final"] == 0.1 and out["collapse_frac_mean"] == 0.375 and out["wall_s"] == 12.3
+    with pytest.raises(ValueError, match="step-0 validation"):
+        summarise(records[1:], 1.0)
+
+
+@pytest.mark.slow
+def test_a_few_steps_of_world_igpo_shrunk_report_validation_and_diagnostics(tmp_path):
+    from igpo_jax.train import train
+
+    c = load_config("world_igpo")
+    c.run_dir = str(tmp_path)
+    c.data.world_questions = 64
+    c.data.world_test_fraction = 0.25
+    c.data.val_max_questions = 4
+    c.data.val_batch_size = 4
+    c.data.train_batch_size = 2
+    c.rollout.n = 2
+    c.rollout.max_new_tokens = 12
+    c.rollout.max_tool_tokens = 64
+    c.rollout.context_length = 768
+    c.actor.micro_batch_size = 2
+    c.trainer.total_training_steps = 2
+    c.trainer.test_freq = 2
+    c.trainer.save_freq = 0
+    c.trainer.use_tensorboard = False
+    history = train(c)
+    by_step = {r["step"]: r for r in history}
+    assert sorted(by_step) == [0, 1, 2]
+    for step in (0, 2):  # before the first update, and at the end
+        v = by_step[step]
+        assert v["val/questions"] == 4
+        assert -2.0 <= v["val/f1"] <= 1.0 and 0.0 <= v["val/no_format_f1"] <= 1.0
+        assert 0.0 <= v["val/format_error"] <= 1.0
+        assert 0.0 <= v["val/f1_se"] <= 1.5 and 0.0 <= v["val/no_format_f1_se"] <= 0.5
+    for step in (1, 2):
+        r = by_step[step]
+        for key in ("diag/collapse_frac", "diag/searched_frac", "diag/answered_frac", "diag/format_ok_frac",
+                    "diag/answer_doc_found_frac", "diag/p_gold_before_search", "diag/p_gold_final_context"):
+            assert 0.0 <= r[key] <= 1.0, (key, r[key])
+        # the first turn is forced to open a search (one cut off by the tiny budget does not count)
+        assert r["diag/searched_frac"] > 0
+        # every search turn with an IG is one of the two kinds; a format-error turn is neither
+        counts = r["diag/ig_answer_doc_count"] + r["diag/ig_other_doc_count"]
+        assert 0 < counts <= r["ig/count"]
+        for key in ("diag/ig_answer_doc", "diag/ig_other_doc"):
+            assert key not in r or (math.isfinite(r[key]) and -1.0 <= r[key] <= 1.0)
