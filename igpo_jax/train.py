@@ -136,6 +136,11 @@ def validate(config, model, tokenizer, search, examples, dialect_penalty) -> dic
     table = summary(records)
     out = {f"val/{m}": table["all"][m] for m in ("f1", "em", "no_format_f1", "turns", "searches")}
     out.update({f"val/{source}/f1": row["f1"] for source, row in table.items() if source not in ("all", "macro")})
+    out["val/format_error"] = float(np.mean([not r["format_ok"] for r in records]))
+    for m in ("f1", "no_format_f1"):  # standard error of the mean over questions: is a change noise?
+        values = np.asarray([float(r[m]) for r in records])
+        out[f"val/{m}_se"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    out["val/questions"] = float(len(records))
     return out
 
 
@@ -212,6 +217,11 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
         total = config.trainer.total_training_steps
         history = []
         with components.search_backend(config, files.corpus) as search:
+            if config.trainer.val_before_train and start_step == 0 and val_examples:
+                # step 0: the policy before any update (the reference's val_before_train)
+                with sharding.activate(local_mesh, rules):
+                    history.append(writer.write(0, validate(config, sampling_model, tokenizer, search, val_examples,
+                                                            alg.format_penalty)))
             steps_bar = progress.bar(total, "train", show, unit="step", leave=True, initial=start_step)
             for step in range(start_step, total):
                 timings, step_metrics = {}, {}
