@@ -129,6 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.actor.kl_loss_type = "low_var_kl"
     c.actor.entropy_coeff = 0.0
     c.actor.loss_agg_mode = "seq-mean-token-mean"
+    # π_old by a forward of the policy even where it is not needed: a one-step update's π_old is
+    # π_θ itself, and with IG on the scoring pass's log-probs are π_old's (train.old_logp_source)
+    c.actor.recompute_old_logp = False
 
     c.trainer = ml_collections.ConfigDict()
     c.trainer.total_training_steps = 60

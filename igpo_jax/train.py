@@ -37,7 +37,7 @@ from igpo_jax.agent.trajectories import Trajectories
 from igpo_jax.evaluation import episode_record, summary
 from igpo_jax.igpo import pipeline, scoring
 from igpo_jax.reporting import progress, samples as samples_lib
-from igpo_jax.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs
+from igpo_jax.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs, optimiser_steps
 
 
 LENGTH_BUCKET = 128  # token rows are padded to a multiple of this, so the update compiles rarely
@@ -50,6 +50,18 @@ def update_config(config: ml_collections.ConfigDict) -> UpdateConfig:
                         ppo_epochs=a.ppo_epochs, clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
                         clip_ratio_c=a.clip_ratio_c, use_kl_loss=a.use_kl_loss, kl_coef=a.kl_coef,
                         kl_estimator=a.kl_loss_type, entropy_coeff=a.entropy_coeff, loss_agg_mode=a.loss_agg_mode)
+
+
+def old_logp_source(config: ml_collections.ConfigDict, ucfg: UpdateConfig, num_rows: int) -> str:
+    """Where the update's π_old log-probs come from. 'none': the update takes one optimiser step,
+    whose π_old is π_θ itself (ρ = 1 exactly, no forward). 'scoring': the information-gain scoring
+    pass runs the policy that sampled over every loss token, so its log-probs are π_old's.
+    'recompute': a forward of the policy (GRPO with several steps, or actor.recompute_old_logp)."""
+    if config.actor.recompute_old_logp:
+        return "recompute"
+    if optimiser_steps(ucfg, num_rows) == 1:
+        return "none"
+    return "scoring" if config.algorithm.use_info_gain else "recompute"
 
 
 def algorithm_config(config: ml_collections.ConfigDict) -> pipeline.AlgorithmConfig:
@@ -200,6 +212,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
         policy, tokenizer = components.load_policy(config, mesh, rules)
         reference = components.frozen_copy(policy) if config.actor.use_kl_loss else None  # before any restore
         ucfg, alg = update_config(config), algorithm_config(config)
+        old_source = old_logp_source(config, ucfg, num_rows)
         updater = Updater(policy, ucfg)
         ckpt = checkpoint.RunCheckpointer(os.path.join(config.run_dir, checkpoint.CHECKPOINTS_SUBDIR),
                                           config.trainer.max_checkpoints)
@@ -243,7 +256,9 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                                                            for ep in traj.episodes],
                                                config.algorithm.pseudo_turn_template)
                     with sharding.activate(local_mesh, rules):
-                        scores = scoring.score_one_pass(actor, traj, pts, config.algorithm.scoring_batch_size)
+                        # the scoring model is the policy the update starts from: π_old from its pass
+                        scores = scoring.score_one_pass(actor, traj, pts, config.algorithm.scoring_batch_size,
+                                                        token_logprobs=old_source == "scoring")
                 outcomes = pipeline.score_outcomes(traj, rcfg.dialect, alg.format_penalty)
                 advantage_NL, reward_metrics = pipeline.advantages_for(
                     traj, outcomes, None if scores is None else scores.mean_logp_NT,
@@ -257,13 +272,17 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                 tic = time.perf_counter()
                 length = padded_length(distributed.allgather_max(traj.tokens_NL.shape[1]))
                 host_rows = update_rows(traj, advantage_NL, length)
+                if old_source == "scoring":
+                    host_rows["old_logp_NL"] = np.pad(scores.token_logp_NL, ((0, 0), (0, length - traj.tokens_NL.shape[1])))
                 spec = sharding.logical_to_spec(("batch", "length"), rules, mesh, (num_rows, length))
                 global_rows = distributed.host_local_batch_to_global(host_rows, mesh, spec)
                 micro = ucfg.micro_batch_size
-                old_logp = compute_logprobs(policy, global_rows["tokens_NL"], global_rows["valid_NL"], micro)
-                ref_logp = compute_logprobs(reference, global_rows["tokens_NL"], global_rows["valid_NL"], micro) \
-                    if reference is not None else jnp.zeros(old_logp.shape, old_logp.dtype, device=old_logp.sharding)
-                batch = UpdateBatch(**global_rows, old_logp_NL=old_logp, ref_logp_NL=ref_logp)
+                tokens_NL = global_rows["tokens_NL"]
+                if old_source == "recompute":
+                    global_rows["old_logp_NL"] = compute_logprobs(policy, tokens_NL, global_rows["valid_NL"], micro)
+                ref_logp = compute_logprobs(reference, tokens_NL, global_rows["valid_NL"], micro) \
+                    if reference is not None else jnp.zeros(tokens_NL.shape, jnp.float32, device=tokens_NL.sharding)
+                batch = UpdateBatch(**{"old_logp_NL": None, **global_rows}, ref_logp_NL=ref_logp)
                 update_metrics = updater.update(batch)
                 jax.block_until_ready(update_metrics)  # the phase's time is its compute, not its dispatch
                 # the update donated the old params, which a local view shares buffers with

@@ -115,8 +115,15 @@ class UpdateBatch:
     valid_NL: jax.Array  # bool
     loss_mask_NL: jax.Array  # float32 (0/1)
     advantage_NL: jax.Array  # float32
-    old_logp_NL: jax.Array  # float32, log π_old of each token
+    # float32, log π_old of each loss token; None when the update takes one optimiser step, whose
+    # π_old is π_θ itself (`use_current_as_old`: ρ = 1 exactly, no forward needed)
+    old_logp_NL: jax.Array | None
     ref_logp_NL: jax.Array  # float32, log π_ref (zeros when the KL loss is off)
+
+
+def optimiser_steps(cfg: UpdateConfig, num_rows: int) -> int:
+    """Optimiser steps one `Updater.update` of `num_rows` rows takes: epochs × mini-batches."""
+    return cfg.ppo_epochs * (num_rows // (cfg.ppo_mini_batch_size or num_rows))
 
 
 def token_logprobs(model, tokens_NL, valid_NL, chunk: int, with_entropy: bool = False, needed_NL=None):
@@ -276,6 +283,9 @@ class Updater:
         if n % mini or mini % micro:
             raise ValueError(f"batch of {n} rows does not split into mini-batches of {mini} "
                              f"and micro-batches of {micro}")
+        if batch.old_logp_NL is None and optimiser_steps(cfg, n) > 1:
+            raise ValueError(f"old_logp_NL is None, but the update takes {optimiser_steps(cfg, n)} optimiser "
+                             f"steps: only the first one has π_old = π_θ")
         _, params = nnx.split(self.model)
         metrics = []
         for epoch in range(cfg.ppo_epochs):

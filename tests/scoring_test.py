@@ -6,6 +6,7 @@ Legend: N rollouts, L tokens, T turn slots.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -115,6 +116,38 @@ def test_one_pass_equals_per_turn_oracle(tmp_path, model_type):
     assert np.all(one.mean_logp_NT[~one.valid_NT] == 0)
     # Contexts differ, so do the scores (the copies do not all see the same context).
     assert len(np.unique(np.round(one.mean_logp_NT[one.valid_NT], 6))) == one.valid_NT.sum()
+
+
+def test_token_logprobs_of_the_scoring_pass_equal_the_update_forward(tmp_path):
+    """π_old from the one-pass scoring = compute_logprobs (the update's own forward, on the update's
+    right-padded rows) at every loss token, on a multi-turn batch with ragged rows, a left-padded
+    row, loss tokens after the last turn_start (the final turn) and two scoring micro-batches."""
+    from igpo_jax.update import compute_logprobs
+
+    write_tiny_hf_model("qwen2", tmp_path)
+    model = load_hf(str(tmp_path))
+    rng = np.random.default_rng(1)
+    lengths = [40, 23, 57, 31]
+    starts = [[8, 17, 30], [9], [5, 20, 33, 47], [12, 22]]
+    traj = _trajectories([rng.integers(1, 128, n) for n in lengths], starts, left_pad=(2,))
+    loss = np.zeros(traj.tokens_NL.shape, bool)
+    for i, row_starts in enumerate(starts):
+        shift = 3 if i == 2 else 0
+        for t, st in enumerate(row_starts):  # each turn: its first 5 tokens generated, then a tool result
+            end = row_starts[t + 1] if t + 1 < len(row_starts) else lengths[i]
+            loss[i, shift + st: shift + min(st + 5, end)] = True
+    traj = dataclasses.replace(traj, loss_mask_NL=loss)
+    pts = [PseudoTurn(np.array([5, 6, 60, 61, 9], np.int32), np.array([0, 0, 1, 1, 0], bool), "")] * 4
+    scores = score_one_pass(model, traj, pts, batch_size=3, token_logprobs=True)
+    plain = score_one_pass(model, traj, pts, batch_size=3)
+    np.testing.assert_allclose(scores.mean_logp_NT, plain.mean_logp_NT, atol=1e-5, rtol=0)
+    assert plain.token_logp_NL is None
+    length = 128  # the update pads its rows to a multiple of 128 (train.padded_length)
+    pad = lambda x: np.pad(x, ((0, 0), (0, length - x.shape[1])))
+    reference = np.asarray(compute_logprobs(model, pad(traj.tokens_NL), pad(traj.valid_NL)))[:, :traj.tokens_NL.shape[1]]
+    assert scores.token_logp_NL.shape == traj.tokens_NL.shape
+    assert np.all(scores.token_logp_NL[loss] < 0) and np.all(scores.token_logp_NL[~loss] == 0)
+    np.testing.assert_allclose(scores.token_logp_NL[loss], reference[loss], atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- SmolLM2, real effect

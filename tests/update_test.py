@@ -156,3 +156,39 @@ def test_only_an_fp32_compute_model_gets_the_cpu_dot_fusion_program(tmp_path):
     for dtype, program in (("float32", update._gradients_fp32), ("bfloat16", update._gradients_other)):
         graphdef, params = nnx.split(load_hf(str(tmp_path), dtype=dtype))
         assert update._gradient_program(graphdef, params) is program
+
+
+def test_a_one_step_update_needs_no_old_logprobs(model):
+    """π_old = π_θ on the only optimiser step: without old_logp_NL the step equals the one given
+    the recomputed π_old exactly (ρ = 1 either way); with several steps it is refused."""
+    from igpo_jax.update import optimiser_steps
+
+    b = _batch(model)
+    without = UpdateBatch(b.tokens_NL, b.valid_NL, b.loss_mask_NL, b.advantage_NL, None, b.ref_logp_NL)
+    cfg = UpdateConfig(lr=1e-3, micro_batch_size=2)
+    graphdef, params = nnx.split(model)
+    opt = Updater(model, cfg).opt_state
+    p1, _, m1 = train_step(graphdef, jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, opt), b, cfg, 2, True)
+    p2, _, m2 = train_step(graphdef, jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, opt), without, cfg, 2,
+                           True)
+    assert float(m1["loss"]) == float(m2["loss"]) and float(m2["approx_kl"]) == 0.0
+    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_array_equal(x, y)
+    assert optimiser_steps(cfg, N) == 1 and optimiser_steps(UpdateConfig(ppo_mini_batch_size=2, ppo_epochs=3), N) == 6
+    with pytest.raises(ValueError, match="takes 2 optimiser steps"):
+        Updater(model, UpdateConfig(ppo_mini_batch_size=2)).update(without)
+
+
+def test_old_logp_source_follows_the_config():
+    from igpo_jax.config_base import base_config
+    from igpo_jax.train import old_logp_source, update_config
+
+    c = base_config()
+    c.data.train_batch_size, c.rollout.n = 2, 4
+    assert old_logp_source(c, update_config(c), 8) == "none"  # one step: π_old = π_θ
+    c.actor.ppo_mini_batch_size = 4
+    assert old_logp_source(c, update_config(c), 8) == "scoring"  # IG on: the scoring pass's log-probs
+    c.algorithm.use_info_gain = False
+    assert old_logp_source(c, update_config(c), 8) == "recompute"  # GRPO, two steps: a forward
+    c.actor.ppo_mini_batch_size, c.algorithm.use_info_gain, c.actor.recompute_old_logp = 0, True, True
+    assert old_logp_source(c, update_config(c), 8) == "recompute"

@@ -6,6 +6,7 @@ Legend: N rollouts, B rollouts in one jitted call, L trajectory tokens, C contex
 
     pseudo_turn(tokenizer, answer, template) → PseudoTurn(ids_P, answer_mask_P)
     score_one_pass(model, trajectories, pseudo_turns) → TurnScores(mean_logp_NT, valid_NT)
+    score_one_pass(…, token_logprobs=True) → the same and token_logp_NL: π_old of the loss tokens
     score_per_turn(model, trajectories, pseudo_turns) → the same, one forward per context (oracle)
 
 mean_logp_NT[i, t] = (1/A) Σ_j log π(a_j | tokens[i, :turn_start[i, t]], pseudo prefix, a_<j), in
@@ -21,6 +22,14 @@ and it costs a forward over C + T·P tokens, where C stops at the last turn_star
 tokens are never a context) and P stops at the last answer token (later tokens cannot influence it
 causally): for T = 8 turns of ~250 tokens, T·P ≈ 160 extra tokens against ~150 dropped. The price
 is attention over S² instead of C² entries, (1 + T·P/C)² — a few percent at realistic lengths.
+
+π_old from the same forward: the context queries attend causally to the context alone (the
+copies' keys are masked to an exact 0 in their softmax), so their hidden states are those of a
+plain forward over the trajectory, and log π(tokens[j] | tokens[:j]) at the loss tokens is
+π_old's log-prob wherever the scoring model is the update's starting policy. With
+`token_logprobs=True` the context runs to the last loss token instead of the last turn_start
+(the final turn's tokens are then inputs too) and its vocab projection covers the loss tokens
+only; the update then needs no separate π_old forward (train.py).
 
 Shapes are bucketed (C to 1/4 octave, T to a power of two, P and A to multiples of 8 and 4,
 B to a fixed micro-batch) so a training run compiles a handful of programs, not one per batch;
@@ -106,6 +115,9 @@ def pseudo_turns(tokenizer, ground_truths: Sequence[str], template: str = DEFAUL
 class TurnScores(NamedTuple):
     mean_logp_NT: np.ndarray  # float32; 0 where not valid, NaN where the answer has no tokens
     valid_NT: np.ndarray  # bool: t < T_i
+    # float32 [N, L] (token_logprobs=True): log π(tokens[:, j] | tokens[:, :j]) at the loss tokens,
+    # 0 elsewhere (the update's alignment: column j scores token j)
+    token_logp_NL: np.ndarray | None = None
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -161,8 +173,11 @@ def block_inputs(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP):
 
 
 def one_pass_mean_logp(model, ctx_tokens_BC, ctx_valid_BC, turn_start_BT, turn_valid_BT,
-                       copy_ids_BP, copy_valid_BP, answer_idx_BA, answer_ids_BA, answer_valid_BA):
-    """mean_logp_BT (fp32) of the answer for every turn slot, from one forward (pure, jit-able).
+                       copy_ids_BP, copy_valid_BP, answer_idx_BA, answer_ids_BA, answer_valid_BA,
+                       ctx_needed_BC=None, chunk: int = 128):
+    """mean_logp_BT (fp32) of the answer for every turn slot, from one forward (pure, jit-able);
+    with `ctx_needed_BC` (bool), (mean_logp_BT, ctx_logp_BC): also log π(ctx[j] | ctx[:j]) at the
+    needed context columns (0 elsewhere and at column 0).
 
     answer_idx_BA: where answer token a sits in the pseudo turn; it is predicted by the copy's
     token answer_idx − 1, or by the last context token when the answer opens the pseudo turn.
@@ -190,7 +205,12 @@ def one_pass_mean_logp(model, ctx_tokens_BC, ctx_valid_BC, turn_start_BT, turn_v
     logp = logprobs_from_hidden(model, pred_BTAD.reshape(b, t * a, d), targets_BTA.reshape(b, t * a))[0]
     logp_BTA = logp.reshape(b, t, a).astype(jnp.float32)
     w_BA = answer_valid_BA.astype(jnp.float32)
-    return jnp.sum(logp_BTA * w_BA[:, None, :], axis=-1) / jnp.sum(w_BA, axis=-1)[:, None]
+    mean_BT = jnp.sum(logp_BTA * w_BA[:, None, :], axis=-1) / jnp.sum(w_BA, axis=-1)[:, None]
+    if ctx_needed_BC is None:
+        return mean_BT
+    ctx_logp = logprobs_from_hidden(model, hidden_BSD[:, :c - 1], ctx_tokens_BC[:, 1:], chunk, False,
+                                    ctx_needed_BC[:, 1:].astype(bool))[0]
+    return mean_BT, jnp.pad(ctx_logp.astype(jnp.float32), ((0, 0), (1, 0)))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -198,12 +218,30 @@ def _one_pass_jit(graphdef, state, *arrays):
     return one_pass_mean_logp(nnx.merge(graphdef, state), *arrays)
 
 
-def _micro_batch_arrays(traj: Trajectories, pts: Sequence[PseudoTurn], rows: np.ndarray, batch: int):
-    """Host-side, bucketed inputs of `one_pass_mean_logp` for `rows` (padded to `batch` rows)."""
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _one_pass_with_tokens_jit(graphdef, chunk, state, *arrays):
+    return one_pass_mean_logp(nnx.merge(graphdef, state), *arrays, chunk=chunk)
+
+
+def _context_needed(traj: Trajectories, token_logprobs: bool) -> np.ndarray:
+    """Context tokens each rollout's forward must hold: up to its last turn_start, or with
+    `token_logprobs` up to and including its last loss token."""
     valid_NT = _valid_turns(traj)
     ts = np.asarray(traj.turn_start_NT)
+    need_N = np.asarray([ts[i][valid_NT[i]].max() for i in range(traj.num_rollouts)])
+    if token_logprobs:
+        mask_NL = np.asarray(traj.loss_mask_NL).astype(bool)
+        last_N = np.where(mask_NL.any(1), mask_NL.shape[1] - np.argmax(mask_NL[:, ::-1], axis=1), 0)
+        need_N = np.maximum(need_N, last_N)
+    return need_N
+
+
+def _micro_batch_arrays(traj: Trajectories, pts: Sequence[PseudoTurn], rows: np.ndarray, batch: int,
+                        need_N: np.ndarray, token_logprobs: bool = False):
+    """Host-side, bucketed inputs of `one_pass_mean_logp` for `rows` (padded to `batch` rows)."""
+    ts = np.asarray(traj.turn_start_NT)
     layouts = [_answer_layout(pts[i]) for i in rows]
-    c = quarter_octave(int(max(ts[i][valid_NT[i]].max() for i in rows)), 32)
+    c = quarter_octave(int(need_N[rows].max()), 32)
     t = power_of_two(int(np.asarray(traj.num_turns_N)[rows].max()))
     p = _round_up(max(len(cp) for _, cp in layouts), 8)
     a = _round_up(max(len(ix) for ix, _ in layouts), 4)
@@ -213,10 +251,14 @@ def _micro_batch_arrays(traj: Trajectories, pts: Sequence[PseudoTurn], rows: np.
         copy_ids=np.zeros((batch, p), np.int32), copy_valid=np.zeros((batch, p), bool),
         answer_idx=np.zeros((batch, a), np.int32), answer_ids=np.zeros((batch, a), np.int32),
         answer_valid=np.zeros((batch, a), bool))
+    if token_logprobs:
+        out["ctx_needed"] = np.zeros((batch, c), bool)
     for k, i in enumerate(rows):
         n = min(c, traj.tokens_NL.shape[1])
         out["ctx_tokens"][k, :n] = traj.tokens_NL[i, :n]
         out["ctx_valid"][k, :n] = traj.valid_NL[i, :n]
+        if token_logprobs:
+            out["ctx_needed"][k, :n] = traj.loss_mask_NL[i, :n]
         nt = int(traj.num_turns_N[i])
         out["turn_start"][k, :nt] = ts[i, :nt]
         out["turn_valid"][k, :nt] = True
@@ -229,8 +271,11 @@ def _micro_batch_arrays(traj: Trajectories, pts: Sequence[PseudoTurn], rows: np.
     return out
 
 
-def score_one_pass(model, traj: Trajectories, pts: Sequence[PseudoTurn], batch_size: int = 8) -> TurnScores:
-    """mean_logp_NT for every rollout and turn slot t < T_i, one jitted forward per micro-batch.
+def score_one_pass(model, traj: Trajectories, pts: Sequence[PseudoTurn], batch_size: int = 8,
+                   token_logprobs: bool = False, chunk: int = 128) -> TurnScores:
+    """mean_logp_NT for every rollout and turn slot t < T_i, one jitted forward per micro-batch;
+    with `token_logprobs`, also the loss tokens' log-probs (`TurnScores.token_logp_NL`, π_old
+    when `model` is the policy that sampled; `chunk` positions per row per vocab projection).
 
     `model`: a Decoder or its (graphdef, state). Micro-batches have exactly `batch_size` rows
     (the last one padded with turn-less rows) so their shape is bucketed too.
@@ -240,18 +285,26 @@ def score_one_pass(model, traj: Trajectories, pts: Sequence[PseudoTurn], batch_s
     valid_NT = _valid_turns(traj)
     if len(pts) != n:
         raise ValueError(f"{len(pts)} pseudo turns for {n} rollouts")
-    ts = np.asarray(traj.turn_start_NT)
-    need_N = np.asarray([ts[i][valid_NT[i]].max() for i in range(n)])
+    need_N = _context_needed(traj, token_logprobs)
     order = np.argsort(need_N, kind="stable")
     batch = min(batch_size, n)
     out_NT = np.zeros((n, t_all), np.float32)
+    logp_NL = np.zeros(traj.tokens_NL.shape, np.float32) if token_logprobs else None
     for lo in range(0, n, batch):
         rows = order[lo:lo + batch]
-        arrays = _micro_batch_arrays(traj, pts, rows, batch)
-        mean_BT = np.asarray(_one_pass_jit(graphdef, state, *arrays.values()))
+        arrays = _micro_batch_arrays(traj, pts, rows, batch, need_N, token_logprobs)
+        if token_logprobs:
+            mean_BT, logp_BC = _one_pass_with_tokens_jit(graphdef, chunk, state, *arrays.values())
+            c = min(logp_BC.shape[1], logp_NL.shape[1])
+            logp_NL[rows, :c] = np.asarray(logp_BC)[:len(rows), :c]
+        else:
+            mean_BT = _one_pass_jit(graphdef, state, *arrays.values())
+        mean_BT = np.asarray(mean_BT)
         k = min(t_all, mean_BT.shape[1])
         out_NT[rows, :k] = mean_BT[:len(rows), :k]
-    return TurnScores(np.where(valid_NT, out_NT, 0.0).astype(np.float32), valid_NT)
+    if token_logprobs:
+        logp_NL = np.where(np.asarray(traj.loss_mask_NL).astype(bool), logp_NL, 0.0).astype(np.float32)
+    return TurnScores(np.where(valid_NT, out_NT, 0.0).astype(np.float32), valid_NT, logp_NL)
 
 
 # ----------------------------------------------------------------------------- per-turn oracle
