@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import glob
 import json
+import os
 import re
 
 import pytest
@@ -64,3 +66,34 @@ def test_tool_result_texts():
     qwen = format_error_feedback("a search query is empty", "qwen_tool_call")
     assert qwen.startswith("Your last turn could not be run: a search query is empty.") and "<tool_call>" in qwen
     assert "<search>" in format_error_feedback("x", "search_tags")
+
+
+SHIPPED_CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]
+                         for p in glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "*.py")))
+
+
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
+def test_every_shipped_config_pins_the_prompts_date(name):
+    from igpo_jax import components
+    from igpo_jax.agent.prompts import DEFAULT_PROMPTS
+    from tests.train_test import load_config
+
+    c = load_config(name)
+    assert c.rollout.today is not None, f"configs/{name}.py must pin rollout.today (reproducible prompts)"
+    rcfg = components.rollout_config(c)
+    assert rcfg.today == c.rollout.today
+    template = rcfg.system_prompt or DEFAULT_PROMPTS[rcfg.dialect]
+    if "{today}" in template:
+        prompt = render_system_prompt(rcfg.dialect, rcfg.system_prompt, today=rcfg.today)
+        assert c.rollout.today in prompt
+
+
+def test_a_user_config_keeps_todays_date_and_a_bad_date_is_refused():
+    from igpo_jax import components, config_base
+
+    c = config_base.base_config()
+    c.data.synthetic_world = True
+    assert components.rollout_config(c).today is None  # rendered as the day the run starts
+    c.rollout.today = "01/02/2026"
+    with pytest.raises(ValueError, match=r"config.rollout.today='01/02/2026' must be an ISO date"):
+        config_base.validate(c)
