@@ -9,6 +9,7 @@ import pytest
 from igpo_jax import data, evaluate as evaluate_lib
 from igpo_jax.components import load_policy
 from tests.rollout_test import ScriptedSampler
+from tests.samples_test import FIELDS
 from tests.train_test import load_config, tiny_model_dir  # noqa: F401  (fixture)
 
 QUESTIONS = [  # (data_source, question, gold, scripted turns after the forced '<search>')
@@ -50,4 +51,13 @@ def test_evaluate_writes_the_hand_computed_table(tiny_model_dir, tmp_path, monke
     assert table["macro"]["f1"] == pytest.approx(((1 + 2 / 3) / 2 - 2) / 2)
     lines = [json.loads(line) for line in (tmp_path / "eval" / "episodes.jsonl").read_text().splitlines()]
     assert [r["answer"] for r in lines] == ["Kesmarin", "the founder Kel Varro", None]
+    # the training samples' record format: turns with their queries, P(gold) per turn, IG, no advantages
+    assert all(set(r) == FIELDS for r in lines)
+    first = lines[0]
+    assert first["question"] == "Where was Valeta Orunde born?" and first["turns"] == 2
+    assert [t["queries"] for t in first["turn_records"]] == [["Valeta Orunde"], []]
+    assert "Valeta Orunde" in first["turn_records"][0]["tool_result"]
+    assert len(first["p_gold"]) == 2 and all(0 < p <= 1 for p in first["p_gold"])
+    assert first["info_gain"][0] == pytest.approx(first["p_gold"][1] - first["p_gold"][0], rel=1e-4, abs=1e-12)
+    assert first["advantage"] is None
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["all"]["count"] == 3
