@@ -49,6 +49,7 @@ def get_config():
     c.search.engine = "local"
     c.search.top_k = 2
     c.rollout.n = 8
+    c.rollout.today = "2026-01-01"  # the system prompt's {today}, pinned: the same prompts on any day
     c.rollout.dialect = "search_tags"
     c.rollout.system_prompt = SEARCH_TAGS_FEW_SHOT_PROMPT
     c.rollout.first_turn_prefix = "<search>"

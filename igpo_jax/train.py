@@ -129,19 +129,21 @@ def process_local_policy(policy, mesh, local_mesh, view=None):
     return view
 
 
-def validate(config, model, tokenizer, search, examples, dialect_penalty) -> dict[str, float]:
+def validate(config, model, tokenizer, search, examples, dialect_penalty, show: bool = False) -> dict[str, float]:
     """Greedy episodes over the test questions (each process its share, with its local `model`);
-    F1/EM/no-format F1 per data source over all of them."""
+    F1/EM/no-format F1 per data source over all of them. `show`: a progress bar over the episodes."""
     rcfg = components.rollout_config(config, validation=True)
     mine = examples[distributed.process_share(len(examples))]
     records = []
     if mine:
         batch = min(config.data.val_batch_size, len(mine))
         sampler = make_sampler(model, tokenizer, rcfg, batch)
-        for chunk in data.evaluation_batches(mine, batch):
-            traj, _ = rollout(chunk, 1, sampler, tokenizer, search, rcfg, seed=0)
-            records += [episode_record(ep, rcfg.dialect, dialect_penalty, int(t))
-                        for ep, t in zip(traj.episodes, traj.num_turns_N)]
+        with progress.bar(len(mine), "validation", show, unit="ep") as bar:
+            on_progress = progress.rollout_callback(bar)
+            for chunk in data.evaluation_batches(mine, batch):
+                traj, _ = rollout(chunk, 1, sampler, tokenizer, search, rcfg, seed=0, on_progress=on_progress)
+                records += [episode_record(ep, rcfg.dialect, dialect_penalty, int(t))
+                            for ep, t in zip(traj.episodes, traj.num_turns_N)]
     if jax.process_count() > 1:  # the summary needs only the numbers; leave the texts behind
         slim = [{k: v for k, v in r.items() if k not in ("response", "golden_answers", "answer")} for r in records]
         records = [r for part in distributed.allgather_json(slim) for r in part]
@@ -255,10 +257,11 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                     pts = scoring.pseudo_turns(tokenizer, [pipeline.ANSWER_SPLIT.join(ep.golden_answers)
                                                            for ep in traj.episodes],
                                                config.algorithm.pseudo_turn_template)
-                    with sharding.activate(local_mesh, rules):
+                    with sharding.activate(local_mesh, rules), \
+                            progress.bar(traj.num_rollouts, f"step {step + 1} scoring", show, unit="ep") as bar:
                         # the scoring model is the policy the update starts from: π_old from its pass
                         scores = scoring.score_one_pass(actor, traj, pts, config.algorithm.scoring_batch_size,
-                                                        token_logprobs=old_source == "scoring")
+                                                        token_logprobs=old_source == "scoring", on_batch=bar.update)
                 outcomes = pipeline.score_outcomes(traj, rcfg.dialect, alg.format_penalty)
                 advantage_NL, reward_metrics = pipeline.advantages_for(
                     traj, outcomes, None if scores is None else scores.mean_logp_NT,
@@ -283,7 +286,9 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                 ref_logp = compute_logprobs(reference, tokens_NL, global_rows["valid_NL"], micro) \
                     if reference is not None else jnp.zeros(tokens_NL.shape, jnp.float32, device=tokens_NL.sharding)
                 batch = UpdateBatch(**{"old_logp_NL": None, **global_rows}, ref_logp_NL=ref_logp)
-                update_metrics = updater.update(batch)
+                with progress.bar(optimiser_steps(ucfg, num_rows), f"step {step + 1} update", show,
+                                  unit="opt step") as bar:
+                    update_metrics = updater.update(batch, on_step=(lambda: bar.update(1)) if show else None)
                 jax.block_until_ready(update_metrics)  # the phase's time is its compute, not its dispatch
                 # the update donated the old params, which a local view shares buffers with
                 actor = process_local_policy(policy, mesh, local_mesh, actor)
@@ -305,9 +310,10 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
 
                 done = step + 1
                 if config.trainer.test_freq and (done % config.trainer.test_freq == 0 or done == total) and val_examples:
+                    steps_bar.set_postfix_str("validation")
                     with sharding.activate(local_mesh, rules):
                         step_metrics.update(validate(config, sampling_model, tokenizer, search, val_examples,
-                                                     alg.format_penalty))
+                                                     alg.format_penalty, show=show))
                 history.append(writer.write(done, step_metrics))  # prints the step's console line now
                 steps_bar.update(1)
                 if config.trainer.save_freq and (done % config.trainer.save_freq == 0 or done == total):

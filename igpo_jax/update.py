@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -273,9 +273,12 @@ class Updater:
         self.opt_state = make_optimizer(cfg).init(params)
         self.model = model
 
-    def update(self, batch: UpdateBatch, rng: np.random.Generator | None = None) -> list[dict[str, Any]]:
+    def update(self, batch: UpdateBatch, rng: np.random.Generator | None = None,
+               on_step: Callable[[], None] | None = None) -> list[dict[str, Any]]:
         """`ppo_epochs` passes over the batch in mini-batches (shuffled each epoch when `rng` is
-        given); returns one metrics dict per optimiser step (device arrays: fetch them late)."""
+        given); returns one metrics dict per optimiser step (device arrays: fetch them late).
+        `on_step()`, when given, is called as each optimiser step finishes on the device (for a
+        progress bar: it waits for each step, which costs only the next step's dispatch latency)."""
         cfg = self.cfg
         n = batch.tokens_NL.shape[0]
         mini = cfg.ppo_mini_batch_size or n
@@ -297,5 +300,8 @@ class Updater:
                     self.graphdef, params, self.opt_state, mini_batch, cfg, mini // micro,
                     epoch == 0 and k == 0)
                 metrics.append(m)
+                if on_step is not None:
+                    jax.block_until_ready(m)
+                    on_step()
         nnx.update(self.model, params)
         return metrics

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -272,13 +272,15 @@ def _micro_batch_arrays(traj: Trajectories, pts: Sequence[PseudoTurn], rows: np.
 
 
 def score_one_pass(model, traj: Trajectories, pts: Sequence[PseudoTurn], batch_size: int = 8,
-                   token_logprobs: bool = False, chunk: int = 128) -> TurnScores:
+                   token_logprobs: bool = False, chunk: int = 128,
+                   on_batch: Callable[[int], None] | None = None) -> TurnScores:
     """mean_logp_NT for every rollout and turn slot t < T_i, one jitted forward per micro-batch;
     with `token_logprobs`, also the loss tokens' log-probs (`TurnScores.token_logp_NL`, π_old
     when `model` is the policy that sampled; `chunk` positions per row per vocab projection).
 
     `model`: a Decoder or its (graphdef, state). Micro-batches have exactly `batch_size` rows
-    (the last one padded with turn-less rows) so their shape is bucketed too.
+    (the last one padded with turn-less rows) so their shape is bucketed too. `on_batch(rows)`,
+    when given, hears each micro-batch's real rows once its scores are on the host (progress bars).
     """
     graphdef, state = _split_model(model)
     n, t_all = traj.num_rollouts, traj.max_turns
@@ -300,6 +302,8 @@ def score_one_pass(model, traj: Trajectories, pts: Sequence[PseudoTurn], batch_s
         else:
             mean_BT = _one_pass_jit(graphdef, state, *arrays.values())
         mean_BT = np.asarray(mean_BT)
+        if on_batch is not None:
+            on_batch(len(rows))
         k = min(t_all, mean_BT.shape[1])
         out_NT[rows, :k] = mean_BT[:len(rows), :k]
     if token_logprobs:
