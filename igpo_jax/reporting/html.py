@@ -15,7 +15,12 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
+
+# The final-metrics rows shown first (the rest are one click away): step, learning signal, health.
+HEADLINE_METRICS = ("step", "reward/mean", "reward/f1", "reward/em", "ig/mean", "actor/kl_loss", "actor/grad_norm",
+                    "rollout/searches_per_episode", "response_length/mean")
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;color:#222}
@@ -100,15 +105,18 @@ def p_bar(p: float | None) -> str:
 def ig_span(ig: float | None) -> str:
     if ig is None:
         return '<span class="ig none">IG –</span>'
-    return f'<span class="ig {"pos" if ig > 0 else "neg" if ig < 0 else "none"}">IG {ig:+.4f}</span>'
+    return f'<span class="ig {"pos" if ig > 0 else "neg" if ig < 0 else "none"}">IG {ig:+.3g}</span>'
 
 
-def turn_html(t: int, turn: Mapping, final: bool) -> str:
+def turn_html(t: int, turn: Mapping, p_after: float | None, final: bool) -> str:
+    """One turn: P(gold) in the context it was written in (a bar), then either the gain it
+    earned (P after it − P before, coloured) or, for the final turn, a note that F1 scores it."""
     p = turn.get("p_gold")
+    effect = ("<i>final turn: scored by F1</i>" if final
+              else f"→ {_num(p_after)} {ig_span(turn.get('info_gain'))}")
     parts = [f'<div class="turn" data-turn="{t}" data-p-gold="{"" if p is None else f"{p:.6g}"}">',
-             f"<b>turn {t + 1}</b> P(gold) entering it {p_bar(p)} {_num(p)} ",
-             "<i>final turn: scored by F1</i>" if final else ig_span(turn.get("info_gain")),
-             f' advantage {_num(turn.get("advantage"))}', f'<pre class="text">{_e(turn["text"])}</pre>']
+             f"<b>turn {t + 1}</b> P(gold) {p_bar(p)} {_num(p)} {effect}",
+             f' · advantage {_num(turn.get("advantage"))}', f'<pre class="text">{_e(turn["text"])}</pre>']
     if turn.get("queries"):
         parts.append('<div>queries: <ul class="queries">' + "".join(f"<li>{_e(q)}</li>" for q in turn["queries"])
                      + "</ul></div>")
@@ -124,12 +132,15 @@ def turn_html(t: int, turn: Mapping, final: bool) -> str:
 def episode_html(k: int, ep: Mapping) -> str:
     reward = ep.get("f1")
     turns = ep.get("turn_records") or []
+    p_gold = [t.get("p_gold") for t in turns]
+    moved = f" · P(gold) {_num(p_gold[0])} → {_num(p_gold[-1])}" if p_gold and p_gold[0] is not None else ""
     summary = (f'#{k} <span class="tag">{_e(ep.get("finish_reason"))}</span> reward {_num(reward)} · '
-               f'EM {_num(ep.get("em"))} · {len(turns)} turns · {_e(ep.get("question", ""))}')
+               f'EM {_num(ep.get("em"))} · {len(turns)} turns{moved} · {_e(ep.get("question", ""))}')
     gold = " | ".join(ep.get("golden_answers") or [])
     body = (f"<div>gold: <b>{_e(gold)}</b> · answer: <b>{_e(ep.get('answer'))}</b> · "
             f"no-format F1 {_num(ep.get('no_format_f1'))} · data source {_e(ep.get('data_source'))}</div>"
-            + "".join(turn_html(t, turn, t == len(turns) - 1) for t, turn in enumerate(turns)))
+            + "".join(turn_html(t, turn, p_gold[t + 1] if t + 1 < len(turns) else None, t == len(turns) - 1)
+                      for t, turn in enumerate(turns)))
     return (f'<details class="episode" data-finish="{_e(ep.get("finish_reason"))}" '
             f'data-reward="{"" if reward is None else reward}"><summary>{summary}</summary>{body}</details>')
 
@@ -138,8 +149,12 @@ def episodes_section(run: RunView) -> str:
     if run.step is None:
         return f'<section class="episodes" data-run="{_e(run.label)}"><h3>{_e(run.label)}: no samples</h3></section>'
     n = len(run.episodes)
+    reasons = Counter(str(ep.get("finish_reason")) for ep in run.episodes)
+    rewards = [ep["f1"] for ep in run.episodes if isinstance(ep.get("f1"), (int, float))]
+    mean = f", mean reward {sum(rewards) / len(rewards):.3g}" if rewards else ""
     return (f'<section class="episodes" data-run="{_e(run.label)}" data-step="{run.step}" data-count="{n}">'
-            f"<h3>{_e(run.label)} — step {run.step}: {n} episodes</h3>"
+            f"<h3>{_e(run.label)} — step {run.step}: {n} episodes "
+            f"({', '.join(f'{c} {_e(r)}' for r, c in reasons.most_common())}{mean})</h3>"
             + "".join(episode_html(k, ep) for k, ep in enumerate(run.episodes)) + "</section>")
 
 
@@ -166,12 +181,19 @@ def render_page(title: str, curves_png_b64: str | None, curve_keys: Sequence[str
         curves = f'<p class="curves-missing">no learning curves: {_e(curves_error)}</p>'
     config_keys = sorted({k for r in runs for k in r.config})
     metric_keys = sorted({k for r in runs for k in r.final})
-    configs = table(labels, {k: [r.config.get(k) for r in runs] for k in config_keys}, "config")
-    finals = table(labels, {k: [r.final.get(k) for r in runs] for k in metric_keys}, "final-metrics")
+    headline = [k for k in metric_keys if k in HEADLINE_METRICS or k.startswith("val/")]
+    finals = (table(labels, {k: [r.final.get(k) for r in runs] for k in headline}, "final-metrics")
+              + f"<details><summary>all {len(metric_keys)} metrics</summary>"
+              + table(labels, {k: [r.final.get(k) for r in runs] for k in metric_keys}, "all-metrics") + "</details>")
+    differing = [k for k in config_keys if len({repr(r.config.get(k)) for r in runs}) > 1]
+    configs = ((table(labels, {k: [r.config.get(k) for r in runs] for k in differing}, "config-differs")
+                if differing else "<p>(one run, or the same config)</p>")
+               + f"<details><summary>all {len(config_keys)} keys</summary>"
+               + table(labels, {k: [r.config.get(k) for r in runs] for k in config_keys}, "config") + "</details>")
     return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\">"
             f"<title>{_e(title)}</title><style>{_CSS}</style><script>{_JS}</script></head><body>"
             f"<h1>{_e(title)}</h1><h2>Learning curves</h2>{curves}"
             f"<h2>Final metrics</h2>{finals}"
-            f"<h2>Config</h2><details><summary>{len(config_keys)} keys (differing first)</summary>{configs}</details>"
+            f"<h2>Config</h2>{configs}"
             f"<h2>Sampled episodes</h2>{filters(runs)}" + "".join(episodes_section(r) for r in runs)
             + "</body></html>")
