@@ -23,7 +23,8 @@ What a researcher would tune, tuned (the algorithm, IGPO_SPEC §2–§4, is unto
   has a gradient from step 0 and room to rise: pick the right words from the document it found.
 - the pseudo answer turn continues the forced `<answer>` prefix (" {answer} </answer>"), so the
   final context's P(gold) is the probability that the policy's next turn answers with the gold;
-- lr 2e-5 (a 135M model, ~16 steps), 4 questions × 8 rollouts per step, temperature 0.7.
+- lr 2e-5 (a 135M model, 16 steps), 2 questions × 8 rollouts per step, temperature 0.7;
+  turns of ≤ 24 tokens, a 512-slot context (the KV cache of a 64-row validation batch: 0.75 GB).
 
 Time here and the curve to expect: NOT YET MEASURED for the full length (the lead runs the
 sweep); see bench.learning's JSON and the sweep's curves. Expected shape: val/no_format_f1 rises
@@ -43,7 +44,7 @@ def get_config():
     c.data.world_questions = 448
     c.data.world_two_hop_fraction = 0.0  # one-hop first
     c.data.world_test_fraction = 192 / 448  # 192 held-out test questions, 256 training questions
-    c.data.train_batch_size = 4
+    c.data.train_batch_size = 2
     c.data.val_batch_size = 64
     c.data.val_max_questions = 0  # all 192
     c.search.engine = "local"
@@ -55,9 +56,10 @@ def get_config():
     c.rollout.first_turn_prefix = "<search>"
     c.rollout.forced_prefix = "<answer>"  # every later turn, i.e. (max_turns = 2) the final one
     c.rollout.max_turns = 2
-    c.rollout.max_new_tokens = 32
+    c.rollout.max_new_tokens = 24  # a query or an answer: a few words (and the closing tag)
     c.rollout.max_tool_tokens = 128
-    c.rollout.context_length = 1024
+    c.rollout.context_length = 512  # prompt 266 tokens + 2 turns + one result: ≤ ~480
+    c.rollout.min_span = 512
     c.rollout.temperature = 0.7  # a 135M model at temperature 1 mostly writes noise
     c.rollout.top_p = 0.9
     c.algorithm.use_info_gain = True

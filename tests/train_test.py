@@ -52,6 +52,7 @@ def smoke_config(model_dir: str, run_dir: str, steps: int):
     c.trainer.total_training_steps = steps
     c.trainer.save_freq = 1
     c.trainer.test_freq = 2
+    c.trainer.val_before_train = False  # the tests count steps from 1 (learning_test covers step 0)
     c.trainer.use_tensorboard = True
     return c
 
