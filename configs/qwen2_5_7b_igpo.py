@@ -19,9 +19,15 @@ def get_config():
     c = base_config()
     c.run_dir = "runs/qwen2_5_7b_igpo"
     c.model.path = "/ckpt/Qwen2.5-7B-Instruct"
-    c.model.param_dtype = "bfloat16"
+    # float32 master weights, bf16 compute (the reference's FSDP mixed precision): bf16 params
+    # would not train at lr 1e-6 (config_base.validate says why). Sampling uses a bf16 copy, and
+    # the frozen reference policy is stored in bf16 (it only ever computes in bf16).
+    c.model.param_dtype = "float32"
     c.model.dtype = "bfloat16"
     c.model.remat = True
+    c.model.attention = "blockwise"  # O(length) attention memory in forward and backward
+    c.model.attention_block = 512
+    c.rollout.dtype = "bfloat16"
     c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
     c.data.train_files = "data/train.parquet"
     c.data.test_files = "data/test.parquet"

@@ -3,7 +3,7 @@
     python -m igpo_jax.train --config=configs/qwen3_1_7b_igpo.py --config.model.path=/ckpt/Qwen3-1.7B \\
         --config.data.train_files=data/train.parquet --config.data.test_files=data/test.parquet
 
-Fits one 80 GB GPU in bf16 with remat (check with `python -m igpo_jax.plan --preset=Qwen3-1.7B`).
+Fits one 80 GB GPU (fp32 master weights, bf16 compute, remat) (check with `python -m igpo_jax.plan --preset=Qwen3-1.7B`).
 Qwen3's chat template has its own <think> handling; the forced prefix stays '<think>'.
 """
 
@@ -14,9 +14,15 @@ def get_config():
     c = base_config()
     c.run_dir = "runs/qwen3_1_7b_igpo"
     c.model.path = "/ckpt/Qwen3-1.7B"
-    c.model.param_dtype = "bfloat16"
+    # float32 master weights, bf16 compute (the reference's FSDP mixed precision): bf16 params
+    # would not train at lr 1e-6 (config_base.validate says why). Sampling uses a bf16 copy, and
+    # the frozen reference policy is stored in bf16 (it only ever computes in bf16).
+    c.model.param_dtype = "float32"
     c.model.dtype = "bfloat16"
     c.model.remat = True
+    c.model.attention = "blockwise"  # O(length) attention memory in forward and backward
+    c.model.attention_block = 512
+    c.rollout.dtype = "bfloat16"
     c.data.train_files = "data/train.parquet"
     c.data.test_files = "data/test.parquet"
     c.data.train_batch_size = 8

@@ -75,13 +75,20 @@ def load_policy(config: ml_collections.ConfigDict, mesh=None, rules=None, path: 
     """(model, tokenizer) from the config's checkpoint, created directly in its shardings."""
     path = path or model_path(config)
     model = weights.load(path, mesh, rules, param_dtype=config.model.param_dtype, dtype=config.model.dtype,
-                         remat=config.model.remat)
+                         remat=config.model.remat, attention=config.model.attention,
+                         attention_block=config.model.attention_block)
     return model, tokenizer_lib.load_tokenizer(path)
 
 
 def frozen_copy(model):
     """A copy of `model` with its own buffers (same shardings): the reference policy. Sharing the
-    policy's arrays would not do, since the update donates them."""
+    policy's arrays would not do, since the update donates them.
+
+    With float32 master weights and a lower compute dtype the copy is stored in the compute dtype:
+    every weight is cast to it before use anyway, so its log-probs are the same, for half the bytes."""
+    cfg = model.cfg
+    if cfg.param_dtype != cfg.dtype:
+        return in_dtype(model, cfg.dtype)  # astype: new buffers
     graphdef, state = nnx.split(model)
     return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
 

@@ -30,6 +30,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"
     c.model.remat = False
+    # bf16/fp16 param_dtype is refused for training (see validate): AdamW moves a weight by ~lr per
+    # step, far below a bf16 weight's rounding step, so the updates round away. True opts in anyway.
+    c.model.allow_low_precision_params = False
+    # Attention kernel (igpo_jax/model/blockwise_attention.py). 'dense': [T, S] scores per layer,
+    # fastest at the CPU demo's short rows. 'blockwise': flash-style, scores recomputed in the
+    # backward, O(length) memory (what a 32k-token row needs); blocks of attention_block queries
+    # × attention_block keys. (Read by the planner: activation memory per layer ∝ T·S with 'dense',
+    # ∝ T·attention_block with 'blockwise'.)
+    c.model.attention = "dense"
+    c.model.attention_block = 512
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = {"data": -1}  # named axes; one -1 takes the remaining devices
@@ -168,6 +178,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _one_of("search.engine", c.search.engine, ("google", "bing", "local", "mock"))
     for dtype_key in ("param_dtype", "dtype"):
         _one_of(f"model.{dtype_key}", c.model[dtype_key], DTYPES)
+    if c.model.param_dtype != "float32" and not c.model.allow_low_precision_params:
+        raise ValueError(
+            f"config.model.param_dtype={c.model.param_dtype!r} would not train: AdamW changes a weight by "
+            f"about lr ({c.actor.lr:g}) per step, far below a {c.model.param_dtype} weight's rounding step "
+            f"(≈ 1.2e-4 at |w| = 0.02 in bfloat16), so the updates round away. Keep float32 master weights "
+            f"with {c.model.param_dtype} compute (model.param_dtype='float32', "
+            f"model.dtype={c.model.param_dtype!r}), or set model.allow_low_precision_params=True to opt in")
+    _one_of("model.attention", c.model.attention, ("dense", "blockwise"))
+    _positive("model.attention_block", c.model.attention_block)
     if c.rollout.dtype is not None:
         _one_of("rollout.dtype", c.rollout.dtype, DTYPES)
     for key in ("rollout.n", "rollout.max_turns", "rollout.max_new_tokens", "rollout.context_length",

@@ -64,6 +64,10 @@ class ModelConfig:
     # query block of the cache-free causal attention (0: one block); 64 measured fastest for
     # forward + backward on the CPU
     attention_chunk: int = 64
+    # 'dense' (`attention_chunk` above) or 'blockwise' (flash-style, O(length) memory in the
+    # forward and the backward; blocks of `attention_block` queries × keys): blockwise_attention.py
+    attention: str = "dense"
+    attention_block: int = 512
 
     def __post_init__(self):
         if self.model_type not in _ARCHITECTURES:
@@ -74,6 +78,9 @@ class ModelConfig:
         if self.rope_scaling.rope_type not in _SUPPORTED_ROPE_TYPES:
             raise UnsupportedModelError(
                 f"unsupported rope scaling type {self.rope_scaling.rope_type!r}; supported: {_SUPPORTED_ROPE_TYPES}")
+        if self.attention not in ("dense", "blockwise") or self.attention_block < 1:
+            raise ValueError(f"attention must be 'dense' or 'blockwise' with attention_block ≥ 1, got "
+                             f"{self.attention!r}, {self.attention_block}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")

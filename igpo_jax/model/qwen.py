@@ -221,7 +221,10 @@ class Decoder(nnx.Module):
         `mask_BTS` ranges over all S cache slots; the caller keeps the bookkeeping (KVCache.extend).
         """
         cfg = self.cfg
-        x = self.embed[...].astype(cfg.jnp_dtype)[tokens_BT]
+        # gather, then cast: the same values, but the backward's scatter-add over a token's
+        # occurrences then sums in the param dtype (float32 masters), not in bf16, where a row's
+        # contributions can cancel to an exact 0 and leave that weight untrained
+        x = self.embed[...][tokens_BT].astype(cfg.jnp_dtype)
         x = constrain(x, ("batch", "length", "embed"))
         # remat only pays off under a gradient, which never flows through the cached (sampling) path
         remat = cfg.remat and cache is None
