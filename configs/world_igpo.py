@@ -15,20 +15,29 @@ large a change is noise (≈ 0.02 at F1 ≈ 0.06, ≈ 0.03 at 0.3).
 What a researcher would tune, tuned (the algorithm, IGPO_SPEC §2–§4, is untouched):
 - a two-shot system prompt (prompts.SEARCH_TAGS_FEW_SHOT_PROMPT): search for the entity, then
   copy the answer from the results;
-- forced prefixes: turn 1 opens `<search>`, turn 2 opens `<answer>` (2 turns). Measured with the
-  base model, greedy, 32 held-out questions: with the one-shot prompt and free later turns 9% of
-  episodes wrote an `<answer>` (F1 with the format rule −1.81); with `<answer>` forced on the last
-  turn 72% were well formed, 66% had the answer's document in their results, and no-format F1
-  was 0.06 (the model mostly answered with the entity it searched, not the fact). So the policy
-  has a gradient from step 0 and room to rise: pick the right words from the document it found.
+- forced prefixes: turn 1 opens `<search>`, turn 2 opens `<answer>` (2 turns). Probes of the
+  base model, greedy, 32 held-out questions: a one-shot prompt with free later turns: 9% of the
+  episodes wrote an `<answer>` (F1 with the format rule −1.81); the same with `<answer>` forced on
+  the last turn: 72% well formed, 66% had the answer's document in their results, no-format F1
+  0.06 (it answered with the entity it searched, or copied the example's entity as its query);
+  two examples (search the entity, copy one fact): 78% well formed, 100% searched the right entity
+  and got its document, no-format F1 0.06 (it answered with the wrong field, mostly a year, as the
+  last example did; the shipped prompt ends on a place instead). So the policy has a gradient from
+  step 0 and room to rise: pick the asked-for words from the document it found.
 - the pseudo answer turn continues the forced `<answer>` prefix (" {answer} </answer>"), so the
   final context's P(gold) is the probability that the policy's next turn answers with the gold;
 - lr 2e-5 (a 135M model, 16 steps), 2 questions × 8 rollouts per step, temperature 0.7;
   turns of ≤ 24 tokens, a 512-slot context (the KV cache of a 64-row validation batch: 0.75 GB).
 
-Time here and the curve to expect: NOT YET MEASURED for the full length (the lead runs the
-sweep); see bench.learning's JSON and the sweep's curves. Expected shape: val/no_format_f1 rises
-from ≈ 0.06 at step 0, val/format_error falls from ≈ 0.3, diag/ig_answer_doc > diag/ig_other_doc.
+Measured here (2 cores shared with five other jobs, load average 6-9; a quiet machine is
+several times faster): step-0 validation of the base model on 64 of the held-out questions:
+val/format_error 0.375, val/no_format_f1 0.0625 ± 0.030, val/f1 −0.69 ± 0.13 (~4 min with
+compilation); the first training step with 4 questions × 8 rollouts took 12.4 min (rollout
+168 s, update 577 s, both including compilation) and scored reward/f1 0, ig/mean 0.020.
+NOT YET MEASURED: a full run's time (the 25-minute target needs a quiet machine and the
+step-cost work) and its curve. Expected shape: val/no_format_f1 rises from ≈ 0.06 at step 0,
+val/format_error falls from ≈ 0.35, diag/ig_answer_doc > diag/ig_other_doc throughout, and
+diag/collapse_frac lower for IGPO than for GRPO.
 """
 
 from igpo_jax.agent.prompts import SEARCH_TAGS_FEW_SHOT_PROMPT

@@ -82,9 +82,10 @@ Today is {today}."""
 
 # Search-R1 dialect with two worked examples, for small models (the embedded 135M one): each
 # example searches for the question's entity and copies the asked-for fact from a document that
-# also states others. Measured on held-out world questions (configs/world_igpo.py): with the first
-# turn forced to `<search>` and the last to `<answer>`, the base model searched for the right entity
-# in every episode, where the zero-shot prompt often searched the question's words.
+# also states others. Measured on 32 held-out world questions (configs/world_igpo.py), greedy, first
+# turn forced to `<search>` and the last to `<answer>`: with two examples the base model got the
+# answer's document back in every episode; with one example, in 66% (it sometimes searched for the
+# example's entity instead).
 SEARCH_TAGS_FEW_SHOT_PROMPT = """\
 Answer the question with the help of a search engine. First search for the name the question \
 asks about by writing <search> name </search>; the results come back between <information> and \
