@@ -142,6 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
     # π_old by a forward of the policy even where it is not needed: a one-step update's π_old is
     # π_θ itself, and with IG on the scoring pass's log-probs are π_old's (train.old_logp_source)
     c.actor.recompute_old_logp = False
+    # the update's forwards and backward compute each group's prompt once for its rollout.n rows
+    # (its keys/values shared by them); needs mini- and micro-batches of whole groups, else off
+    c.actor.share_prompt_prefix = True
 
     c.trainer = ml_collections.ConfigDict()
     c.trainer.total_training_steps = 60

@@ -36,6 +36,7 @@ from igpo_jax.agent.rollout import make_sampler, rollout, row_seeds
 from igpo_jax.agent.trajectories import Trajectories
 from igpo_jax.evaluation import episode_record, summary
 from igpo_jax.igpo import pipeline, scoring
+from igpo_jax.model import shared_prefix
 from igpo_jax.reporting import progress, samples as samples_lib
 from igpo_jax.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs, optimiser_steps
 
@@ -62,6 +63,24 @@ def old_logp_source(config: ml_collections.ConfigDict, ucfg: UpdateConfig, num_r
     if optimiser_steps(ucfg, num_rows) == 1:
         return "none"
     return "scoring" if config.algorithm.use_info_gain else "recompute"
+
+
+def prefix_layout(config: ml_collections.ConfigDict, ucfg: UpdateConfig, traj: Trajectories, num_rows: int):
+    """(split_N, layout) of the update's shared prompt prefixes (model/shared_prefix.py), or
+    (None, None) when actor.share_prompt_prefix is off, when mini- or micro-batches would split a
+    group, or when some process's groups share nothing. Every process agrees on the layout."""
+    g = config.rollout.n
+    mini = ucfg.ppo_mini_batch_size or num_rows
+    if not config.actor.share_prompt_prefix or mini % g or (ucfg.micro_batch_size or mini) % g:
+        return None, None
+    grouped = np.array_equal(traj.group_id_N, np.repeat(traj.group_id_N[::g], g))
+    split_N = shared_prefix.group_prefix_lengths(traj.tokens_NL, traj.valid_NL, traj.loss_mask_NL, g) \
+        if grouped else None
+    if distributed.allgather_max(int(split_N is None)):
+        return None, None
+    local = shared_prefix.layout_for(split_N, traj.valid_NL, g)
+    return split_N, shared_prefix.PrefixLayout(g, distributed.allgather_max(local.prefix_len),
+                                               distributed.allgather_max(local.suffix_len))
 
 
 def algorithm_config(config: ml_collections.ConfigDict) -> pipeline.AlgorithmConfig:
@@ -281,14 +300,24 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                 global_rows = distributed.host_local_batch_to_global(host_rows, mesh, spec)
                 micro = ucfg.micro_batch_size
                 tokens_NL = global_rows["tokens_NL"]
+                # each group's prompt computed once for its G rows, in every forward and backward below
+                split_N, layout = prefix_layout(config, ucfg, traj, num_rows)
+                shared = {}
+                if layout is not None:
+                    global_rows["prefix_len_N"] = distributed.host_local_batch_to_global(
+                        split_N, mesh, jax.sharding.PartitionSpec(spec[0]))
+                    shared = dict(prefix_len_N=global_rows["prefix_len_N"], layout=layout,
+                                  needed_NL=global_rows["loss_mask_NL"] > 0)
                 if old_source == "recompute":
-                    global_rows["old_logp_NL"] = compute_logprobs(policy, tokens_NL, global_rows["valid_NL"], micro)
-                ref_logp = compute_logprobs(reference, tokens_NL, global_rows["valid_NL"], micro) \
+                    global_rows["old_logp_NL"] = compute_logprobs(policy, tokens_NL, global_rows["valid_NL"], micro,
+                                                                  **shared)
+                ref_logp = compute_logprobs(reference, tokens_NL, global_rows["valid_NL"], micro, **shared) \
                     if reference is not None else jnp.zeros(tokens_NL.shape, jnp.float32, device=tokens_NL.sharding)
                 batch = UpdateBatch(**{"old_logp_NL": None, **global_rows}, ref_logp_NL=ref_logp)
                 with progress.bar(optimiser_steps(ucfg, num_rows), f"step {step + 1} update", show,
                                   unit="opt step") as bar:
-                    update_metrics = updater.update(batch, on_step=(lambda: bar.update(1)) if show else None)
+                    update_metrics = updater.update(batch, on_step=(lambda: bar.update(1)) if show else None,
+                                                    layout=layout)
                 jax.block_until_ready(update_metrics)  # the phase's time is its compute, not its dispatch
                 # the update donated the old params, which a local view shares buffers with
                 actor = process_local_policy(policy, mesh, local_mesh, actor)

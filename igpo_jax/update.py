@@ -3,6 +3,11 @@ clipped-loss steps with AdamW (IGPO_SPEC §4).
 
 Legend: N rollouts in the update batch, M rows per mini-batch, U rows per micro-batch, L tokens.
 
+Shared prompt prefix (`layout`, a `shared_prefix.PrefixLayout`; `UpdateBatch.prefix_len_N`): the
+π_θ forward and backward (and `compute_logprobs`) compute each group's prompt once for its G
+rows (model/shared_prefix.py); mini- and micro-batches then hold whole groups (micro-batch j:
+groups j, j + num_micro, …). Without a layout every row runs on its own.
+
 Token alignment: `logp_NL[:, j]` is log π(tokens[:, j] | tokens[:, :j]) (column 0 is 0), so the
 loss mask, advantages and log-probs all index the token they score.
 
@@ -26,6 +31,7 @@ import optax
 from flax import nnx
 
 from igpo_jax.igpo.loss import policy_loss
+from igpo_jax.model import shared_prefix
 from igpo_jax.model.attention_mask import causal_mask, positions_from_valid
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
 from igpo_jax.xla_flags import FP32_TRAIN_STEP_COMPILER_OPTIONS
@@ -119,6 +125,9 @@ class UpdateBatch:
     # π_old is π_θ itself (`use_current_as_old`: ρ = 1 exactly, no forward needed)
     old_logp_NL: jax.Array | None
     ref_logp_NL: jax.Array  # float32, log π_ref (zeros when the KL loss is off)
+    # int32: the row's group's shared prefix length (shared_prefix.group_prefix_lengths), with a
+    # `layout`; None: no prefix sharing
+    prefix_len_N: jax.Array | None = None
 
 
 def optimiser_steps(cfg: UpdateConfig, num_rows: int) -> int:
@@ -139,6 +148,14 @@ def token_logprobs(model, tokens_NL, valid_NL, chunk: int, with_entropy: bool = 
     return jnp.pad(logp, pad), jnp.pad(entropy, pad)
 
 
+def policy_logprobs(model, batch: UpdateBatch, layout, chunk: int, with_entropy: bool = False, needed_NL=None):
+    """`token_logprobs` of the batch's rows, through their shared prefixes when `layout` is given."""
+    if layout is None:
+        return token_logprobs(model, batch.tokens_NL, batch.valid_NL, chunk, with_entropy, needed_NL)
+    return shared_prefix.token_logprobs(model, batch.tokens_NL, batch.valid_NL, batch.prefix_len_N, layout, chunk,
+                                        with_entropy, needed_NL)
+
+
 def micro_batches(x, num_micro: int):
     """[N, ...] → [num_micro, N / num_micro, ...], micro-batch j taking rows j, j + num_micro, … .
 
@@ -153,16 +170,36 @@ def from_micro_batches(x):
     return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _logprobs_call(graphdef, params, tokens_NL, valid_NL, num_micro, chunk):
+def _split(x, num_micro: int, layout):
+    """`micro_batches` of rows, or with a `layout` of whole groups (G consecutive rows each)."""
+    if layout is None:
+        return micro_batches(x, num_micro)
+    g = layout.group_size
+    grouped = micro_batches(x.reshape(x.shape[0] // g, g, *x.shape[1:]), num_micro)
+    return grouped.reshape(num_micro, grouped.shape[1] * g, *x.shape[1:])
+
+
+def _unsplit(x, layout):
+    """The inverse of `_split`."""
+    if layout is None:
+        return from_micro_batches(x)
+    g = layout.group_size
+    return from_micro_batches(x.reshape(x.shape[0], x.shape[1] // g, g, *x.shape[2:])).reshape(-1, *x.shape[2:])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
+def _logprobs_call(graphdef, params, num_micro, chunk, layout, rows: UpdateBatch, needed_NL):
     model = nnx.merge(graphdef, params)
-    logp = jax.lax.map(lambda tv: token_logprobs(model, tv[0], tv[1], chunk)[0],
-                       (micro_batches(tokens_NL, num_micro), micro_batches(valid_NL, num_micro)))
-    return from_micro_batches(logp)
+    micro = jax.tree.map(lambda x: _split(x, num_micro, layout), (rows, needed_NL))
+    logp = jax.lax.map(lambda m: policy_logprobs(model, m[0], layout, chunk, needed_NL=m[1])[0], micro)
+    return _unsplit(logp, layout)
 
 
-def compute_logprobs(model, tokens_NL, valid_NL, micro_batch_size: int = 0, chunk: int = 128) -> jax.Array:
-    """Log-probs of every token under `model` (π_old or π_ref), `micro_batch_size` rows per forward.
+def compute_logprobs(model, tokens_NL, valid_NL, micro_batch_size: int = 0, chunk: int = 128, prefix_len_N=None,
+                     layout=None, needed_NL=None) -> jax.Array:
+    """Log-probs of every token under `model` (π_old or π_ref), `micro_batch_size` rows per forward
+    (whole groups with a shared-prefix `layout` and `prefix_len_N`); with `needed_NL`, of those
+    tokens only (the others read 0).
 
     One jitted call that stays on device: with global arrays sharded over several processes (no
     process holds all rows) the result is a global array laid out like the batch, ready for the
@@ -173,15 +210,18 @@ def compute_logprobs(model, tokens_NL, valid_NL, micro_batch_size: int = 0, chun
     micro = micro_batch_size or n
     if n % micro:
         raise ValueError(f"{n} rows do not split into micro-batches of {micro}")
-    return _logprobs_call(graphdef, params, tokens_NL, valid_NL, n // micro, chunk)
+    if layout is not None and micro % layout.group_size:
+        raise ValueError(f"micro-batches of {micro} rows do not hold whole groups of {layout.group_size}")
+    rows = UpdateBatch(tokens_NL, valid_NL, None, None, None, None, prefix_len_N if layout is not None else None)
+    return _logprobs_call(graphdef, params, n // micro, chunk, layout, rows, needed_NL)
 
 
-def _micro_loss(params, graphdef, micro: UpdateBatch, counts, cfg: UpdateConfig, use_current_as_old: bool):
+def _micro_loss(params, graphdef, micro: UpdateBatch, counts, cfg: UpdateConfig, use_current_as_old: bool,
+                layout=None):
     model = nnx.merge(graphdef, params)
     with_entropy = cfg.entropy_coeff != 0 or cfg.entropy_metric
     # every term of the loss (and each metric) is a mean over loss-mask tokens only
-    logp, entropy = token_logprobs(model, micro.tokens_NL, micro.valid_NL, cfg.logprob_chunk, with_entropy,
-                                   micro.loss_mask_NL > 0)
+    logp, entropy = policy_logprobs(model, micro, layout, cfg.logprob_chunk, with_entropy, micro.loss_mask_NL > 0)
     if cfg.entropy_coeff == 0:
         entropy = jax.lax.stop_gradient(entropy)  # a metric only: no backward pass through it
     old = jax.lax.stop_gradient(logp) if use_current_as_old else micro.old_logp_NL
@@ -195,15 +235,15 @@ def _micro_loss(params, graphdef, micro: UpdateBatch, counts, cfg: UpdateConfig,
 
 
 def _summed_gradients(graphdef, params, batch: UpdateBatch, cfg: UpdateConfig, num_micro: int,
-                      use_current_as_old: bool):
+                      use_current_as_old: bool, layout=None):
     """Loss, float32 gradients and metrics of one mini-batch, summed over its micro-batches."""
     mask = batch.loss_mask_NL.astype(jnp.float32)
     counts = (jnp.sum(mask), jnp.sum(jnp.any(mask > 0, axis=1)).astype(jnp.float32))
-    micro = jax.tree.map(lambda x: micro_batches(x, num_micro), batch)
+    micro = jax.tree.map(lambda x: _split(x, num_micro, layout), batch)
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
     def accumulate(grads, m):
-        (loss, metrics), g = grad_fn(params, graphdef, m, counts, cfg, use_current_as_old)
+        (loss, metrics), g = grad_fn(params, graphdef, m, counts, cfg, use_current_as_old, layout)
         # losses are already aggregated with the mini-batch counts (they sum); the other metrics
         # are token means of this micro-batch, weighted here by its share of the tokens
         weight = jnp.sum(m.loss_mask_NL) / jnp.maximum(counts[0], 1.0)
@@ -217,9 +257,9 @@ def _summed_gradients(graphdef, params, batch: UpdateBatch, cfg: UpdateConfig, n
 
 
 # the CPU compiler option sped up the fp32 train step and slowed the bf16 one (xla_flags.py)
-_gradients_fp32 = jax.jit(_summed_gradients, static_argnums=(0, 3, 4, 5),
+_gradients_fp32 = jax.jit(_summed_gradients, static_argnums=(0, 3, 4, 5, 6),
                           compiler_options=FP32_TRAIN_STEP_COMPILER_OPTIONS)
-_gradients_other = jax.jit(_summed_gradients, static_argnums=(0, 3, 4, 5))
+_gradients_other = jax.jit(_summed_gradients, static_argnums=(0, 3, 4, 5, 6))
 
 
 def _gradient_program(graphdef, params):
@@ -247,9 +287,9 @@ def _apply_gradients(params, opt_state, grads, loss, cfg: UpdateConfig):
 
 
 def train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: UpdateConfig, num_micro: int,
-               use_current_as_old: bool = False):
-    """One optimiser step on a mini-batch split into `num_micro` micro-batches; `params` and
-    `opt_state` are donated.
+               use_current_as_old: bool = False, layout=None):
+    """One optimiser step on a mini-batch split into `num_micro` micro-batches (of whole groups
+    sharing their prompts' forward with a `layout`); `params` and `opt_state` are donated.
 
     `use_current_as_old` takes π_old = stop_gradient(π_θ) (ρ = 1 exactly): valid for the first
     mini-batch of the first epoch, whose params are still the sampling policy's.
@@ -259,7 +299,7 @@ def train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: UpdateConfi
     at 4 × 384 tokens, against 0.7 GB for the gradients alone.
     """
     loss, grads, metrics = _gradient_program(graphdef, params)(graphdef, params, batch, cfg, num_micro,
-                                                               use_current_as_old)
+                                                               use_current_as_old, layout)
     params, opt_state, step_metrics = _apply_gradients(params, opt_state, grads, loss, cfg)
     return params, opt_state, {**metrics, **step_metrics}
 
@@ -274,9 +314,9 @@ class Updater:
         self.model = model
 
     def update(self, batch: UpdateBatch, rng: np.random.Generator | None = None,
-               on_step: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+               on_step: Callable[[], None] | None = None, layout=None) -> list[dict[str, Any]]:
         """`ppo_epochs` passes over the batch in mini-batches (shuffled each epoch when `rng` is
-        given); returns one metrics dict per optimiser step (device arrays: fetch them late).
+        given: whole groups with a shared-prefix `layout`); returns one metrics dict per optimiser step (device arrays: fetch them late).
         `on_step()`, when given, is called as each optimiser step finishes on the device (for a
         progress bar: it waits for each step, which costs only the next step's dispatch latency)."""
         cfg = self.cfg
@@ -289,16 +329,21 @@ class Updater:
         if batch.old_logp_NL is None and optimiser_steps(cfg, n) > 1:
             raise ValueError(f"old_logp_NL is None, but the update takes {optimiser_steps(cfg, n)} optimiser "
                              f"steps: only the first one has π_old = π_θ")
+        g = 1 if layout is None else layout.group_size
+        if layout is not None and (micro % g or batch.prefix_len_N is None):
+            raise ValueError(f"a shared-prefix update needs prefix_len_N and micro-batches of whole groups "
+                             f"({micro} rows, groups of {g})")
         _, params = nnx.split(self.model)
         metrics = []
         for epoch in range(cfg.ppo_epochs):
-            order = rng.permutation(n) if rng is not None else np.arange(n)
+            groups = rng.permutation(n // g) if rng is not None else np.arange(n // g)
+            order = (groups[:, None] * g + np.arange(g)[None, :]).reshape(-1)
             for k, start in enumerate(range(0, n, mini)):
                 rows = jnp.asarray(order[start:start + mini])
                 mini_batch = jax.tree.map(lambda x: x[rows], batch)
                 params, self.opt_state, m = train_step(
                     self.graphdef, params, self.opt_state, mini_batch, cfg, mini // micro,
-                    epoch == 0 and k == 0)
+                    epoch == 0 and k == 0, layout)
                 metrics.append(m)
                 if on_step is not None:
                     jax.block_until_ready(m)
