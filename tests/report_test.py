@@ -140,3 +140,17 @@ def test_report_shows_both_runs_curves_and_the_chosen_steps_episodes(runs, tmp_p
     assert [s["data-step"] for s in page.sections] == ["1"]
     with pytest.raises(SystemExit):  # a step without samples is an error naming the steps there are
         report.main([dirs["igpo"], "--step", "7", "--out", str(tmp_path / "x.html")])
+
+
+def test_an_evaluate_output_directory_is_reported_too(tmp_path):
+    from tests.html_test import episode
+
+    records = [episode("answer", 1.0, [("<answer>Kel</answer>", [], "", 0.3, None)]),
+               episode("max_turns", -2.0, [("<search>x</search>", ["x"], "r", 0.1, 0.05),
+                                           ("<search>y</search>", ["y"], "", 0.15, None)])]
+    samples.write_jsonl(str(tmp_path / "episodes.jsonl"), records)  # what igpo_jax.evaluate writes
+    page = _Page()
+    page.feed(report.build_report([str(tmp_path)]))
+    (section,) = page.sections
+    assert section["data-count"] == "2" and [len(e["turns"]) for e in section["episodes"]] == [1, 2]
+    assert page.figures == []  # no metrics.jsonl: no curves, and no error either
