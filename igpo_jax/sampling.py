@@ -24,8 +24,19 @@ Done rows: each call gathers the rows that are decoding into the smallest power-
 bucket that holds them, decodes that sub-batch, and scatters its cache rows back. So rows that
 are finished or waiting for a search cost nothing per step; the price is one gather/scatter of
 the active rows' cache (their first `span` slots) per call, paid only when the bucket is smaller
-than the full batch. (Refilling freed rows with new prompts is the other option; it needs the
-rollout to stream questions, which IGPO's group-synchronous steps do not.)
+than the full batch.
+
+Refilling (continuous batching): `restart` gives a row whose sequence is over a new prompt while
+the others keep their caches; the row's old slots become holes. With `compact_cache=True` the
+cursor does not just run on into those holes: when the cache runs short, one gather moves each
+row's valid slots to the front (order kept, so causality and RoPE positions are unchanged) and the
+cursor drops to the longest row. The cache then has to hold the longest live sequence, not the sum
+of all sequences a row has held (agent/rollout.py bounds its memory this way).
+
+Shared prompt prefill (`share_prompt_prefill=True`): rows that start from the same tokens (the G
+rollouts of a question) are prefilled once. The distinct prompts run as a small batch over a
+fresh cache window of the same span, and their keys/values are copied into every row that starts
+from them, so each row holds what its own prefill would have written. Per-row seeds are untouched.
 
 Sampling is reproducible per row: the k-th token of row r's s-th segment (turn) uses
 fold_in(fold_in(key_r, s), k), so it does not depend on which other rows share the batch, and
@@ -222,6 +233,50 @@ def _extend_call(graphdef, state, cache, tokens_BW, valid_BW, span):
     return cache.put_window(window)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
+def _shared_prefill_call(graphdef, state, cache, tokens_UW, valid_UW, src_B, span):
+    """Prefill U distinct prompts over a fresh `span`-slot cache, then copy prompt src_B[b] into
+    row b at slots [length, length + W) (rows with src_B < 0 get holes there, as in a ragged
+    extend). The rows fed must hold nothing yet (started or released): a prompt's keys and values
+    depend on its own tokens and positions only."""
+    model = nnx.merge(graphdef, state)
+    u, w = tokens_UW.shape
+    fresh = KVCache.init(model.cfg, u, span, cache.k_layers[0].dtype)
+    _, fresh = extend(model, fresh, tokens_UW, valid_UW)
+    fed_B = src_B >= 0
+    src_B = jnp.maximum(src_B, 0)
+    zero = jnp.zeros((), jnp.int32)
+    at = (zero, zero, cache.length, zero)
+    copy = lambda layers, new: tuple(jax.lax.dynamic_update_slice(x, y[src_B, :, :w], at) for x, y in zip(layers, new))
+    valid_BW = fed_B[:, None] & fresh.valid_BS[src_B, :w]
+    return cache.replace(
+        k_layers=copy(cache.k_layers, fresh.k_layers), v_layers=copy(cache.v_layers, fresh.v_layers),
+        valid_BS=jax.lax.dynamic_update_slice(cache.valid_BS, valid_BW, (zero, cache.length)),
+        next_pos_B=jnp.where(fed_B, fresh.next_pos_B[src_B], cache.next_pos_B), length=cache.length + w)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _release_call(cache, rows_B):
+    """Rows `rows_B` (bool) hold nothing any more: their slots become holes, positions restart at 0."""
+    return cache.replace(valid_BS=cache.valid_BS & ~rows_B[:, None],
+                         next_pos_B=jnp.where(rows_B, 0, cache.next_pos_B))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _compact_call(cache):
+    """Each row's valid slots moved to the front, in order; the cursor drops to the longest row."""
+    order_BS = jnp.argsort(~cache.valid_BS, axis=1, stable=True)
+    moved = lambda layers: tuple(jnp.take_along_axis(x, order_BS[:, None, :, None], axis=2) for x in layers)
+    valid_BS = jnp.take_along_axis(cache.valid_BS, order_BS, axis=1)
+    return cache.replace(k_layers=moved(cache.k_layers), v_layers=moved(cache.v_layers), valid_BS=valid_BS,
+                         length=jnp.max(jnp.sum(valid_BS, axis=1, dtype=jnp.int32)))
+
+
+@jax.jit
+def _used_slots(valid_BS):
+    return jnp.max(jnp.sum(valid_BS, axis=1, dtype=jnp.int32))
+
+
 @dataclasses.dataclass
 class RowOutput:
     """What one row generated since its last start/append."""
@@ -262,12 +317,14 @@ class Sampler:
         while s.decoding_rows():
             for row, out in s.decode().items(): ...   # rows that stopped in this call
             s.append(row, tool_result_ids, max_new_tokens=512)   # continue a stopped row
+            s.restart([row], [next_prompt_ids], [seed], 512)       # or: a new sequence in that row
     """
 
     def __init__(self, model, tokenizer, batch_size: int, cache_size: int,
                  params: SamplingParams = SamplingParams(), stop_token_ids: Sequence[int] = (),
                  stop_strings: Sequence[str] = (), steps_per_call: int = 32, append_bucket: int = 16,
-                 cache_dtype=None, mesh=None, rules=None, min_span: int = 1024):
+                 cache_dtype=None, mesh=None, rules=None, min_span: int = 1024,
+                 share_prompt_prefill: bool = True, compact_cache: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -276,6 +333,8 @@ class Sampler:
         self.steps_per_call = steps_per_call
         self.append_bucket = append_bucket
         self.min_span = min_span
+        self.share_prompt_prefill = share_prompt_prefill  # prefill each distinct prompt once
+        self.compact_cache = compact_cache  # squeeze out holes when the cache runs short
         self.stop_strings = tuple(stop_strings)
         self._graphdef, self._state = nnx.split(model)
         vocab = model.cfg.vocab_size
@@ -303,13 +362,37 @@ class Sampler:
         self.cache = KVCache.init(self.model.cfg, self.batch_size, self.cache_size, self._cache_dtype,
                                   self._mesh, self._rules)
         budgets = _per_row(max_new_tokens, len(prompts))
-        keys = [np.asarray(jax.random.PRNGKey(s)) for s in seeds]
-        self.rows = [_HostRow(base_key=k, key=np.asarray(jax.random.fold_in(k, 0)), pending=list(p), budget=n)
-                     for p, k, n in zip(prompts, keys, budgets)]
+        self.rows = [_fresh_row(p, s, n) for p, s, n in zip(prompts, seeds, budgets)]
         self._early = {}
-        for row in self.rows:
-            row.decoding = True  # before the prefill, which may finish rows that do not fit
-        self._feed_pending(list(range(len(prompts))))
+        self._feed_pending(list(range(len(prompts))), fresh=True)
+
+    def restart(self, row_ids: Sequence[int], prompts: Sequence[Sequence[int]], seeds: Sequence[int],
+                max_new_tokens: int | Sequence[int]):
+        """Begin new sequences in stopped rows (continuous batching): their old cache entries are
+        dropped, every other row keeps its cache. Sampling in a restarted row is exactly as if
+        `start` had been called with its prompt and seed."""
+        row_ids = list(row_ids)
+        if len(prompts) != len(row_ids) or len(seeds) != len(row_ids):
+            raise ValueError(f"{len(row_ids)} rows, {len(prompts)} prompts and {len(seeds)} seeds")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        self.release(row_ids)
+        for r, p, seed, n in zip(row_ids, prompts, seeds, _per_row(max_new_tokens, len(row_ids))):
+            self.rows[r] = _fresh_row(p, seed, n)
+        self._feed_pending(row_ids, fresh=True)
+
+    def release(self, row_ids: Sequence[int]):
+        """Stopped rows whose sequences are over: their slots become holes (reclaimed by
+        compaction) and a report still pending for them is dropped."""
+        for r in row_ids:
+            if not 0 <= r < len(self.rows):
+                raise ValueError(f"row {r} was never started (started rows: {len(self.rows)})")
+            if self.rows[r].decoding:
+                raise ValueError(f"row {r} is still decoding; release only stopped rows")
+            self._early.pop(r, None)
+        mask = np.zeros((self.batch_size,), bool)
+        mask[list(row_ids)] = True
+        self.cache = _release_call(self.cache, jnp.asarray(mask))
 
     def append(self, row_ids: int | Sequence[int], tokens: Sequence[int] | Sequence[Sequence[int]],
                max_new_tokens: int | Sequence[int]):
@@ -338,6 +421,8 @@ class Sampler:
         if not active:
             return early
         length = int(self.cache.length)
+        if self.cache_size - length < self.steps_per_call:  # compact for a full call, or for any room at all
+            length = self._compact_if_it_frees(self.steps_per_call if length < self.cache_size else 1)
         room = self.cache_size - length
         if room <= 0:
             return {**early, **{i: self._finish(i, FINISH_CONTEXT) for i in active}}
@@ -379,7 +464,7 @@ class Sampler:
                 stopped[r] = self._finish(r, FINISH_STOP)
             elif not still_active[j]:
                 stopped[r] = self._finish(r, FINISH_LENGTH)
-        if int(self.cache.length) >= self.cache_size:
+        if int(self.cache.length) >= self.cache_size and self._compact_if_it_frees(1) >= self.cache_size:
             for r in self.decoding_rows():
                 stopped[r] = self._finish(r, FINISH_CONTEXT)
         return stopped
@@ -400,6 +485,15 @@ class Sampler:
         log2(cache_size / min_span) + 1 spans."""
         return min(self.cache_size, power_of_two(slots_needed, self.min_span))
 
+    def _compact_if_it_frees(self, slots: int) -> int:
+        """With `compact_cache`, compact when that frees at least `slots` slots (a full gather of
+        the cache: worth it only when the cursor is near the end). Returns the cursor."""
+        length = int(self.cache.length)
+        if self.compact_cache and length - int(_used_slots(self.cache.valid_BS)) >= slots:
+            self.cache = _compact_call(self.cache)
+            length = int(self.cache.length)
+        return length
+
     def _finish(self, r: int, reason: str) -> RowOutput:
         host = self.rows[r]
         host.decoding = False
@@ -414,27 +508,59 @@ class Sampler:
         before = len(self.tokenizer.decode(tail[:-1]))
         return any(text.find(s, max(0, before - len(s) + 1)) != -1 for s in self.stop_strings)
 
-    def _feed_pending(self, row_ids: list[int]):
-        """Write each row's pending tokens except the last into the cache, in one ragged extend."""
+    def _feed_pending(self, row_ids: list[int], fresh: bool = False):
+        """Write each row's pending tokens except the last into the cache, in one ragged extend.
+        `fresh`: the rows hold nothing yet (start / restart), so equal prompts can share a prefill."""
         width = max((len(self.rows[r].pending) - 1 for r in row_ids), default=0)
         if width <= 0:
             return
         width = power_of_two(width, self.append_bucket)
         length = int(self.cache.length)
         if length + width > self.cache_size:
+            length = self._compact_if_it_frees(length + width - self.cache_size)
+        if length + width > self.cache_size:
             for r in row_ids:
                 self._early[r] = self._finish(r, FINISH_CONTEXT)
             return
+        feeds = {r: tuple(self.rows[r].pending[:-1]) for r in row_ids}
+        for r in row_ids:
+            self.rows[r].pending = self.rows[r].pending[-1:]
+        distinct = list(dict.fromkeys(feeds.values()))  # first-seen order
+        if fresh and self.share_prompt_prefill and power_of_two(len(distinct)) < self.batch_size:
+            self._shared_prefill(feeds, distinct, width)
+            return
         tokens = np.zeros((self.batch_size, width), np.int32)
         valid = np.zeros((self.batch_size, width), bool)
-        for r in row_ids:
-            feed = self.rows[r].pending[:-1]
+        for r, feed in feeds.items():
             tokens[r, :len(feed)] = feed
             valid[r, :len(feed)] = True
-            self.rows[r].pending = self.rows[r].pending[-1:]
         span = self._span(length + width)
         self.cache = _extend_call(self._graphdef, self._state, self.cache, jnp.asarray(tokens), jnp.asarray(valid),
                                   span)
+
+    def _shared_prefill(self, feeds: dict[int, tuple[int, ...]], distinct: list[tuple[int, ...]], width: int):
+        """One prefill per distinct prompt (a power-of-two batch of them), copied into its rows.
+        The prefill attends over `_span(width)` slots, the window a plain prefill into an empty
+        cache uses, so the keys and values are those of the plain path up to the batch size."""
+        u = power_of_two(len(distinct))
+        tokens = np.zeros((u, width), np.int32)
+        valid = np.zeros((u, width), bool)
+        for i, feed in enumerate(distinct):
+            tokens[i, :len(feed)] = feed
+            valid[i, :len(feed)] = True
+        index = {feed: i for i, feed in enumerate(distinct)}
+        src = np.full((self.batch_size,), -1, np.int32)
+        for r, feed in feeds.items():
+            src[r] = index[feed]
+        self.cache = _shared_prefill_call(self._graphdef, self._state, self.cache, jnp.asarray(tokens),
+                                          jnp.asarray(valid), jnp.asarray(src), self._span(width))
+
+
+def _fresh_row(prompt: Sequence[int], seed: int, budget: int) -> _HostRow:
+    key = np.asarray(jax.random.PRNGKey(seed))
+    # decoding before the prefill, which may finish a row that does not fit
+    return _HostRow(base_key=key, key=np.asarray(jax.random.fold_in(key, 0)), pending=list(prompt), budget=budget,
+                    decoding=True)
 
 
 def _per_row(value, n: int) -> list[int]:
