@@ -4,9 +4,12 @@ embeddings), selected by `ModelConfig` switches.
 Legend: B batch, T query tokens, S key slots (T itself, or the KV-cache length), D hidden,
 N query heads, K kv heads, G = N/K heads per kv head, H head dim, F mlp width, V vocab, L layers.
 
-Attention takes an explicit boolean mask `mask_BTS` (True = may attend). Callers build it inside
-their jitted function from compact descriptors (`causal_mask`, the KV cache, the scoring block
-mask), so XLA fuses it into the softmax and one decoder serves training, sampling and scoring.
+Attention takes an explicit mask `mask_BTS` (True = may attend): a bool [B, T, S] array, or a
+compact `attention_mask.MaskSpec` (O(T + S) vectors; the dense path materialises it, the blockwise
+path computes each block from it). Callers build it inside their jitted function (`causal_mask`,
+the KV cache, the scoring block mask), so one decoder serves training, sampling and scoring.
+`cfg.attention` picks the kernel: 'dense' (`_attend`, chunked over queries) or 'blockwise'
+(blockwise_attention.py: O(length) memory in forward and backward).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from igpo_jax.model.attention_mask import causal_mask, positions_from_valid
+from igpo_jax.model.attention_mask import MaskSpec, causal_mask, positions_from_valid
+from igpo_jax.model.blockwise_attention import blockwise_attention
 from igpo_jax.model.config import ModelConfig
 from igpo_jax.model.kv_cache import KVCache
 from igpo_jax.model.projection import project
@@ -84,6 +88,8 @@ def _attend(q_BTKGH, k, v, mask_BTS, kv_layout: str = "bskh"):
     [B, T, N, H] output costs H per query instead of S, and on a CPU these elementwise passes
     over [B, N, T, S] (forward and backward) cost as much as the matmuls around them."""
     h = q_BTKGH.shape[-1]
+    if isinstance(mask_BTS, MaskSpec):
+        mask_BTS = mask_BTS.dense()
     scores = jnp.einsum(f"btkgh,{kv_layout}->bkgts", q_BTKGH, k, preferred_element_type=jnp.float32) / math.sqrt(h)
     scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _MASKED)
     # the shift cancels in the ratio: no gradient through it (as jax.nn.softmax does)
@@ -94,6 +100,13 @@ def _attend(q_BTKGH, k, v, mask_BTS, kv_layout: str = "bskh"):
     # dot that writes [B, T, K, G, H] straight from a [B, K, S, H] operand)
     out = jnp.einsum(f"bkgts,{kv_layout}->bkgth", weights.astype(q_BTKGH.dtype), v, preferred_element_type=jnp.float32)
     return jnp.moveaxis(out / total_BKGT[..., None], 3, 1).astype(q_BTKGH.dtype)
+
+
+def _mask_corner(mask, q0: int, num_q: int, num_k: int):
+    """Queries [q0, q0 + num_q) × keys [0, num_k) of a bool mask or a MaskSpec."""
+    if isinstance(mask, MaskSpec):
+        return mask.block(q0, num_q, 0, num_k)
+    return mask[:, q0:q0 + num_q, :num_k]
 
 
 class Attention(nnx.Module):
@@ -134,10 +147,17 @@ class Attention(nnx.Module):
         b, t, n, h = q.shape
         q = q.reshape(b, t, cfg.num_kv_heads, n // cfg.num_kv_heads, h)
         chunk = cfg.attention_chunk
+        blockwise = cfg.attention == "blockwise"
         if cache is not None:
             cache = cache.write(layer, k, v)
             k_BKSH, v_BKSH = cache.read(layer)
-            out = _attend(q, k_BKSH.astype(dt), v_BKSH.astype(dt), mask_BTS, kv_layout="bksh")
+            if blockwise and t > cfg.attention_block:  # a long prefill; decoding steps stay dense
+                out = blockwise_attention(q, jnp.swapaxes(k_BKSH, 1, 2).astype(dt), jnp.swapaxes(v_BKSH, 1, 2).astype(dt),
+                                          mask_BTS, cfg.attention_block, cfg.attention_block)
+            else:
+                out = _attend(q, k_BKSH.astype(dt), v_BKSH.astype(dt), mask_BTS, kv_layout="bksh")
+        elif blockwise:
+            out = blockwise_attention(q, k.astype(dt), v.astype(dt), mask_BTS, cfg.attention_block, cfg.attention_block)
         elif not chunk or t <= chunk:
             out = _attend(q, k.astype(dt), v.astype(dt), mask_BTS)
         else:
@@ -146,7 +166,7 @@ class Attention(nnx.Module):
             # which at short head dims costs more than the matmuls around it.
             out = jnp.concatenate([
                 _attend(q[:, a:a + chunk], k[:, :a + chunk].astype(dt), v[:, :a + chunk].astype(dt),
-                        mask_BTS[:, a:a + chunk, :a + chunk])
+                        _mask_corner(mask_BTS, a, min(chunk, t - a), min(a + chunk, t)))
                 for a in range(0, t, chunk)], axis=1)
         out = out.reshape(b, t, n, h)
         out = project("btnh,nhd->btd", out, self.o_proj[...])
