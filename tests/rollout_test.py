@@ -245,6 +245,10 @@ def test_qwen_search_then_answer_renders_exactly_the_chat(tiny_llama, smollm2_to
     assert (searched.finish_reason, searched.answer, searched.num_searches, searched.search_failures) == (
         "answer", "Kel", 1, 0)
     assert (direct.finish_reason, direct.answer, direct.num_searches) == ("answer", "Kel", 0)
+    # the ids of the documents each turn's search returned (the mock's links); None: no search
+    assert searched.retrieved_ids_per_turn[1] is None and direct.retrieved_ids_per_turn == (None,)
+    hits = searched.retrieved_ids_per_turn[0]
+    assert len(hits) == mock_search.client.options.top_k and all(h.startswith("mock://") for h in hits)
     np.testing.assert_array_equal(traj.num_turns_N, [2, 1])
     np.testing.assert_array_equal(traj.turn_start_NT[1, 1:], [-1, -1, -1])
     tool_text = 'Results for "Valdoria founder":\n1. Mock page 1 for Valdoria founder'
@@ -353,3 +357,59 @@ def test_other_rows_keep_decoding_while_a_search_runs(tiny_llama, smollm2_tokeni
     assert [e.finish_reason for e in traj.episodes] == ["answer", "answer"]
     assert stats["rollout/search_s"] >= 1.0
     assert stats["rollout/search_wait_s"] < stats["rollout/search_s"]  # part of the search overlapped decoding
+
+
+# ----------------------------------------------------------------------------- bounded concurrency
+
+def _chatty_stopper(model, tokenizer, strength=4.0):
+    """A copy of `model` whose end-of-turn token is likely at every step (tied embeddings: its
+    row is scaled up), so turns, and hence episodes, end after random numbers of tokens."""
+    from igpo_jax.model.tokenizer import stop_token_ids
+
+    model = nnx.clone(model)
+    embed = model.embed[...]
+    for t in stop_token_ids(tokenizer):
+        embed = embed.at[t].multiply(strength / (0.02 * np.sqrt(embed.shape[1])))
+    model.embed[...] = embed
+    return model
+
+
+@pytest.mark.parametrize("max_concurrent_rows", [2, 3])
+def test_concurrency_bounded_rollout_gives_the_unbounded_trajectories(tiny_llama, smollm2_tokenizer, mock_search,
+                                                                     max_concurrent_rows, monkeypatch):
+    """6 episodes through 2 or 3 cache rows, refilled as episodes end, equal all 6 at once:
+    the same tokens, finishes and searches; log-probs up to float rounding (different batch sizes
+    and slot layouts), which here stays far below any sampling tie."""
+    from igpo_jax import sampling
+
+    tok = smollm2_tokenizer
+    model = _chatty_stopper(tiny_llama, tok)
+    questions = QUESTIONS + [Example("q2", "world", "Which river runs through Kesh?", ("Amu",),
+                                     (Message("user", "Which river runs through Kesh?"),), "test")]
+    base = dict(dialect="search_tags", today=TODAY, forced_prefix="", first_turn_prefix="<search>Kesh river</search>",
+                max_turns=3, max_new_tokens=10, max_tool_tokens=32, sampling=SamplingParams(temperature=1.0),
+                steps_per_call=4, overlap_search=False)
+    unbounded = RolloutConfig(cache_size=1024, **base)
+    ref, _ = rollout(questions, 2, make_sampler(model, tok, unbounded, 6), tok, mock_search, unbounded, seed=5)
+    compactions, real = [], sampling._compact_call
+    monkeypatch.setattr(sampling, "_compact_call", lambda c: compactions.append(1) or real(c))
+    # a cache that holds the longest episode, not the cursor of every episode a row has held
+    longest = int(ref.valid_NL.sum(1).max())
+    bounded = RolloutConfig(cache_size=longest + 48, max_concurrent_rows=max_concurrent_rows, **base)
+    sampler = make_sampler(model, tok, bounded, 6)
+    assert sampler.batch_size == max_concurrent_rows
+    traj, stats = rollout(questions, 2, sampler, tok, mock_search, bounded, seed=5)
+    assert compactions
+    assert len({int(n) for n in ref.valid_NL.sum(1)}) > 1  # episodes of different lengths: rows freed at different times
+    assert {e.finish_reason for e in ref.episodes} != {"context"} and any(e.num_searches for e in ref.episodes)
+    for name in ("tokens_NL", "valid_NL", "loss_mask_NL", "turn_id_NL", "turn_start_NT", "num_turns_N", "group_id_N"):
+        np.testing.assert_array_equal(getattr(traj, name), getattr(ref, name), err_msg=name)
+    np.testing.assert_allclose(traj.sampled_logprob_NL, ref.sampled_logprob_NL, atol=1e-5)
+    assert [(e.finish_reason, e.num_searches, e.response_text) for e in traj.episodes] == \
+        [(e.finish_reason, e.num_searches, e.response_text) for e in ref.episodes]
+    _check_rows(model, traj)
+
+
+def test_max_concurrent_rows_must_not_be_negative():
+    with pytest.raises(ValueError, match="max_concurrent_rows"):
+        RolloutConfig(max_concurrent_rows=-1)
