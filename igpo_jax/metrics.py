@@ -42,8 +42,8 @@ TENSORBOARD_SUBDIR = "tensorboard"
 # the update's health, the agent's behaviour, validation and speed.
 DEFAULT_CONSOLE_KEYS = (
     "reward/mean", "reward/f1", "ig/mean", "actor/pg_loss", "actor/kl_loss", "actor/grad_norm",
-    "actor/skipped", "rollout/searches_per_episode", "response_length/mean", "val/f1",
-    "time/rollout_s", "time/update_s",
+    "actor/skipped", "rollout/searches_per_episode", "response_length/mean", "diag/collapse_frac", "val/f1",
+    "val/no_format_f1", "val/no_format_f1_se", "val/format_error", "time/rollout_s", "time/update_s",
 )
 
 
