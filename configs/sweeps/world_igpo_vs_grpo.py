@@ -2,7 +2,9 @@
 the same config with algorithm.use_info_gain=False, i.e. configs/world_grpo.py):
 
     python -m igpo_jax.sweep configs/sweeps/world_igpo_vs_grpo.py [--launch]   # one after another
-    python -m igpo_jax.plot runs/world_igpo_vs_grpo/*                          # both arms, one figure
+    python -m igpo_jax.plot runs/world_igpo_vs_grpo/* --out world_igpo_vs_grpo.png \
+        --keys val/no_format_f1,val/f1,val/format_error,diag/collapse_frac,ig/mean,diag/ig_answer_doc
+    python -m bench.learning --config=configs/world_igpo.py -- --config.seed=1   # one arm, one seed, JSON
 
 On the 2-core development machine run them one at a time (--launch): each is one full
 world_igpo run (see its docstring for the time per run). The seed changes the rollouts' sampling
