@@ -37,7 +37,8 @@ def summarise(records: list[dict], wall_s: float) -> dict:
         "val_no_format_f1_step0": first["val/no_format_f1"], "val_no_format_f1_final": last["val/no_format_f1"],
         "val_no_format_f1_se_step0": first.get("val/no_format_f1_se", nan),
         "val_no_format_f1_se_final": last.get("val/no_format_f1_se", nan),
-        "format_error_step0": first.get("val/format_error", nan), "format_error_final": last.get("val/format_error", nan),
+        "format_error_step0": first.get("val/format_error", nan),
+        "format_error_final": last.get("val/format_error", nan),
         "collapse_frac_mean": sum(collapse) / len(collapse) if collapse else nan,
         "wall_s": round(wall_s, 1),
     }
