@@ -130,6 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.actor.warmup_steps = 0
     c.actor.ppo_mini_batch_size = 0  # rollouts per optimiser step; 0 → all of a step's rollouts
     c.actor.micro_batch_size = 0  # rollouts per forward/backward; 0 → the mini-batch
+    # token budget per device of a packed micro-batch (the reference's ppo_max_token_len_per_gpu
+    # with dynamic batch size): rows are packed, with segment ids, into micro-batches of this many
+    # tokens (igpo_jax/batching/packing.py), so padding costs no FLOPs; 0 → padded micro-batches
+    c.actor.max_tokens_per_micro_batch = 0
     c.actor.ppo_epochs = 1
     c.actor.clip_ratio_low = 0.2
     c.actor.clip_ratio_high = 0.2
@@ -197,7 +201,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         section, name = key.split(".")
         _positive(key, c[section][name])
     for key in ("trainer.save_freq", "trainer.test_freq", "trainer.sample_freq", "actor.ppo_mini_batch_size",
-                "actor.micro_batch_size", "actor.lr", "rollout.temperature"):
+                "actor.micro_batch_size", "actor.max_tokens_per_micro_batch", "actor.lr", "rollout.temperature"):
         section, name = key.split(".")
         _positive(key, c[section][name], zero_ok=True)
     if not 0 <= c.algorithm.gamma <= 1:

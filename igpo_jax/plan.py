@@ -10,8 +10,9 @@ axis sizes: `sharding.logical_to_spec` picks the mesh axes of each dimension and
 divided by their product. The mesh is an `AbstractMesh`, so any mesh size plans on a laptop.
 
 What is resident, and when (per device):
-  always   params + optimiser state (as `update.make_optimizer` builds it: AdamW moments in the
-           params' dtype, step counts) + the frozen reference policy (a second copy of params)
+  always   params + optimiser state (as `update.make_optimizer` builds it: AdamW moments in
+           float32 whatever the params' dtype, step counts) + the frozen reference policy (a copy
+           of params in the compute dtype) + the sampling copy (`rollout.dtype`, when it differs)
   rollout  + KV cache: rollout_batch × context slots, batch over data×fsdp, kv_heads over tensor
   update   + gradients (the accumulator and one micro-batch's, both params-sized)
            + activations of one micro-batch, with remat per layer (estimate below)
@@ -32,6 +33,7 @@ allocates, as tests/plan_test.py checks against a sharded model on 8 simulated d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 from typing import Mapping, Sequence
@@ -144,14 +146,31 @@ class Plan:
     kv_cache: int
     grads: int
     activations: int
+    rollout_copy: int = 0  # the sampling copy of the policy (rollout.dtype), resident
+    decode: int = 0  # a decode step's temporaries (logits of the decoding rows)
+    scoring: int = 0  # the information-gain scoring forward (no gradient)
+    update_batch: int = 0  # the step's padded update rows (tokens, masks, advantages, log-probs)
+    # weights all-gathered over fsdp for compute, in the compute dtype: XLA's SPMD partitioner
+    # gathers each weight where it is used, and over an unrolled layer loop the scheduler may keep
+    # them all (counted in full: an upper bound; 0 without fsdp sharding)
+    gathered: int = 0
+    gathered_rollout: int = 0  # the same for the sampling copy (decode)
 
     @property
     def always(self) -> int:
-        return self.params + self.opt_state + self.reference
+        return self.params + self.opt_state + self.reference + self.rollout_copy
+
+    @property
+    def rollout_phase(self) -> int:
+        return self.kv_cache + self.decode + self.gathered_rollout
+
+    @property
+    def update_phase(self) -> int:
+        return self.update_batch + self.grads + self.activations + self.gathered
 
     @property
     def peak(self) -> int:
-        return self.always + max(self.kv_cache, self.grads + self.activations)
+        return self.always + max(self.rollout_phase, self.scoring + self.gathered, self.update_phase)
 
 
 def plan(cfg: model_config.ModelConfig, mesh_shape: Mapping[str, int], rules: sharding.Rules = sharding.DEFAULT_RULES,
@@ -168,6 +187,165 @@ def plan(cfg: model_config.ModelConfig, mesh_shape: Mapping[str, int], rules: sh
                 grads=2 * p, activations=activation_bytes(cfg, micro, update_len or context, mesh, rules))
 
 
+# ------------------------------------------------------------------ planning an experiment config
+
+UPDATE_BYTES_PER_TOKEN = 4 + 1 + 4 * 4  # UpdateBatch: int32 tokens, bool valid, 4 float32 columns
+PSEUDO_TURN_TOKENS = 64  # a pseudo answer turn (template + answer), as scoring rounds it up
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What one training step of a config asks for (each field names the config key it reads)."""
+    rollout_rows: int  # data.train_batch_size × rollout.n
+    concurrent_rows: int  # rollout.max_concurrent_rows (0 or absent: all rollout rows at once)
+    context: int  # rollout.context_length: KV-cache slots per row and the longest update row
+    micro_rows: int  # actor.micro_batch_size (0: the mini-batch), the padded path's rows per micro-batch
+    micro_tokens: int  # actor.max_tokens_per_micro_batch per device (0: padded micro-batches)
+    scoring_rows: int  # algorithm.scoring_batch_size
+    scoring_len: int  # context + rollout.max_turns pseudo turns
+    with_reference: bool  # actor.use_kl_loss
+    rollout_dtype: str | None  # rollout.dtype
+
+
+def load_config(path: str):
+    """`get_config()` of a config file (configs/*.py), as `--config=` loads it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_plan_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def model_from_config(c) -> model_config.ModelConfig:
+    """The config's model: its HF config.json when model.path is a directory holding one, else
+    the preset named by the path's last component (e.g. /ckpt/Qwen2.5-7B-Instruct), the embedded
+    SmolLM2 for an empty path; with the config's dtypes, remat and attention kernel."""
+    import os
+
+    m = c.model
+    overrides = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention,
+                     attention_block=m.attention_block)
+    if m.path and os.path.isfile(os.path.join(m.path, "config.json")):
+        return model_config.from_hf_dir(m.path, **overrides)
+    name = os.path.basename(m.path.rstrip("/")) or "SmolLM2-135M-Instruct"
+    name = name.removesuffix(".gguf")
+    if name not in model_config.PRESETS:
+        raise ValueError(f"model.path={m.path!r}: no config.json there and {name!r} is not a preset "
+                         f"({', '.join(sorted(model_config.PRESETS))})")
+    return model_config.preset(name, **overrides)
+
+
+def mesh_from_config(c, devices: int) -> dict[str, int]:
+    """config.mesh.shape with its -1 axis taking the rest of `devices`."""
+    shape = dict(c.mesh.shape)
+    known = math.prod(v for v in shape.values() if v != -1)
+    if devices % known:
+        raise ValueError(f"mesh {shape} does not divide {devices} devices")
+    return {k: (devices // known if v == -1 else v) for k, v in shape.items()}
+
+
+def settings_from_config(c) -> Settings:
+    rows = c.data.train_batch_size * c.rollout.n
+    # keys of features that may not be in every checkout yet: absent reads as off
+    concurrent = c.rollout.max_concurrent_rows if "max_concurrent_rows" in c.rollout else 0
+    budget = c.actor.max_tokens_per_micro_batch if "max_tokens_per_micro_batch" in c.actor else 0
+    mini = c.actor.ppo_mini_batch_size or rows
+    return Settings(rollout_rows=rows, concurrent_rows=min(concurrent or rows, rows), context=c.rollout.context_length,
+                    micro_rows=c.actor.micro_batch_size or mini, micro_tokens=budget,
+                    scoring_rows=c.algorithm.scoring_batch_size,
+                    scoring_len=c.rollout.context_length + c.rollout.max_turns * PSEUDO_TURN_TOKENS,
+                    with_reference=bool(c.actor.use_kl_loss), rollout_dtype=c.rollout.dtype)
+
+
+def _dims(cfg, mesh, rules):
+    tp = lambda n, axis: shard_shape((n,), (axis,), mesh, rules)[0]
+    return (tp(cfg.num_heads, "heads"), tp(cfg.num_kv_heads, "kv_heads"), cfg.head_dim,
+            tp(cfg.intermediate_size, "mlp"), tp(cfg.vocab_size, "vocab"))
+
+
+def _attention_bytes(cfg, rows: int, t: int, s: int, n: int, k: int, backward: bool) -> int:
+    """Attention temporaries of `rows` rows of t queries over s keys (per device, n/k local heads).
+    dense: fp32 scores and probabilities of the causal half ([T, S] per head). blockwise: one
+    [block, block] score block (scores, probabilities; and their gradient in the backward) and the
+    float32 output accumulator, plus float32 dq/dk/dv accumulators in the backward."""
+    b = cfg.jnp_dtype.itemsize
+    if cfg.attention != "blockwise":
+        return rows * n * t * s // 2 * (4 + b)
+    tq, tk = min(cfg.attention_block, t), min(cfg.attention_block, s)
+    blocks = rows * n * tq * tk * 4 * (3 if backward else 2)
+    acc = rows * t * n * cfg.head_dim * 4
+    return blocks + acc + (rows * (t * n + 2 * s * k) * cfg.head_dim * 4 if backward else 0)
+
+
+def update_activation_bytes(cfg, rows: int, t: int, mesh, rules, chunk: int = 128) -> int:
+    """One micro-batch's activations per device: `rows` rows of t tokens (a packed micro-batch is
+    one row of its token budget), remat per layer (module docstring; blockwise attention as
+    `_attention_bytes`)."""
+    b = cfg.jnp_dtype.itemsize
+    n, k, h, f, v = _dims(cfg, mesh, rules)
+    d = cfg.hidden_size
+    saved = cfg.num_layers * rows * t * d * b
+    layer = rows * t * (4 * d + (2 * n + 2 * k) * h + 3 * f) * b
+    vocab = 3 * rows * min(chunk, t) * v * 4
+    return saved + layer + _attention_bytes(cfg, rows, t, t, n, k, True) + vocab
+
+
+def scoring_bytes(cfg, rows: int, s: int, mesh, rules, chunk: int = 128) -> int:
+    """The one-pass scoring forward per device (no gradient): the residual stream in and out, one
+    layer's intermediates, attention, the dense [S, S] mask unless blockwise (which computes its
+    blocks from a MaskSpec), a vocab chunk's fp32 logits and the per-token log-probs."""
+    b = cfg.jnp_dtype.itemsize
+    n, k, h, f, v = _dims(cfg, mesh, rules)
+    d = cfg.hidden_size
+    stream = 2 * rows * s * d * b
+    layer = rows * s * (4 * d + (2 * n + 2 * k) * h + 3 * f) * b
+    mask = 0 if cfg.attention == "blockwise" else rows * s * s
+    attention = (_attention_bytes(cfg, rows, s, s, n, k, False) if cfg.attention == "blockwise"
+                 else rows * n * min(cfg.attention_chunk or s, s) * s * (4 + b))
+    return stream + layer + mask + attention + 2 * rows * min(chunk, s) * v * 4 + rows * s * 4
+
+
+def decode_bytes(cfg, rows: int, span: int, mesh, rules) -> int:
+    """A decode step's temporaries per device: fp32 logits, log-softmax and sampling weights of
+    the decoding rows, and one layer's fp32 scores over the cache window."""
+    n, _, _, _, v = _dims(cfg, mesh, rules)
+    return rows * v * 4 * 3 + rows * n * span * 4 * 2
+
+
+def plan_settings(cfg: model_config.ModelConfig, mesh_shape: Mapping[str, int], st: Settings,
+                  rules: sharding.Rules = sharding.DEFAULT_RULES) -> Plan:
+    """Per-device bytes of a training step of a config (its `Settings`)."""
+    mesh = abstract_mesh(mesh_shape)
+    params = abstract_params(cfg)
+    p = per_device_bytes(params, mesh, rules)
+    count_bytes = lambda dtype: per_device_bytes(abstract_params(cfg.replace(param_dtype=dtype)), mesh, rules)
+    # the frozen reference is stored in the compute dtype (components.frozen_copy), the sampling
+    # copy in rollout.dtype (components.in_dtype: none when the policy is already in it)
+    reference = count_bytes(cfg.dtype) if st.with_reference else 0
+    same = st.rollout_dtype is None or cfg.param_dtype == cfg.dtype == st.rollout_dtype
+    rollout_copy = 0 if same else count_bytes(st.rollout_dtype)
+    shards = lambda rows: max(1, shard_shape((rows,), ("batch",), mesh, rules)[0])
+    unsharded = abstract_mesh({k: (1 if k == "fsdp" else v) for k, v in mesh_shape.items()})
+    full = lambda dtype: per_device_bytes(abstract_params(cfg.replace(param_dtype=dtype)), unsharded, rules)
+    fsdp = mesh_shape.get("fsdp", 1) > 1
+    if st.micro_tokens:
+        rows, t = 1, st.micro_tokens  # one packed row of the budget per device
+    else:
+        rows, t = shards(st.micro_rows), st.context
+    return Plan(
+        params=p, opt_state=per_device_bytes(abstract_opt_state(params), mesh, rules), reference=reference,
+        kv_cache=kv_cache_bytes(cfg, st.concurrent_rows, st.context, mesh, rules, st.rollout_dtype or cfg.dtype),
+        grads=2 * count_bytes("float32"),  # float32 accumulator + one micro-batch's gradients
+        activations=update_activation_bytes(cfg, rows, t, mesh, rules),
+        rollout_copy=rollout_copy,
+        decode=decode_bytes(cfg, shards(st.concurrent_rows), st.context, mesh, rules),
+        scoring=scoring_bytes(cfg, shards(st.scoring_rows), st.scoring_len, mesh, rules),
+        update_batch=shards(st.rollout_rows) * st.context * UPDATE_BYTES_PER_TOKEN,
+        gathered=full(cfg.dtype) if fsdp else 0,
+        gathered_rollout=full(st.rollout_dtype or cfg.dtype) if fsdp else 0)
+
+
 def fits(p: Plan, device: str, headroom: float = 0.1) -> tuple[bool, int]:
     """(fits, usable bytes): the peak must stay under capacity × (1 - headroom)."""
     usable = int(DEVICES[device] * (1 - headroom))
@@ -179,40 +357,95 @@ def _gb(n: int) -> str:
 
 
 def report(p: Plan, cfg: model_config.ModelConfig, mesh_shape: Mapping[str, int], total_params: int,
-           device: str | None, headroom: float) -> str:
+           device: str | Sequence[str] | None, headroom: float, compiled=None, settings: Settings | None = None) -> str:
     devices = math.prod(mesh_shape.values())
     lines = [
         f"model: {cfg.model_type}, {total_params / 1e9:.2f} B params, param_dtype={cfg.param_dtype}, "
-        f"dtype={cfg.dtype}; mesh {dict(mesh_shape)} ({devices} devices)",
+        f"dtype={cfg.dtype}, attention={cfg.attention}; mesh {dict(mesh_shape)} ({devices} devices)",
+    ]
+    if settings is not None:
+        st = settings
+        micro = (f"packed micro-batches of {st.micro_tokens} tokens per device" if st.micro_tokens
+                 else f"micro-batches of {st.micro_rows} rows × {st.context} tokens")
+        lines.append(f"step: {st.rollout_rows} rollouts, {st.concurrent_rows} decoding at once, context "
+                     f"{st.context}; scoring {st.scoring_rows} rows × {st.scoring_len}; {micro}; "
+                     f"KL {'on' if st.with_reference else 'off'}; rollout dtype {st.rollout_dtype or cfg.dtype}")
+    lines += [
         "per device:",
         f"  params            {_gb(p.params)}",
-        f"  optimiser state   {_gb(p.opt_state)}  (AdamW: 2 moments in {cfg.param_dtype} + counts)",
-        f"  reference policy  {_gb(p.reference)}",
-        f"  KV cache          {_gb(p.kv_cache)}  (rollout phase)",
-        f"  gradients         {_gb(p.grads)}  (update phase: accumulator + micro-batch)",
-        f"  activations       {_gb(p.activations)}  (update phase, estimate, remat per layer)",
-        f"  peak              {_gb(p.peak)}  = params + optimiser + reference + max(rollout, update)",
+        f"  optimiser state   {_gb(p.opt_state)}  (AdamW: 2 moments in float32 + counts)",
+        f"  reference policy  {_gb(p.reference)}" + (f"  (stored in {cfg.dtype})" if p.reference else ""),
     ]
-    if device:
-        ok, usable = fits(p, device, headroom)
-        verdict = "fits" if ok else "does NOT fit"
-        lines.append(f"{device}: {DEVICES[device] / GiB:.0f} GiB, usable {usable / 1e9:.2f} GB with "
-                     f"{headroom:.0%} headroom → {verdict} (peak {p.peak / usable:.0%} of usable)")
-        if not ok:
+    if p.rollout_copy:
+        lines.append(f"  sampling copy     {_gb(p.rollout_copy)}  (rollout.dtype)")
+    lines.append(f"  KV cache          {_gb(p.kv_cache)}  (rollout phase)")
+    if p.decode:
+        lines.append(f"  decode temps      {_gb(p.decode)}  (rollout phase, estimate)")
+    if p.scoring:
+        lines.append(f"  scoring forward   {_gb(p.scoring)}  (scoring phase, estimate)")
+    if p.gathered:
+        lines.append(f"  gathered weights  {_gb(p.gathered)}  (scoring and update: fsdp all-gathers, in {cfg.dtype}; "
+                     f"decode {_gb(p.gathered_rollout).strip()})")
+    if p.update_batch:
+        lines.append(f"  update rows       {_gb(p.update_batch)}  (update phase: the step's padded rows)")
+    lines += [
+        f"  gradients         {_gb(p.grads)}  (update phase: float32 accumulator + micro-batch)",
+        f"  activations       {_gb(p.activations)}  (update phase, estimate, remat per layer)",
+        f"  peak              {_gb(p.peak)}  = resident + max(rollout, scoring, update)",
+    ]
+    peaks = [("estimate", p.peak)]
+    if compiled is not None:
+        how = (f"compiled whole ({compiled.layers_compiled[0]} layers)" if len(compiled.layers_compiled) == 1 else
+               f"compiled with 1 and 2 layers, extrapolated linearly to {cfg.num_layers}")
+        est = dict(decode=(p.rollout_copy or p.params) + p.rollout_phase, scoring=p.params + p.scoring + p.gathered,
+                   update=p.params + p.grads + p.activations + p.gathered + _micro_input_bytes(p, settings, mesh_shape))
+        lines.append(f"XLA memory_analysis per device ({how}; {compiled.seconds:.0f} s):")
+        for name in ("decode", "scoring", "update"):
+            got = getattr(compiled, name)
+            lines.append(f"  {name:8s} program  compiled {_gb(got)}  estimate {_gb(est[name])}  "
+                         f"(estimate/compiled {est[name] / max(got, 1):.2f})")
+        peaks.append(("compiled", compiled.peak(p)))
+        lines.append(f"  peak              compiled {_gb(peaks[-1][1])}  estimate {_gb(p.peak)}  "
+                     f"(estimate/compiled {p.peak / max(peaks[-1][1], 1):.2f})")
+    for d in ([device] if isinstance(device, str) else device or []):
+        usable = int(DEVICES[d] * (1 - headroom))
+        for label, peak in peaks:
+            verdict = "fits" if peak <= usable else "does NOT fit"
+            lines.append(f"{d}: {DEVICES[d] / GiB:.0f} GiB, usable {usable / 1e9:.2f} GB with "
+                         f"{headroom:.0%} headroom → {verdict} ({label}: peak {peak / usable:.0%} of usable)")
+        if any(peak > usable for _, peak in peaks):
             lines.append("  shrink: more fsdp/tensor devices, a smaller rollout batch or context, "
-                         "a smaller micro-batch, or --no_reference (KL loss off)")
-        if device.startswith(("A100", "H100", "H200")):
+                         "fewer concurrent rollout rows, a smaller micro-batch or token budget, "
+                         "or --no_reference (KL loss off)")
+        if d.startswith(("A100", "H100", "H200")):
             lines.append("  note: XLA preallocates 75% of GPU memory by default; set "
                          "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 to use the planned amount")
     return "\n".join(lines)
 
 
+def _micro_input_bytes(p: Plan, st: Settings | None, mesh_shape) -> int:
+    """One micro-batch's UpdateBatch bytes per device (an input of the update program)."""
+    if st is None:
+        return 0
+    if st.micro_tokens:
+        return st.micro_tokens * UPDATE_BYTES_PER_TOKEN
+    rows = max(1, shard_shape((st.micro_rows,), ("batch",), abstract_mesh(mesh_shape), sharding.DEFAULT_RULES)[0])
+    return rows * st.context * UPDATE_BYTES_PER_TOKEN
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description="Per-device memory plan from shapes alone.")
     src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="an experiment config file (configs/*.py): plans its own model, mesh, "
+                     "rows, context, micro-batching and dtypes")
     src.add_argument("--preset", choices=sorted(model_config.PRESETS))
     src.add_argument("--model_path", help="HF model directory (reads its config.json only)")
-    parser.add_argument("--mesh", required=True, help="e.g. fsdp=8,tensor=1 or data=2,fsdp=4,tensor=2")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --config: override a key, e.g. --set rollout.max_concurrent_rows=64 (repeatable)")
+    parser.add_argument("--devices", type=int, default=8, help="with --config: devices its mesh's -1 axis fills")
+    parser.add_argument("--compile", action="store_true", help="with --config: also lower and compile the decode, "
+                        "scoring and update programs for the mesh (simulated CPU devices) and print XLA's memory")
+    parser.add_argument("--mesh", help="e.g. fsdp=8,tensor=1 or data=2,fsdp=4,tensor=2 (required without --config)")
     parser.add_argument("--param_dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--dtype", default=None, help="compute (and KV cache) dtype; default param_dtype")
     parser.add_argument("--rollout_batch", type=int, default=512, help="rows decoded at once")
@@ -221,9 +454,13 @@ def main(argv: Sequence[str] | None = None) -> str:
                         "(default: one per data×fsdp shard)")
     parser.add_argument("--update_len", type=int, default=0, help="update sequence length (default: context)")
     parser.add_argument("--no_reference", action="store_true", help="no reference policy (KL loss off)")
-    parser.add_argument("--device", choices=sorted(DEVICES))
+    parser.add_argument("--device", action="append", choices=sorted(DEVICES), help="repeatable")
     parser.add_argument("--headroom", type=float, default=0.1, help="fraction of memory kept free")
     args = parser.parse_args(argv)
+    if args.config:
+        return _main_config(args)
+    if not args.mesh:
+        parser.error("--mesh is required with --preset / --model_path")
     overrides = dict(param_dtype=args.param_dtype, dtype=args.dtype or args.param_dtype, remat=True)
     cfg = (model_config.preset(args.preset, **overrides) if args.preset
            else model_config.from_hf_dir(args.model_path, **overrides))
@@ -236,5 +473,51 @@ def main(argv: Sequence[str] | None = None) -> str:
     return text
 
 
+def _main_config(args) -> str:
+    c = load_config(args.config)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        *sections, name = key.split(".")
+        node = c
+        for section in sections:
+            node = node[section]
+        import ast
+
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value  # a plain string
+        with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
+            node[name] = parsed
+    cfg = model_from_config(c)
+    mesh_shape = mesh_from_config(c, args.devices)
+    st = settings_from_config(c)
+    if args.no_reference:
+        st = dataclasses.replace(st, with_reference=False)
+    p = plan_settings(cfg, mesh_shape, st)
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg)))
+    compiled = None
+    if args.compile:
+        from igpo_jax import plan_compile
+
+        compiled = plan_compile.compile_all(cfg, st, mesh_shape, loss_agg_mode=c.actor.loss_agg_mode)
+    text = report(p, cfg, mesh_shape, total, args.device, args.headroom, compiled, st)
+    print(text)
+    return text
+
+
+def start_simulated_devices(argv: Sequence[str]) -> None:
+    """With --compile, give JAX's CPU backend enough simulated devices before it starts."""
+    if "--compile" in argv:
+        n = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--devices=")), 8)
+        if "--devices" in argv:
+            n = int(argv[argv.index("--devices") + 1])
+        jax.config.update("jax_num_cpu_devices", n)
+        jax.config.update("jax_platforms", "cpu")
+
+
 if __name__ == "__main__":
+    import sys
+
+    start_simulated_devices(sys.argv[1:])
     main()

@@ -77,3 +77,19 @@ def test_cli_reads_a_model_dir_and_rejects_bad_meshes(tmp_path):
     with pytest.raises(ValueError, match="NAME=SIZE"):
         plan.parse_mesh("fsdp:8")
     assert math.prod(plan.parse_mesh("data=2,fsdp=4,tensor=2").values()) == 16
+
+
+def test_config_plan_reads_the_experiment_keys():
+    """--config plans the 7B config's own settings; bounded concurrency and a token budget shrink
+    the KV cache and the activations by the factors they should."""
+    base = plan.main(["--config=configs/qwen2_5_7b_igpo.py", "--device=H100-80G"])
+    assert "7.62 B params" in base and "512 rollouts" in base and "context 32768" in base
+    assert "2 moments in float32" in base and "KL on" in base
+    bounded = plan.main(["--config=configs/qwen2_5_7b_igpo.py", "--device=H100-80G", "--device=A100-80G",
+                         "--set", "rollout.max_concurrent_rows=64", "--set", "actor.max_tokens_per_micro_batch=16384"])
+    gb = lambda text, label: float(next(l for l in text.splitlines()
+                                        if l.strip().startswith(label)).split()[len(label.split())])
+    assert gb(base, "KV cache") == pytest.approx(8 * gb(bounded, "KV cache"), rel=1e-3)  # 512 → 64 rows
+    assert gb(bounded, "activations") < gb(base, "activations") / 4
+    assert "H100-80G" in bounded and "A100-80G" in bounded
+    assert [l for l in bounded.splitlines() if "→" in l and "fits" in l and "NOT" not in l]
