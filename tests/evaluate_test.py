@@ -38,6 +38,10 @@ def test_evaluate_writes_the_hand_computed_table(tiny_model_dir, tmp_path, monke
     c.search.mock_mode = True
     c.model.path = tiny_model_dir
     c.rollout.max_turns = 2
+    # the scripts are written for these (not for whatever the demo's prompt and prefixes are now)
+    c.rollout.system_prompt = None
+    c.rollout.first_turn_prefix, c.rollout.forced_prefix = "<search>", ""
+    c.rollout.context_length = c.rollout.min_span = 1024
     policy, tokenizer = load_policy(c)
     scripts = [turns for *_, turns in QUESTIONS]
     monkeypatch.setattr(evaluate_lib, "make_sampler",
