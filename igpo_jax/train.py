@@ -48,6 +48,7 @@ def update_config(config: ml_collections.ConfigDict) -> UpdateConfig:
     a = config.actor
     return UpdateConfig(lr=a.lr, weight_decay=a.weight_decay, grad_clip=a.grad_clip, warmup_steps=a.warmup_steps,
                         ppo_mini_batch_size=a.ppo_mini_batch_size, micro_batch_size=a.micro_batch_size,
+                        max_tokens_per_micro_batch=a.max_tokens_per_micro_batch,
                         ppo_epochs=a.ppo_epochs, clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
                         clip_ratio_c=a.clip_ratio_c, use_kl_loss=a.use_kl_loss, kl_coef=a.kl_coef,
                         kl_estimator=a.kl_loss_type, entropy_coeff=a.entropy_coeff, loss_agg_mode=a.loss_agg_mode)

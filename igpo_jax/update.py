@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from igpo_jax.batching import packing
 from igpo_jax.igpo.loss import policy_loss
 from igpo_jax.model import shared_prefix
 from igpo_jax.model.attention_mask import causal_mask, positions_from_valid
@@ -50,6 +51,8 @@ class UpdateConfig:
     schedule: str = "constant"  # 'constant' | 'cosine' (both after the linear warmup)
     ppo_mini_batch_size: int = 0  # rows per optimiser step; 0 → the whole batch
     micro_batch_size: int = 0  # rows per forward/backward; 0 → the whole mini-batch
+    # > 0: micro-batches packed to this many tokens (batching/packing.py; micro_batch_size unused)
+    max_tokens_per_micro_batch: int = 0
     ppo_epochs: int = 1
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
@@ -267,6 +270,85 @@ def _gradient_program(graphdef, params):
     return _gradients_fp32 if nnx.merge(graphdef, params).cfg.dtype == "float32" else _gradients_other
 
 
+# ---------------------------------------------------------------- token-budget (packed) micro-batches
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedBatch:
+    """Micro-batches of packed rows, [num_micro, R, W] (packing.py): W tokens per packed row."""
+    tokens_NL: jax.Array
+    valid_NL: jax.Array
+    segment_NL: jax.Array
+    position_NL: jax.Array
+    loss_mask_NL: jax.Array  # 0/1, for the metrics' token shares
+    weight_NL: jax.Array  # packing.token_weights of the mini-batch: the loss is Σ weight · token loss
+    advantage_NL: jax.Array
+    old_logp_NL: jax.Array | None
+    ref_logp_NL: jax.Array
+
+
+def packed_micro_batches(batch: UpdateBatch, cfg: UpdateConfig, budget: int, rows_per_micro: int = 1):
+    """(PackedBatch, counts) of a mini-batch (host-side packing; a single process holds its rows):
+    its rows' tokens packed into rows of `budget` tokens, `rows_per_micro` packed rows per
+    micro-batch (one per device the batch is split over)."""
+    valid = np.asarray(batch.valid_NL).astype(bool)
+    mask = np.asarray(batch.loss_mask_NL, np.float32)
+    layout = packing.plan_packing(valid, budget, rows_per_micro, needed_NL=mask > 0)
+    group = lambda x: jnp.asarray(x.reshape(-1, rows_per_micro, budget))
+    pk = lambda x: None if x is None else group(packing.pack(np.asarray(x), layout))
+    packed = PackedBatch(pk(batch.tokens_NL), group(layout.valid_PW), group(layout.segment_PW),
+                         group(layout.position_PW), pk(mask), pk(packing.token_weights(mask, cfg.loss_agg_mode)),
+                         pk(batch.advantage_NL), pk(batch.old_logp_NL), pk(batch.ref_logp_NL))
+    counts = (jnp.float32(mask.sum()), jnp.float32((mask.sum(1) > 0).sum()))
+    return packed, counts
+
+
+def _packed_micro_loss(params, graphdef, micro: PackedBatch, cfg: UpdateConfig, use_current_as_old: bool):
+    model = nnx.merge(graphdef, params)
+    with_entropy = cfg.entropy_coeff != 0 or cfg.entropy_metric
+    logp, entropy = packing.token_logprobs(model, micro.tokens_NL, micro.segment_NL, micro.position_NL,
+                                           micro.valid_NL, cfg.logprob_chunk, with_entropy, micro.loss_mask_NL > 0)
+    if cfg.entropy_coeff == 0:
+        entropy = jax.lax.stop_gradient(entropy)
+    old = jax.lax.stop_gradient(logp) if use_current_as_old else micro.old_logp_NL
+    # the mini-batch's aggregation as per-token weights: 'token-mean' over the weights with a
+    # denominator of 1 is Σ weight · loss (metrics are then weight-averaged token means)
+    return policy_loss(
+        logp, old, micro.advantage_NL, micro.weight_NL,
+        ref_logp_BL=micro.ref_logp_NL if cfg.use_kl_loss else None,
+        entropy_BL=entropy if with_entropy else None,
+        clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high, clip_ratio_c=cfg.clip_ratio_c,
+        kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy_coeff=cfg.entropy_coeff,
+        loss_agg_mode="token-mean", num_tokens=jnp.float32(1.0))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _summed_packed_gradients(graphdef, params, micro: PackedBatch, counts, cfg: UpdateConfig,
+                             use_current_as_old: bool):
+    """`_summed_gradients` over packed micro-batches (already split: [num_micro, R, W])."""
+    grad_fn = jax.value_and_grad(_packed_micro_loss, has_aux=True)
+
+    def accumulate(grads, m):
+        (loss, metrics), g = grad_fn(params, graphdef, m, cfg, use_current_as_old)
+        weight = jnp.sum(m.loss_mask_NL) / jnp.maximum(counts[0], 1.0)
+        metrics = {k: v if k.endswith("loss") else v * weight for k, v in metrics.items()}
+        return jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g), (loss, metrics)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, micro)
+    return jnp.sum(losses), grads, jax.tree.map(jnp.sum, metrics)
+
+
+def packed_train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: UpdateConfig,
+                      use_current_as_old: bool = False, rows_per_micro: int = 1):
+    """`train_step` with the mini-batch packed into micro-batches of cfg.max_tokens_per_micro_batch
+    tokens per packed row (the same loss and gradients; packing.py)."""
+    micro, counts = packed_micro_batches(batch, cfg, cfg.max_tokens_per_micro_batch, rows_per_micro)
+    loss, grads, metrics = _summed_packed_gradients(graphdef, params, micro, counts, cfg, use_current_as_old)
+    params, opt_state, step_metrics = _apply_gradients(params, opt_state, grads, loss, cfg)
+    return params, opt_state, {**metrics, **step_metrics}
+
+
 @functools.partial(jax.jit, static_argnums=(4,), donate_argnums=(0, 1))
 def _apply_gradients(params, opt_state, grads, loss, cfg: UpdateConfig):
     """AdamW step with clipping, or nothing when the loss or the gradient norm is not finite."""
@@ -341,9 +423,13 @@ class Updater:
             for k, start in enumerate(range(0, n, mini)):
                 rows = jnp.asarray(order[start:start + mini])
                 mini_batch = jax.tree.map(lambda x: x[rows], batch)
-                params, self.opt_state, m = train_step(
-                    self.graphdef, params, self.opt_state, mini_batch, cfg, mini // micro,
-                    epoch == 0 and k == 0, layout)
+                if cfg.max_tokens_per_micro_batch:  # packed micro-batches (a prefix layout is not used)
+                    params, self.opt_state, m = packed_train_step(
+                        self.graphdef, params, self.opt_state, mini_batch, cfg, epoch == 0 and k == 0)
+                else:
+                    params, self.opt_state, m = train_step(
+                        self.graphdef, params, self.opt_state, mini_batch, cfg, mini // micro,
+                        epoch == 0 and k == 0, layout)
                 metrics.append(m)
                 if on_step is not None:
                     jax.block_until_ready(m)

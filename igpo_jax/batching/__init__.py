@@ -1,0 +1,1 @@
+"""Batching of update rows: token-budget packing (packing.py)."""
