@@ -1,0 +1,240 @@
+"""One RL step (rollout → scoring → π_old → π_ref → update) with every saving on and with every
+saving off, for configs/demo.py's shape and a G = 16 shape, in one process; then the start-up
+time of a run with the persistent compilation cache cold and warm.
+
+    python -m bench.step [--shapes demo,g16] [--repeats 1] [--no-startup]
+
+The savings (issue 17), each a config switch that is on by default:
+- rollout: the G rollouts of a question prefill their shared prompt once (sampler
+  `share_prompt_prefill`, when the sampler has it);
+- π_old: none for a one-step update (ρ = 1 exactly), else the IG scoring pass's log-probs
+  (`actor.recompute_old_logp=False`); off: a forward of the policy over every row;
+- update and π_ref: each group's prompt computed once for its G rows (`actor.share_prompt_prefix`);
+- start-up: the persistent compilation cache (compilation_cache.py).
+A step is what train.py does (its `old_logp_source` and `prefix_layout` decide), on SmolLM2-135M
+with the embedded world's questions and mock search (deterministic results), overlap off so both
+sides roll out the same tokens. Every measured step starts from the same params (restored), so
+on and off see the same trajectories and must give the same loss (printed, and checked).
+
+Start-up: a fresh process (imports, model, world, one step, then a second step) with a new,
+empty cache directory, then again with the same directory; start-up = time to the end of the
+first step − the second step's time (what a run pays before it reaches its steady pace).
+The last line is one JSON object: per shape on_s, off_s, ratio (off / on) and the phases; the
+start-up seconds cold and warm and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+_T0 = time.perf_counter()
+
+SHAPES = {  # questions per step, rollouts per question (G), rows per micro-batch
+    "demo": dict(questions=2, n=4, micro=4),
+    "g16": dict(questions=1, n=16, micro=16),
+}
+PHASES = ("rollout", "scoring", "old_logp", "ref_logp", "update")
+
+
+def make_config(shape: dict, on: bool, run_dir: str):
+    from configs.demo import get_config
+
+    c = get_config()
+    c.run_dir = run_dir
+    c.search.mock_mode = True
+    c.rollout.overlap_search = False  # a fixed decode/append schedule: the same tokens on both sides
+    c.data.train_batch_size, c.rollout.n, c.actor.micro_batch_size = shape["questions"], shape["n"], shape["micro"]
+    # the demo's 512 slots end most episodes at 'context' before the second turn (measured with
+    # mock search: ≤ 9 generated tokens of 24); 1024 lets both turns run
+    c.rollout.context_length = max(c.rollout.context_length, 1024)
+    c.actor.recompute_old_logp = not on
+    c.actor.share_prompt_prefix = on
+    return c
+
+
+class Step:
+    """The models, search and data of one shape; `run(on)` times one RL step from the initial params."""
+
+    def __init__(self, shape: dict, run_dir: str, policy=None, tokenizer=None):
+        import jax
+        from flax import nnx
+
+        from igpo_jax import components
+
+        self.shape = shape
+        base = make_config(shape, True, run_dir)
+        self.files = components.data_files(base)
+        self.examples = components.load_examples(self.files.train)[:shape["questions"]]
+        if policy is None:
+            policy, tokenizer = components.load_policy(base)
+        self.policy, self.tokenizer = policy, tokenizer
+        self.reference = components.frozen_copy(policy)
+        self.initial = jax.tree.map(jax.numpy.copy, nnx.state(policy))
+        self.run_dir = run_dir
+
+    def run(self, on: bool):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from flax import nnx
+
+        from igpo_jax import components
+        from igpo_jax.agent.rollout import make_sampler, rollout, row_seeds
+        from igpo_jax.igpo import pipeline, scoring
+        from igpo_jax.sampling import Sampler
+        from igpo_jax.train import (algorithm_config, old_logp_source, padded_length, prefix_layout, update_config,
+                                    update_rows)
+        from igpo_jax.update import UpdateBatch, Updater, compute_logprobs
+
+        config = make_config(self.shape, on, self.run_dir)
+        num_rows = self.shape["questions"] * self.shape["n"]
+        nnx.update(self.policy, jax.tree.map(jnp.copy, self.initial))  # every step from the same params
+        ucfg, alg = update_config(config), algorithm_config(config)
+        updater = Updater(self.policy, ucfg)
+        rcfg, extra = components.rollout_config(config), {}
+        if "share_prompt_prefill" in {f.name for f in dataclasses.fields(rcfg)}:
+            rcfg = dataclasses.replace(rcfg, share_prompt_prefill=on)
+        elif "share_prompt_prefill" in inspect.signature(Sampler.__init__).parameters:
+            extra = {"share_prompt_prefill": on}
+        prefill_shared = bool(getattr(rcfg, "share_prompt_prefill", extra.get("share_prompt_prefill", False)))
+        sampler = make_sampler(self.policy, self.tokenizer, rcfg, num_rows, **extra)
+        old_source = old_logp_source(config, ucfg, num_rows)
+        times = {}
+        with components.search_backend(config, self.files.corpus) as search:
+            tic = time.perf_counter()
+            traj, _ = rollout(self.examples, self.shape["n"], sampler, self.tokenizer, search, rcfg,
+                              seeds=row_seeds(7, num_rows))
+            times["rollout"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        pts = scoring.pseudo_turns(self.tokenizer, [pipeline.ANSWER_SPLIT.join(ep.golden_answers)
+                                                    for ep in traj.episodes], config.algorithm.pseudo_turn_template)
+        scores = scoring.score_one_pass(self.policy, traj, pts, config.algorithm.scoring_batch_size,
+                                        token_logprobs=old_source == "scoring")
+        outcomes = pipeline.score_outcomes(traj, rcfg.dialect, alg.format_penalty)
+        advantage_NL, _ = pipeline.advantages_for(traj, outcomes, scores.mean_logp_NT, scores.valid_NT, alg, 0, 4)
+        times["scoring"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        length = padded_length(traj.tokens_NL.shape[1])
+        rows = {k: jnp.asarray(v) for k, v in update_rows(traj, advantage_NL, length).items()}
+        if old_source == "scoring":
+            rows["old_logp_NL"] = jnp.asarray(np.pad(scores.token_logp_NL, ((0, 0), (0, length - traj.tokens_NL.shape[1]))))
+        split_N, layout = prefix_layout(config, ucfg, traj, num_rows)
+        shared = {}
+        if layout is not None:
+            rows["prefix_len_N"] = jnp.asarray(split_N)
+            shared = dict(prefix_len_N=rows["prefix_len_N"], layout=layout, needed_NL=rows["loss_mask_NL"] > 0)
+        micro = ucfg.micro_batch_size
+        if old_source == "recompute":
+            rows["old_logp_NL"] = jax.block_until_ready(
+                compute_logprobs(self.policy, rows["tokens_NL"], rows["valid_NL"], micro, **shared))
+        times["old_logp"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        ref = jax.block_until_ready(compute_logprobs(self.reference, rows["tokens_NL"], rows["valid_NL"], micro,
+                                                     **shared))
+        times["ref_logp"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        batch = UpdateBatch(**{"old_logp_NL": None, **rows}, ref_logp_NL=ref)
+        metrics = jax.block_until_ready(updater.update(batch, layout=layout))
+        times["update"] = time.perf_counter() - tic
+        info = dict(loss=float(metrics[-1]["loss"]), kl_ref=float(metrics[-1]["kl_ref"]), old_source=old_source,
+                    layout=None if layout is None else dataclasses.astuple(layout), rows=num_rows,
+                    tokens=int(traj.valid_NL.sum()), prompt_tokens=None if split_N is None else int(split_N[0]),
+                    prefill_shared=prefill_shared,
+                    tokens_hash=hash(traj.tokens_NL.tobytes()))
+        return times, info
+
+
+def bench_shape(name: str, step: Step, repeats: int) -> dict:
+    for on in (True, False):  # warm-up: compile both sides' programs
+        step.run(on)
+    result = {}
+    for on in (True, False):
+        runs = [step.run(on) for _ in range(repeats)]
+        times = {p: min(r[0][p] for r in runs) for p in PHASES}
+        result["on" if on else "off"] = (times, runs[0][1])
+    (t_on, i_on), (t_off, i_off) = result["on"], result["off"]
+    on_s, off_s = sum(t_on.values()), sum(t_off.values())
+    print(f"[{name}] {i_on['rows']} rows, {i_on['tokens']} tokens, prompt {i_on['prompt_tokens']} tokens; "
+          f"on: π_old {i_on['old_source']}, layout {i_on['layout']}, prefill shared {i_on['prefill_shared']}; "
+          f"off: π_old {i_off['old_source']}")
+    for p in PHASES:
+        print(f"  {p:9s} on {t_on[p]:7.3f} s   off {t_off[p]:7.3f} s   off/on {t_off[p] / max(t_on[p], 1e-9):5.2f}")
+    print(f"  total     on {on_s:7.3f} s   off {off_s:7.3f} s   off/on {off_s / on_s:5.2f}")
+    print(f"  loss on {i_on['loss']:.8f}  off {i_off['loss']:.8f}   kl_ref on {i_on['kl_ref']:.3e} off {i_off['kl_ref']:.3e}")
+    assert i_on["tokens_hash"] == i_off["tokens_hash"], "on and off rolled out different tokens"
+    assert abs(i_on["loss"] - i_off["loss"]) <= 1e-5 * max(1.0, abs(i_off["loss"])), (i_on["loss"], i_off["loss"])
+    return dict(on_s=round(on_s, 3), off_s=round(off_s, 3), ratio=round(off_s / on_s, 3),
+                loss_on=i_on["loss"], loss_off=i_off["loss"],
+                phases_on={p: round(t, 3) for p, t in t_on.items()},
+                phases_off={p: round(t, 3) for p, t in t_off.items()})
+
+
+def startup_child(run_dir: str) -> None:
+    """A fresh program's start-up: cache from the environment, model, world, two steps (demo shape, on)."""
+    from igpo_jax import compilation_cache
+
+    compilation_cache.enable()
+    compilation_cache.counts()
+    step = Step(SHAPES["demo"], run_dir)
+    step.run(True)
+    first_end = time.perf_counter() - _T0
+    tic = time.perf_counter()
+    step.run(True)
+    second = time.perf_counter() - tic
+    counts = compilation_cache.counts()
+    print("STARTUP", json.dumps(dict(first_end_s=first_end, second_step_s=second, startup_s=first_end - second,
+                                     compiled=counts.compiled, cache_hits=counts.hits)))
+
+
+def startup(tmp: str) -> dict:
+    cache = os.path.join(tmp, "xla")
+    out = {}
+    for label in ("cold", "warm"):
+        env = dict(os.environ, IGPO_JAX_COMPILATION_CACHE=cache)
+        proc = subprocess.run([sys.executable, "-m", "bench.step", "--startup-child", os.path.join(tmp, f"run_{label}")],
+                              env=env, capture_output=True, text=True, timeout=1800,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if proc.returncode:
+            raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-3000:])
+        out[label] = json.loads([x for x in proc.stdout.splitlines() if x.startswith("STARTUP ")][-1].split(" ", 1)[1])
+        print(f"[startup {label}] {out[label]}")
+    return dict(startup_cold_s=round(out["cold"]["startup_s"], 3), startup_warm_s=round(out["warm"]["startup_s"], 3),
+                startup_ratio=round(out["warm"]["startup_s"] / out["cold"]["startup_s"], 3),
+                warm_compiled=out["warm"]["compiled"], warm_cache_hits=out["warm"]["cache_hits"])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="demo,g16")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--no-startup", action="store_true")
+    parser.add_argument("--startup-child", default="")
+    args = parser.parse_args()
+    os.environ.setdefault("IGPO_PROGRESS", "0")
+    if args.startup_child:
+        return startup_child(args.startup_child)
+    tmp = tempfile.mkdtemp(prefix="bench_step_")
+    result, policy, tokenizer = {}, None, None
+    for name in args.shapes.split(","):
+        step = Step(SHAPES[name], os.path.join(tmp, name), policy, tokenizer)
+        policy, tokenizer = step.policy, step.tokenizer
+        result[name] = bench_shape(name, step, args.repeats)
+    if not args.no_startup:
+        result.update(startup(tmp))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
