@@ -11,7 +11,8 @@ def episode(finish, reward, turns):
     return {"question": "Who founded <Valdoria>?", "golden_answers": ["Kel"], "answer": "Kel", "f1": reward, "em": 1.0,
             "no_format_f1": reward, "finish_reason": finish, "data_source": "world",
             "turn_records": [{"text": text, "queries": queries, "tool_result": result, "retrieved_ids": [],
-                              "p_gold": p, "info_gain": ig, "advantage": 0.5} for text, queries, result, p, ig in turns]}
+                              "p_gold": p, "info_gain": ig, "advantage": 0.5}
+                             for text, queries, result, p, ig in turns]}
 
 
 class Elements(HTMLParser):
