@@ -36,7 +36,7 @@ def get_config():
     c.data.world_two_hop_fraction = 0.0  # one-hop first
     c.data.world_test_fraction = 0.24  # 48 held-out questions
     c.data.train_batch_size = 2
-    c.data.val_batch_size = 48
+    c.data.val_batch_size = 24  # two batches: the KV cache of 24 rows is 0.56 GB
     c.data.val_max_questions = 0  # all 48
     c.search.engine = "local"
     c.search.top_k = 2
@@ -47,10 +47,9 @@ def get_config():
     c.rollout.first_turn_prefix = "<search>"
     c.rollout.forced_prefix = "<answer>"  # every later turn, i.e. (max_turns = 2) the final one
     c.rollout.max_turns = 2
-    c.rollout.max_new_tokens = 24
+    c.rollout.max_new_tokens = 32
     c.rollout.max_tool_tokens = 128
-    c.rollout.context_length = 512
-    c.rollout.min_span = 512
+    c.rollout.context_length = 1024  # one slot cursor for the batch: 512 cut every episode short
     c.rollout.temperature = 0.7  # a 135M model at temperature 1 mostly writes noise
     c.rollout.top_p = 0.9
     # the pseudo answer turn continues the forced `<answer>` prefix

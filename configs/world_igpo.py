@@ -27,7 +27,7 @@ What a researcher would tune, tuned (the algorithm, IGPO_SPEC §2–§4, is unto
 - the pseudo answer turn continues the forced `<answer>` prefix (" {answer} </answer>"), so the
   final context's P(gold) is the probability that the policy's next turn answers with the gold;
 - lr 2e-5 (a 135M model, 16 steps), 2 questions × 8 rollouts per step, temperature 0.7;
-  turns of ≤ 24 tokens, a 512-slot context (the KV cache of a 64-row validation batch: 0.75 GB).
+  turns of ≤ 32 tokens, a 1024-slot context (the KV cache of a 64-row validation batch: 1.5 GB).
 
 Measured here (2 cores shared with five other jobs, load average 6-9; a quiet machine is
 several times faster): step-0 validation of the base model on 64 of the held-out questions:
@@ -65,10 +65,11 @@ def get_config():
     c.rollout.first_turn_prefix = "<search>"
     c.rollout.forced_prefix = "<answer>"  # every later turn, i.e. (max_turns = 2) the final one
     c.rollout.max_turns = 2
-    c.rollout.max_new_tokens = 24  # a query or an answer: a few words (and the closing tag)
+    c.rollout.max_new_tokens = 32  # a query or an answer: a few words (and the closing tag)
     c.rollout.max_tool_tokens = 128
-    c.rollout.context_length = 512  # prompt 266 tokens + 2 turns + one result: ≤ ~480
-    c.rollout.min_span = 512
+    # the batch shares one slot cursor: the prompt (266 tokens) is prefilled at a power-of-two width
+    # (512), then every append advances it for all rows; 512 slots cut every episode short
+    c.rollout.context_length = 1024
     c.rollout.temperature = 0.7  # a 135M model at temperature 1 mostly writes noise
     c.rollout.top_p = 0.9
     c.algorithm.use_info_gain = True
