@@ -5,6 +5,11 @@ main activations (`constrain(x, ('batch', 'length', 'embed'))`). A rules table �
 experiment config — maps each logical name to a mesh axis (or several, or None = replicated).
 Outside an `activate(mesh, rules)` block, `constrain` is a no-op, so the same model code runs
 unsharded on a laptop.
+
+Sequence parallelism: with a `sequence` mesh axis (rule 'length' → 'sequence'), activations are
+split along the length of a row; everything but attention is per token, and attention runs under
+`shard_map` on the local queries against keys and values all-gathered along the axis
+(`sequence_parallel_attention`), so a 32k-token row's activations are spread over the devices.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ Rules = Mapping[str, str | tuple[str, ...] | None]
 # Sensible default for data + fully-sharded data + tensor parallelism.
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
-    "length": None,
+    # sequence parallelism: a row's tokens split over the `sequence` axis (absent or size 1: none);
+    # attention all-gathers keys and values along it (`sequence_parallel_attention`)
+    "length": "sequence",
     "embed": "fsdp",
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -132,3 +139,37 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh, x.shape)))
+
+
+def sequence_parallel_attention(attend, q_BTKGH, k_BSKH, v_BSKH, mask, split_attend=None):
+    """`attend(q, k, v, mask)` with the queries split along the mesh axis (or axes) that 'length'
+    maps to and keys, values and the mask's key side all-gathered along it; `attend` itself when
+    no mesh is active or the length is not split. `mask` is a bool [B, T, S] or a MaskSpec (its
+    query vectors split like the queries, its key vectors gathered like the keys). Keys are all
+    the row's tokens (no cache), so T = S."""
+    from igpo_jax.model.attention_mask import MaskSpec
+
+    active = _ACTIVE.get()
+    if active is None:
+        return attend(q_BTKGH, k_BSKH, v_BSKH, mask)
+    mesh, rules = active
+    q_spec = logical_to_spec(("batch", "length", "kv_heads", None, "head_dim"), rules, mesh, q_BTKGH.shape)
+    kv_spec = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), rules, mesh, k_BSKH.shape)
+    seq = q_spec[1]
+    if seq is None or kv_spec[1] != seq or q_spec[0] != kv_spec[0] or q_spec[2] != kv_spec[2]:
+        return attend(q_BTKGH, k_BSKH, v_BSKH, mask)
+    row_spec = PartitionSpec(q_spec[0], seq)
+    if isinstance(mask, MaskSpec):
+        mask_spec = MaskSpec(row_spec, row_spec, row_spec, row_spec, row_spec)
+    else:
+        mask_spec = PartitionSpec(q_spec[0], seq, None)
+
+    def local(q, k, v, mask):
+        gather = lambda x: jax.lax.all_gather(x, seq, axis=1, tiled=True)
+        if isinstance(mask, MaskSpec):  # the keys' side is the whole row
+            mask = MaskSpec(mask.q_slot_BT, mask.q_seg_BT, mask.q_limit_BT, gather(mask.key_seg_BS),
+                            gather(mask.key_valid_BS))
+        return (split_attend or attend)(q, gather(k), gather(v), mask)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_spec), out_specs=q_spec,
+                         check_vma=False)(q_BTKGH, k_BSKH, v_BSKH, mask)

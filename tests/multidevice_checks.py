@@ -198,6 +198,83 @@ def check_restore(model_dir: str, ckpt_dir: str, params_npz: str):
     print(f"restored {len(got)} arrays written by two processes")
 
 
+def _logprob_loss(graphdef, mask_of, tokens, valid, weights):
+    """Σ weights · log π(token | prefix) / Σ weights as a function of the params, under `mask_of`."""
+    from flax import nnx
+
+    from igpo_jax.model.attention_mask import positions_from_valid
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(tokens, positions_from_valid(valid), mask_of(valid))[0]
+        logp = jax.nn.log_softmax(logits[:, :-1], -1)
+        picked = jax.numpy.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+        return jax.numpy.sum(picked * weights) / jax.numpy.sum(weights)
+    return loss
+
+
+def check_sequence(model_dir: str):
+    """A `sequence` mesh axis splits each row's length: loss and gradients of the update's
+    log-prob forward, the information-gain scoring forward (copies mask) and one Updater step equal
+    one device, with dense and with blockwise attention."""
+    from flax import nnx
+
+    from igpo_jax.igpo.scoring import block_inputs
+    from igpo_jax.model import attention_mask as am
+
+    assert len(jax.devices()) == 8, jax.devices()
+    rules = sharding.DEFAULT_RULES
+    host = update_batch_np(load_hf(model_dir).cfg.vocab_size)
+    tokens, valid = jax.numpy.asarray(host["tokens_NL"]), jax.numpy.asarray(host["valid_NL"])
+    weights = jax.numpy.asarray(host["loss_mask_NL"][:, 1:])
+    # IG scoring layout: context of 8 (one row padded), 2 turns × 2 copy tokens → S = 12
+    ctx_valid = np.ones((UPDATE_ROWS, 8), bool)
+    ctx_valid[1, 6:] = False
+    ig = [jax.numpy.asarray(x) for x in (ctx_valid, np.tile([[3, 8]], (UPDATE_ROWS, 1)).astype(np.int32),
+                                         np.ones((UPDATE_ROWS, 2), bool), np.ones((UPDATE_ROWS, 2), bool))]
+    ig_positions, ig_mask = block_inputs(*ig)
+    ig_spec = am.copies_spec(*ig)
+
+    def ig_loss(graphdef, mask):
+        def loss(params):
+            hidden, _ = nnx.merge(graphdef, params).hidden(tokens, ig_positions, mask)
+            return jax.numpy.sum(hidden[:, :, :4] ** 2) / hidden.shape[0]
+        return loss
+
+    for attention in ("dense", "blockwise"):
+        kw = dict(attention=attention, attention_block=4)
+        graphdef, params_1 = nnx.split(load_hf(model_dir, **kw))
+        cases = {"causal bool mask": _logprob_loss(graphdef, am.causal_mask, tokens, valid, weights),
+                 "causal MaskSpec": _logprob_loss(graphdef, am.causal_spec, tokens, valid, weights),
+                 "IG copies bool mask": ig_loss(graphdef, ig_mask), "IG copies MaskSpec": ig_loss(graphdef, ig_spec)}
+        expected = {name: jax.jit(jax.value_and_grad(f))(params_1) for name, f in cases.items()}
+        for shape in ({"sequence": 2}, {"fsdp": 2, "sequence": 2, "tensor": 2}):
+            devices = jax.devices()[:int(np.prod(list(shape.values())))]
+            mesh = sharding.make_mesh(shape, devices)
+            _, params = nnx.split(load_hf(model_dir, mesh=mesh, rules=rules, **kw))
+            for name, f in cases.items():
+                with sharding.activate(mesh, rules):
+                    jaxpr = str(jax.make_jaxpr(jax.grad(f))(params))
+                    assert "all_gather" in jaxpr and "shard_map" in jaxpr, "attention did not split the length"
+                    value, grads = jax.jit(jax.value_and_grad(f))(params)
+                value_1, grads_1 = expected[name]
+                np.testing.assert_allclose(float(value), float(value_1), rtol=1e-5)
+                for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_1)):
+                    # fp32 sums in another order: within 1e-6 of the gradient's own scale
+                    scale = float(np.max(np.abs(np.asarray(b))))
+                    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6 * max(scale, 1.0), rtol=0)
+            print(f"{attention}, mesh {shape}: loss and gradients equal one device ({', '.join(cases)})")
+        # and one Updater step (2 micro-batches, the batch placed by the rules: rows split by length)
+        loss_1, _ = one_update(plain := load_hf(model_dir, **kw))
+        mesh = sharding.make_mesh({"fsdp": 2, "sequence": 2, "tensor": 2})
+        model = load_hf(model_dir, mesh=mesh, rules=rules, **kw)
+        loss_8, _ = one_update(model, mesh)
+        np.testing.assert_allclose(loss_8, loss_1, rtol=1e-5)
+        for a, b in zip(_host_params(model), _host_params(plain)):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+        print(f"{attention}: update under fsdp=2 x sequence=2 x tensor=2 equals one device")
+    print("sequence parallelism equals one device")
+
+
 if __name__ == "__main__":
     {"sampling": check_sampling, "update": check_update, "plan": check_plan,
-     "multiprocess": check_multiprocess, "restore": check_restore}[sys.argv[1]](*sys.argv[2:])
+     "multiprocess": check_multiprocess, "restore": check_restore, "sequence": check_sequence}[sys.argv[1]](*sys.argv[2:])

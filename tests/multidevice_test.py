@@ -54,6 +54,13 @@ def test_sharded_update_equals_one_device(tmp_path):
     assert "equals one device" in _run_check("update", str(tmp_path))
 
 
+def test_sequence_parallel_loss_and_gradients_equal_one_device(tmp_path):
+    """sequence=2 (and fsdp=2 × sequence=2 × tensor=2): each row's length split over devices,
+    keys/values all-gathered in attention; dense and blockwise attention, causal and IG-copies masks."""
+    write_tiny_hf_model("qwen2", tmp_path)
+    assert "sequence parallelism equals one device" in _run_check("sequence", str(tmp_path))
+
+
 def test_two_processes_update_and_checkpoint(tmp_path):
     """Two processes × 4 CPU devices (gloo) run one update over an 8-device mesh: the loss and
     params equal one process's; their multi-host orbax checkpoint restores in one process."""

@@ -14,6 +14,7 @@ the KV cache, the scoring block mask), so one decoder serves training, sampling 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -25,7 +26,7 @@ from igpo_jax.model.blockwise_attention import blockwise_attention
 from igpo_jax.model.config import ModelConfig
 from igpo_jax.model.kv_cache import KVCache
 from igpo_jax.model.projection import project
-from igpo_jax.sharding import constrain
+from igpo_jax.sharding import constrain, sequence_parallel_attention
 
 _MASKED = -1e30  # finite, so a fully masked (padding) query row gives a uniform softmax, not NaN
 
@@ -109,6 +110,20 @@ def _mask_corner(mask, q0: int, num_q: int, num_k: int):
     return mask[:, q0:q0 + num_q, :num_k]
 
 
+def _chunked_attend(q, k, v, mask_BTS, chunk: int):
+    """`_attend` of a whole row (cache-free, causal mask) in query blocks of `chunk`."""
+    t = q.shape[1]
+    if not chunk or t <= chunk:
+        return _attend(q, k, v, mask_BTS)
+    # The mask is causal (s ≤ t), so query block [a, e) needs keys [0, e) only: skipping the
+    # blocks above the diagonal nearly halves the score/softmax work, which at short head dims
+    # costs more than the matmuls around it.
+    return jnp.concatenate([
+        _attend(q[:, a:a + chunk], k[:, :a + chunk], v[:, :a + chunk],
+                _mask_corner(mask_BTS, a, min(chunk, t - a), min(a + chunk, t)))
+        for a in range(0, t, chunk)], axis=1)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, n, k, h, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_param_dtype
@@ -157,17 +172,14 @@ class Attention(nnx.Module):
             else:
                 out = _attend(q, k_BKSH.astype(dt), v_BKSH.astype(dt), mask_BTS, kv_layout="bksh")
         elif blockwise:
-            out = blockwise_attention(q, k.astype(dt), v.astype(dt), mask_BTS, cfg.attention_block, cfg.attention_block)
-        elif not chunk or t <= chunk:
-            out = _attend(q, k.astype(dt), v.astype(dt), mask_BTS)
+            block = cfg.attention_block
+            out = sequence_parallel_attention(lambda *a: blockwise_attention(*a, block, block),
+                                              q, k.astype(dt), v.astype(dt), mask_BTS)
         else:
-            # Without a cache the mask is causal (s ≤ t), so query block [a, e) needs keys [0, e)
-            # only: skipping the blocks above the diagonal nearly halves the score/softmax work,
-            # which at short head dims costs more than the matmuls around it.
-            out = jnp.concatenate([
-                _attend(q[:, a:a + chunk], k[:, :a + chunk].astype(dt), v[:, :a + chunk].astype(dt),
-                        _mask_corner(mask_BTS, a, min(chunk, t - a), min(a + chunk, t)))
-                for a in range(0, t, chunk)], axis=1)
+            # (split over a `sequence` mesh axis, a shard's queries are not the row's first: plain
+            # dense attention there)
+            out = sequence_parallel_attention(functools.partial(_chunked_attend, chunk=chunk),
+                                              q, k.astype(dt), v.astype(dt), mask_BTS, split_attend=_attend)
         out = out.reshape(b, t, n, h)
         out = project("btnh,nhd->btd", out, self.o_proj[...])
         return out, cache
