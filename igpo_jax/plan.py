@@ -278,6 +278,14 @@ def _attention_bytes(cfg, rows: int, t: int, s: int, n: int, k: int, backward: b
     return blocks + acc + (rows * (t * n + 2 * s * k) * cfg.head_dim * 4 if backward else 0)
 
 
+# Live values per token of one layer at its peak (forward, or the remat'd backward): two [D]
+# norms/residuals, q and k/v, the attention output, gate and up. Fitted to XLA's memory-first CPU
+# schedule (memory_analysis of the compiled programs, tests/plan_test.py): not every intermediate
+# of the layer is alive at once; the legacy `activation_bytes` keeps its older, larger count.
+def _LIVE_PER_TOKEN(d: int, n: int, k: int, h: int, f: int) -> int:
+    return 2 * d + (n + 2 * k) * h + 2 * f
+
+
 def update_activation_bytes(cfg, rows: int, t: int, mesh, rules, chunk: int = 128) -> int:
     """One micro-batch's activations per device: `rows` rows of t tokens (a packed micro-batch is
     one row of its token budget), remat per layer (module docstring; blockwise attention as
@@ -286,8 +294,8 @@ def update_activation_bytes(cfg, rows: int, t: int, mesh, rules, chunk: int = 12
     n, k, h, f, v = _dims(cfg, mesh, rules)
     d = cfg.hidden_size
     saved = cfg.num_layers * rows * t * d * b
-    layer = rows * t * (4 * d + (2 * n + 2 * k) * h + 3 * f) * b
-    vocab = 3 * rows * min(chunk, t) * v * 4
+    layer = rows * t * _LIVE_PER_TOKEN(d, n, k, h, f) * b
+    vocab = 2 * rows * min(chunk, t) * v * 4
     return saved + layer + _attention_bytes(cfg, rows, t, t, n, k, True) + vocab
 
 
@@ -299,7 +307,7 @@ def scoring_bytes(cfg, rows: int, s: int, mesh, rules, chunk: int = 128) -> int:
     n, k, h, f, v = _dims(cfg, mesh, rules)
     d = cfg.hidden_size
     stream = 2 * rows * s * d * b
-    layer = rows * s * (4 * d + (2 * n + 2 * k) * h + 3 * f) * b
+    layer = rows * s * _LIVE_PER_TOKEN(d, n, k, h, f) * b
     mask = 0 if cfg.attention == "blockwise" else rows * s * s
     attention = (_attention_bytes(cfg, rows, s, s, n, k, False) if cfg.attention == "blockwise"
                  else rows * n * min(cfg.attention_chunk or s, s) * s * (4 + b))
@@ -512,6 +520,9 @@ def start_simulated_devices(argv: Sequence[str]) -> None:
         n = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--devices=")), 8)
         if "--devices" in argv:
             n = int(argv[argv.index("--devices") + 1])
+        from igpo_jax import xla_flags
+
+        xla_flags.add_cpu_memory_flags()  # the schedule the project's CPU programs run with
         jax.config.update("jax_num_cpu_devices", n)
         jax.config.update("jax_platforms", "cpu")
 

@@ -93,3 +93,53 @@ def test_config_plan_reads_the_experiment_keys():
     assert gb(bounded, "activations") < gb(base, "activations") / 4
     assert "H100-80G" in bounded and "A100-80G" in bounded
     assert [l for l in bounded.splitlines() if "→" in l and "fits" in l and "NOT" not in l]
+
+
+SMALL_CONFIG = '''
+from igpo_jax.config_base import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.path = {path!r}
+    c.model.remat = True
+    c.model.attention = "blockwise"
+    c.model.attention_block = 256
+    c.mesh.shape = {{"data": -1}}
+    c.data.train_batch_size = 4
+    c.rollout.n = 4
+    c.rollout.context_length = 1024
+    c.rollout.max_turns = 2
+    c.actor.micro_batch_size = 8
+    c.algorithm.scoring_batch_size = 8
+    return c
+'''
+
+
+def test_estimate_within_15_percent_of_xla_compiled_memory(tmp_path):
+    """--compile on a small config (4 layers, D 256, vocab 4096, 8 simulated devices): every program's
+    estimate and the peak within 15% of XLA's memory_analysis."""
+    import os
+    import subprocess
+    import sys
+
+    from igpo_jax.model.config import ModelConfig
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    cfg = ModelConfig("qwen2", 4096, 256, 768, 4, 8, 2, 32, qkv_bias=True)
+    (model_dir / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    (tmp_path / "small.py").write_text(SMALL_CONFIG.format(path=str(model_dir)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-m", "igpo_jax.plan", f"--config={tmp_path / 'small.py'}", "--compile",
+                          "--devices=8", "--device=v5e"], capture_output=True, text=True, timeout=600, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert "compiled whole (4 layers)" in text
+    ratios = {l.split()[0]: float(l.rsplit(" ", 1)[-1].rstrip(")")) for l in text.splitlines()
+              if "estimate/compiled" in l}
+    assert set(ratios) == {"decode", "scoring", "update", "peak"}, text
+    for name, ratio in ratios.items():
+        assert 0.85 <= ratio <= 1.15, (name, ratio, text)
+    assert "fits (compiled" in text and "fits (estimate" in text
