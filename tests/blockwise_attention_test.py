@@ -159,3 +159,40 @@ def test_blockwise_backward_memory_at_8k_tokens_is_a_fraction_of_the_dense():
     assert dense >= 2 * 2 * t * t * 4
     assert ours <= dense / 4, (ours, dense)
     assert ours < 64 * 2**20  # O(T): a few [N, 512, 512] blocks and [T, ·] vectors
+
+
+def test_a_long_cached_prefill_through_blockwise_attention_equals_dense():
+    """With a KV cache, a prefill longer than attention_block takes the blockwise kernel (over the
+    cache's slots, holes included); decoding steps stay dense. Same hidden states as 'dense'."""
+    from igpo_jax.model.kv_cache import KVCache, extend
+
+    dense_model = Decoder(_tiny("dense"), nnx.Rngs(0))
+    block_model = Decoder(_tiny("blockwise", attention_block=8), nnx.Rngs(0))
+    rng = np.random.default_rng(2)
+    valid = np.ones((B, 30), bool)
+    valid[0, :4] = False  # left padding
+    valid[1, 20:23] = False  # a hole
+    tokens = jnp.asarray(rng.integers(0, 64, (B, 30)), jnp.int32)
+    outs = []
+    for model in (dense_model, block_model):
+        cache = KVCache.init(model.cfg, batch=B, size=40)
+        first, cache = jax.jit(extend)(model, cache, tokens[:, :24], jnp.asarray(valid[:, :24]))
+        second, cache = jax.jit(extend)(model, cache, tokens[:, 24:], jnp.asarray(valid[:, 24:]))
+        outs.append(np.concatenate([np.asarray(first), np.asarray(second)], 1) * valid[:, :, None])
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+
+
+def test_the_attention_keys_are_validated():
+    from igpo_jax import config_base
+
+    c = config_base.base_config()
+    c.data.synthetic_world = True
+    config_base.validate(c)
+    c.model.attention = "flash"
+    with pytest.raises(ValueError, match="model.attention"):
+        config_base.validate(c)
+    c.model.attention, c.model.attention_block = "blockwise", 0
+    with pytest.raises(ValueError, match="model.attention_block"):
+        config_base.validate(c)
+    with pytest.raises(ValueError, match="attention"):
+        _tiny("flash")
