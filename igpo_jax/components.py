@@ -120,7 +120,8 @@ def rollout_config(config: ml_collections.ConfigDict, validation: bool = False) 
                          first_turn_prefix=r.first_turn_prefix, max_turns=r.max_turns,
                          max_new_tokens=r.max_new_tokens, cache_size=r.context_length, sampling=sampling,
                          max_tool_tokens=r.max_tool_tokens, overlap_search=r.overlap_search,
-                         steps_per_call=r.steps_per_call, min_span=r.min_span, today=r.today)
+                         steps_per_call=r.steps_per_call, min_span=r.min_span, today=r.today,
+                         share_prompt_prefill=r.share_prompt_prefill, max_concurrent_rows=r.max_concurrent_rows)
 
 
 @contextlib.contextmanager

@@ -105,6 +105,11 @@ def base_config() -> ml_collections.ConfigDict:
     # decode attends over the smallest power-of-two window of the cache that holds every slot,
     # at least this many: smaller → less attention work early in an episode, more compiled spans
     c.rollout.min_span = 1024
+    # prefill a group's prompt once and copy its KV entries into the G rows (off: one prefill per row)
+    c.rollout.share_prompt_prefill = True
+    # at most this many rollouts decode at once (the KV cache's rows, hence its bytes with
+    # context_length); a finished episode's row goes to the next waiting one. 0 → all at once
+    c.rollout.max_concurrent_rows = 0
     # sample from a copy of the policy in this dtype (e.g. "bfloat16", as veRL's vLLM rollouts do);
     # unset: sample from the policy itself. Scoring and the update keep the policy's dtype.
     c.rollout.dtype = ml_collections.config_dict.placeholder(str)
@@ -200,6 +205,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive("model.attention_block", c.model.attention_block)
     if c.rollout.dtype is not None:
         _one_of("rollout.dtype", c.rollout.dtype, DTYPES)
+    if not isinstance(c.rollout.max_concurrent_rows, int) or c.rollout.max_concurrent_rows < 0:
+        raise ValueError(f"config.rollout.max_concurrent_rows={c.rollout.max_concurrent_rows!r} must be an integer "
+                         f"≥ 0: the most rollouts decoding at once (0 → all train_batch_size × n of them)")
     for key in ("rollout.n", "rollout.max_turns", "rollout.max_new_tokens", "rollout.context_length",
                 "rollout.min_span", "data.train_batch_size", "trainer.total_training_steps", "actor.ppo_epochs"):
         section, name = key.split(".")

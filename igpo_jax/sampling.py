@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from igpo_jax.buckets import power_of_two
+from igpo_jax.buckets import power_of_two, quarter_octave
 from igpo_jax.model.kv_cache import KVCache, extend
 
 FINISH_STOP = "stop"  # a stop token id or a stop string
@@ -233,14 +233,14 @@ def _extend_call(graphdef, state, cache, tokens_BW, valid_BW, span):
     return cache.put_window(window)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
-def _shared_prefill_call(graphdef, state, cache, tokens_UW, valid_UW, src_B, span):
-    """Prefill U distinct prompts over a fresh `span`-slot cache, then copy prompt src_B[b] into
-    row b at slots [length, length + W) (rows with src_B < 0 get holes there, as in a ragged
-    extend). The rows fed must hold nothing yet (started or released): a prompt's keys and values
-    depend on its own tokens and positions only."""
+@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(2,))
+def _shared_prefill_call(graphdef, state, cache, tokens_UW, valid_UW, src_B, span, w):
+    """Prefill U prompts over a fresh `span`-slot cache, then copy their first `w` slots (all
+    their tokens) from prompt src_B[b] into row b at slots [length, length + w) (rows with
+    src_B < 0 get holes there, as in a ragged extend). The rows fed must hold nothing yet
+    (started or released): a prompt's keys and values depend on its own tokens and positions only."""
     model = nnx.merge(graphdef, state)
-    u, w = tokens_UW.shape
+    u = tokens_UW.shape[0]
     fresh = KVCache.init(model.cfg, u, span, cache.k_layers[0].dtype)
     _, fresh = extend(model, fresh, tokens_UW, valid_UW)
     fed_B = src_B >= 0
@@ -364,7 +364,7 @@ class Sampler:
         budgets = _per_row(max_new_tokens, len(prompts))
         self.rows = [_fresh_row(p, s, n) for p, s, n in zip(prompts, seeds, budgets)]
         self._early = {}
-        self._feed_pending(list(range(len(prompts))), fresh=True)
+        self._feed_pending(list(range(len(prompts))), fresh="start")
 
     def restart(self, row_ids: Sequence[int], prompts: Sequence[Sequence[int]], seeds: Sequence[int],
                 max_new_tokens: int | Sequence[int]):
@@ -379,7 +379,7 @@ class Sampler:
         self.release(row_ids)
         for r, p, seed, n in zip(row_ids, prompts, seeds, _per_row(max_new_tokens, len(row_ids))):
             self.rows[r] = _fresh_row(p, seed, n)
-        self._feed_pending(row_ids, fresh=True)
+        self._feed_pending(row_ids, fresh="restart")
 
     def release(self, row_ids: Sequence[int]):
         """Stopped rows whose sequences are over: their slots become holes (reclaimed by
@@ -508,26 +508,35 @@ class Sampler:
         before = len(self.tokenizer.decode(tail[:-1]))
         return any(text.find(s, max(0, before - len(s) + 1)) != -1 for s in self.stop_strings)
 
-    def _feed_pending(self, row_ids: list[int], fresh: bool = False):
+    def _feed_pending(self, row_ids: list[int], fresh: str | None = None):
         """Write each row's pending tokens except the last into the cache, in one ragged extend.
-        `fresh`: the rows hold nothing yet (start / restart), so equal prompts can share a prefill."""
-        width = max((len(self.rows[r].pending) - 1 for r in row_ids), default=0)
-        if width <= 0:
+        `fresh` ('start' | 'restart'): the rows hold nothing yet, so their prompts can be prefilled
+        on their own (`_prefill_apart`): once per distinct prompt with `share_prompt_prefill`, and
+        always for a restart (a few rows, while the others keep their caches)."""
+        longest = max((len(self.rows[r].pending) - 1 for r in row_ids), default=0)
+        if longest <= 0:
             return
-        width = power_of_two(width, self.append_bucket)
+        width = power_of_two(longest, self.append_bucket)
+        feeds = {r: tuple(self.rows[r].pending[:-1]) for r in row_ids}
+        prompts = list(dict.fromkeys(feeds.values())) if self.share_prompt_prefill else list(feeds.values())
+        apart = (fresh == "restart" or (fresh == "start" and self.share_prompt_prefill)) and \
+            power_of_two(len(prompts)) < self.batch_size
+        # apart, the main cache takes only the prompts' slots (rounded to a quarter octave), not the
+        # power-of-two width they are computed in: a restart's prompt lands above the longest row
+        written = min(width, quarter_octave(longest, self.append_bucket)) if apart else width
         length = int(self.cache.length)
-        if length + width > self.cache_size:
-            length = self._compact_if_it_frees(length + width - self.cache_size)
-        if length + width > self.cache_size:
+        if length + written > self.cache_size:
+            length = self._compact_if_it_frees(length + written - self.cache_size)
+        if length + written > self.cache_size:
             for r in row_ids:
                 self._early[r] = self._finish(r, FINISH_CONTEXT)
             return
-        feeds = {r: tuple(self.rows[r].pending[:-1]) for r in row_ids}
         for r in row_ids:
             self.rows[r].pending = self.rows[r].pending[-1:]
-        distinct = list(dict.fromkeys(feeds.values()))  # first-seen order
-        if fresh and self.share_prompt_prefill and power_of_two(len(distinct)) < self.batch_size:
-            self._shared_prefill(feeds, distinct, width)
+        if apart:
+            src = {r: prompts.index(f) for r, f in feeds.items()} if self.share_prompt_prefill else \
+                {r: i for i, r in enumerate(feeds)}
+            self._prefill_apart(prompts, src, width, written)
             return
         tokens = np.zeros((self.batch_size, width), np.int32)
         valid = np.zeros((self.batch_size, width), bool)
@@ -538,22 +547,22 @@ class Sampler:
         self.cache = _extend_call(self._graphdef, self._state, self.cache, jnp.asarray(tokens), jnp.asarray(valid),
                                   span)
 
-    def _shared_prefill(self, feeds: dict[int, tuple[int, ...]], distinct: list[tuple[int, ...]], width: int):
-        """One prefill per distinct prompt (a power-of-two batch of them), copied into its rows.
+    def _prefill_apart(self, prompts: list[tuple[int, ...]], src: dict[int, int], width: int, written: int):
+        """Prefill `prompts` (a power-of-two batch of them) and copy prompt src[r] into row r.
         The prefill attends over `_span(width)` slots, the window a plain prefill into an empty
-        cache uses, so the keys and values are those of the plain path up to the batch size."""
-        u = power_of_two(len(distinct))
+        cache uses, so the keys and values are those of the plain path up to the batch size (its
+        own cache holds `width` slots even where the main cache is smaller)."""
+        u = power_of_two(len(prompts))
         tokens = np.zeros((u, width), np.int32)
         valid = np.zeros((u, width), bool)
-        for i, feed in enumerate(distinct):
+        for i, feed in enumerate(prompts):
             tokens[i, :len(feed)] = feed
             valid[i, :len(feed)] = True
-        index = {feed: i for i, feed in enumerate(distinct)}
-        src = np.full((self.batch_size,), -1, np.int32)
-        for r, feed in feeds.items():
-            src[r] = index[feed]
+        src_B = np.full((self.batch_size,), -1, np.int32)
+        for r, i in src.items():
+            src_B[r] = i
         self.cache = _shared_prefill_call(self._graphdef, self._state, self.cache, jnp.asarray(tokens),
-                                          jnp.asarray(valid), jnp.asarray(src), self._span(width))
+                                          jnp.asarray(valid), jnp.asarray(src_B), max(width, self._span(width)), written)
 
 
 def _fresh_row(prompt: Sequence[int], seed: int, budget: int) -> _HostRow:

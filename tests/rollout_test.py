@@ -218,9 +218,11 @@ def test_context_overflow_ends_the_episode_cleanly(tiny_llama, smollm2_tokenizer
     prompt_len = len(tok.encode(tok.apply_chat_template(
         [{"role": "system", "content": _system("search_tags")}, {"role": "user", "content": QUESTIONS[0].question}],
         tokenize=False, add_generation_prompt=True) + "<think>", add_special_tokens=False))
-    # room for the prompt (the sampler prefills it in a power-of-two width) and one turn, not for
-    # the feedback that follows
-    prefill_width = 1 << (prompt_len - 2).bit_length()
+    # room for the prompt and one turn, not for the feedback that follows. The group's one distinct
+    # prompt is prefilled apart (shared prefill) and takes its length rounded to a quarter octave
+    from igpo_jax.buckets import quarter_octave
+
+    prefill_width = min(1 << (prompt_len - 2).bit_length(), quarter_octave(prompt_len - 1, 16))
     config = RolloutConfig(**{**config.__dict__, "cache_size": prefill_width + 24})
     traj, stats = rollout(QUESTIONS[:1], 2, make_sampler(tiny_llama, tok, config, 2), tok, mock_search, config)
     _check_rows(tiny_llama, traj)
@@ -357,3 +359,78 @@ def test_other_rows_keep_decoding_while_a_search_runs(tiny_llama, smollm2_tokeni
     assert [e.finish_reason for e in traj.episodes] == ["answer", "answer"]
     assert stats["rollout/search_s"] >= 1.0
     assert stats["rollout/search_wait_s"] < stats["rollout/search_s"]  # part of the search overlapped decoding
+
+
+# ----------------------------------------------------------------------------- bounded concurrency
+
+def _chatty_stopper(model, tokenizer, strength=16.0):
+    """A copy of `model` whose end-of-turn token is likely at every step (tied embeddings: its
+    row is scaled up), so turns, and hence episodes, end after random numbers of tokens."""
+    from igpo_jax.model.tokenizer import stop_token_ids
+
+    model = nnx.clone(model)
+    embed = model.embed[...]
+    for t in stop_token_ids(tokenizer):
+        embed = embed.at[t].multiply(strength / (0.02 * np.sqrt(embed.shape[1])))
+    model.embed[...] = embed
+    return model
+
+
+@pytest.mark.parametrize("max_concurrent_rows,params", [(2, SamplingParams(temperature=1.0, top_k=8)),
+                                                          (3, SamplingParams(temperature=1.0, top_k=8)),
+                                                          (2, SamplingParams(temperature=0.0))])
+def test_concurrency_bounded_rollout_gives_the_unbounded_trajectories(tiny_llama, smollm2_tokenizer, mock_search,
+                                                                     max_concurrent_rows, params, monkeypatch):
+    """6 episodes through 2 or 3 cache rows, refilled as episodes end, equal all 6 at once: the
+    same tokens, finishes and searches; log-probs up to float rounding (other batch sizes and slot
+    layouts round differently, ~1e-6). Rounding can still flip a draw that lands on a boundary of
+    the inverse CDF: with plain temperature-1 sampling over this random model's ~49k near-equal
+    probabilities that happened within ~100 draws, hence top-k (or greedy) here."""
+    from igpo_jax import sampling
+
+    tok = smollm2_tokenizer
+    model = _chatty_stopper(tiny_llama, tok)
+    questions = QUESTIONS + [Example("q2", "world", "Which river runs through Kesh?", ("Amu",),
+                                     (Message("user", "Which river runs through Kesh?"),), "test")]
+    base = dict(dialect="search_tags", today=TODAY, forced_prefix="", first_turn_prefix="<search>Kesh river</search>",
+                max_turns=3, max_new_tokens=10, max_tool_tokens=32, sampling=params,
+                steps_per_call=4, overlap_search=False)
+    unbounded = RolloutConfig(cache_size=1024, **base)
+    ref, _ = rollout(questions, 2, make_sampler(model, tok, unbounded, 6), tok, mock_search, unbounded, seed=5)
+    compactions, real = [], sampling._compact_call
+    monkeypatch.setattr(sampling, "_compact_call", lambda c: compactions.append(1) or real(c))
+    # the shared cursor sits at the longest row, so a restarted prompt (< 160 slots) needs room
+    # above it; without compaction the cursor would pass the end with the second wave of episodes
+    longest = int(ref.valid_NL.sum(1).max())
+    bounded = RolloutConfig(cache_size=longest + 160, max_concurrent_rows=max_concurrent_rows, **base)
+    sampler = make_sampler(model, tok, bounded, 6)
+    assert sampler.batch_size == max_concurrent_rows
+    traj, stats = rollout(questions, 2, sampler, tok, mock_search, bounded, seed=5)
+    assert compactions
+    assert len({int(n) for n in ref.valid_NL.sum(1)}) > 1  # episodes of different lengths: rows freed at different times
+    assert {e.finish_reason for e in ref.episodes} != {"context"} and any(e.num_searches for e in ref.episodes)
+    for name in ("tokens_NL", "valid_NL", "loss_mask_NL", "turn_id_NL", "turn_start_NT", "num_turns_N", "group_id_N"):
+        np.testing.assert_array_equal(getattr(traj, name), getattr(ref, name), err_msg=name)
+    np.testing.assert_allclose(traj.sampled_logprob_NL, ref.sampled_logprob_NL, atol=1e-5)
+    assert [(e.finish_reason, e.num_searches, e.response_text) for e in traj.episodes] == \
+        [(e.finish_reason, e.num_searches, e.response_text) for e in ref.episodes]
+    _check_rows(model, traj)
+
+
+def test_max_concurrent_rows_must_not_be_negative():
+    with pytest.raises(ValueError, match="max_concurrent_rows"):
+        RolloutConfig(max_concurrent_rows=-1)
+
+
+def test_config_keys_reach_the_rollout_and_are_validated():
+    from igpo_jax import components, config_base
+    from configs.demo import get_config
+
+    config = get_config()
+    config.rollout.max_concurrent_rows, config.rollout.share_prompt_prefill = 3, False
+    config_base.validate(config)
+    rcfg = components.rollout_config(config)
+    assert (rcfg.max_concurrent_rows, rcfg.share_prompt_prefill) == (3, False)
+    config.rollout.max_concurrent_rows = -2
+    with pytest.raises(ValueError, match="rollout.max_concurrent_rows=-2 must be an integer ≥ 0"):
+        config_base.validate(config)

@@ -25,6 +25,23 @@ A turn that cannot be parsed (FormatError) costs a turn: by default the model re
 check still sees the bad turn); `format_error_ends_episode=True` ends the episode instead.
 The last allowed turn may still answer; a tool call there ends the episode with 'max_turns'.
 
+Memory is bounded by `max_concurrent_rows` (0 → every rollout at once): the sampler then has that
+many cache rows, the episodes wait in a queue, and an episode that ends hands its row to the next
+one (`Sampler.restart`; continuous batching), so the KV cache costs max_concurrent_rows ×
+cache_size slots per layer whatever train_batch_size × n is. Continuous batching rather than a
+paged cache, because the sampler's cache is one dense array per layer written at one shared
+cursor (the layout that makes decoding fast here, kv_cache.py): a row's old slots become holes,
+and the sampler compacts them away (one gather) when the cursor nears the end, so `cache_size`
+still bounds one episode, not the sum of the episodes a row has held. A paged cache would need a
+block table and a gather in every attention call instead. Episodes are admitted in order; every
+row samples with its own episode's seed, so the trajectories do not depend on the bound. They
+equal the unbounded rollout's up to float rounding: attention over a different slot layout and
+matmuls over a different batch size may round differently (tests: identical tokens, log-probs
+within 1e-5), which a near-tie in sampling could turn into a different token.
+
+The G rollouts of a question start from the same prompt; with `share_prompt_prefill` (the
+default) the sampler prefills it once and copies its keys/values into the G rows.
+
 Rendering comes from the tokenizer's chat template, not hard-coded ChatML: the text between an
 assistant message and the next assistant header (end of turn, tool message framing) is found by
 rendering a conversation with marker contents and cutting at the markers.
@@ -32,6 +49,7 @@ rendering a conversation with marker contents and cutting at the markers.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import time
@@ -70,12 +88,16 @@ class RolloutConfig:
     overlap_search: bool = True
     steps_per_call: int = 32
     min_span: int = 1024  # smallest cache window that decoding attends over (sampling.py)
+    share_prompt_prefill: bool = True  # prefill a group's prompt once for its G rows
+    max_concurrent_rows: int = 0  # episodes decoding at once (the cache's rows); 0 → all of them
 
     def __post_init__(self):
         if self.dialect not in STOP_STRINGS:
             raise ValueError(f"unknown dialect {self.dialect!r}; expected one of {sorted(STOP_STRINGS)}")
         if self.max_turns < 1 or self.max_new_tokens < 1 or self.max_tool_tokens < 1:
             raise ValueError(f"max_turns, max_new_tokens and max_tool_tokens must be ≥ 1: {self}")
+        if self.max_concurrent_rows < 0:
+            raise ValueError(f"max_concurrent_rows must be ≥ 0 (0 → all rows at once): {self.max_concurrent_rows}")
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -99,6 +121,12 @@ class SamplerLike(Protocol):
 
     def decoding_rows(self) -> list[int]: ...
 
+    # needed only with RolloutConfig.max_concurrent_rows < the number of rollouts
+    def restart(self, row_ids: Sequence[int], prompts: Sequence[Sequence[int]], seeds: Sequence[int],
+                max_new_tokens: int) -> None: ...
+
+    def release(self, row_ids: Sequence[int]) -> None: ...
+
 
 class SearchLike(Protocol):
     """`search.clients.BlockingSearchClient` or anything with its `search_many`."""
@@ -107,10 +135,14 @@ class SearchLike(Protocol):
 
 
 def make_sampler(model, tokenizer, config: RolloutConfig, num_rows: int, **sampler_kwargs) -> Sampler:
-    """A Sampler with the dialect's stop strings, the tokenizer's stop ids and the config's limits."""
-    return Sampler(model, tokenizer, batch_size=num_rows, cache_size=config.cache_size, params=config.sampling,
+    """A Sampler with the dialect's stop strings, the tokenizer's stop ids and the config's limits,
+    for `num_rows` rollouts: min(num_rows, max_concurrent_rows) cache rows when that is set."""
+    bounded = 0 < config.max_concurrent_rows < num_rows
+    return Sampler(model, tokenizer, batch_size=config.max_concurrent_rows if bounded else num_rows,
+                   cache_size=config.cache_size, params=config.sampling,
                    stop_token_ids=stop_token_ids(tokenizer), stop_strings=config.stop_strings,
-                   steps_per_call=config.steps_per_call, min_span=config.min_span, **sampler_kwargs)
+                   steps_per_call=config.steps_per_call, min_span=config.min_span,
+                   share_prompt_prefill=config.share_prompt_prefill, compact_cache=bounded, **sampler_kwargs)
 
 
 # ----------------------------------------------------------------------------- chat rendering
@@ -226,37 +258,49 @@ class _Rollout:
         for i, example in enumerate(examples):
             tokens, response_start = self.prompt_tokens(example)
             rows += [_Row(example, i, response_start, list(tokens)) for _ in range(group_size)]
-        if len(rows) > self.sampler.batch_size:
-            raise ValueError(f"{len(rows)} rollouts for a sampler of batch_size={self.sampler.batch_size}")
+        slots = min(len(rows), self.config.max_concurrent_rows or len(rows))
+        if slots > self.sampler.batch_size:
+            raise ValueError(f"{slots} concurrent rollouts for a sampler of batch_size={self.sampler.batch_size}")
         if len(seeds) != len(rows):
             raise ValueError(f"{len(seeds)} row seeds for {len(rows)} rollouts")
-        seeds = [int(s) for s in seeds]
+        self.seeds = [int(s) for s in seeds]
+        self.episode_at: list[int | None] = list(range(slots))  # sampler row → episode (None: free)
+        self.waiting = collections.deque(range(slots, len(rows)))  # episodes not started yet
+        self.refills = bool(self.waiting)  # rows are reused (Sampler.restart / release)
         t0 = time.perf_counter()
-        self.sampler.start([r.tokens for r in rows], seeds, self.config.max_new_tokens)
+        self.sampler.start([r.tokens for r in rows[:slots]], self.seeds[:slots], self.config.max_new_tokens)
         self.timing["decode_s"] += time.perf_counter() - t0
         with concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="igpo-rollout-search") as pool:
             self._loop(rows, pool)
         return rows
 
     def _loop(self, rows: list[_Row], pool: concurrent.futures.Executor) -> None:
+        """Sampler rows are slots: `episode_at[s]` is the episode in slot s until the sampler has
+        reported its last turn; then the next waiting episode takes the slot."""
         in_flight: dict[concurrent.futures.Future, list[tuple[int, RowOutput]]] = {}
-        while self.sampler.decoding_rows() or in_flight:
-            if self.sampler.decoding_rows():
+        while any(e is not None for e in self.episode_at):
+            if self.sampler.decoding_rows() or not in_flight:
                 t0 = time.perf_counter()
-                stopped = self.sampler.decode()
+                stopped = self.sampler.decode()  # with nothing decoding: the reports of rows that did not fit
                 self.timing["decode_s"] += time.perf_counter() - t0
-                round_rows, round_queries, feedback = [], [], []
-                for r, out in sorted(stopped.items()):
-                    step = self._after_turn(rows[r], out)
+                if not stopped and not self.sampler.decoding_rows() and not in_flight:
+                    raise RuntimeError(f"rollout stalled: rows {self.episode_at} wait for a report that never comes")
+                round_rows, round_queries, feedback, freed, newly_finished = [], [], [], [], 0
+                for s, out in sorted(stopped.items()):
+                    row = rows[self.episode_at[s]]
+                    step = self._after_turn(row, out)
                     if step.finish is not None:
-                        rows[r].finish = step.finish
+                        newly_finished += row.finish is None  # a failed append counted its episode already
+                        row.finish = step.finish
+                        freed.append(s)
                     elif step.queries:
-                        round_rows.append((r, out))
+                        round_rows.append((s, out))
                         round_queries.append(step.queries)
                     else:
-                        feedback.append((r, out, step.feedback))
-                self.on_progress(len(stopped), sum(rows[r].finish is not None for r in stopped))
+                        feedback.append((s, out, step.feedback))
+                self.on_progress(len(stopped), newly_finished)
                 self._continue(rows, feedback)
+                self._admit(rows, freed)
                 if round_rows:
                     in_flight[pool.submit(_search_round, self.search, round_queries)] = round_rows
             must_wait = in_flight and (not self.config.overlap_search or not self.sampler.decoding_rows())
@@ -267,8 +311,25 @@ class _Rollout:
             for future in done:
                 results_per_row, seconds = future.result()  # _search_round never raises
                 self.timing["search_s"] += seconds
-                self._continue(rows, [(r, out, self._tool_text(rows[r], results))
-                                      for (r, out), results in zip(in_flight.pop(future), results_per_row)])
+                self._continue(rows, [(s, out, self._tool_text(rows[self.episode_at[s]], results))
+                                      for (s, out), results in zip(in_flight.pop(future), results_per_row)])
+
+    def _admit(self, rows: list[_Row], freed: list[int]) -> None:
+        """Free the slots of ended episodes and start waiting episodes in them (one prefill)."""
+        for s in freed:
+            self.episode_at[s] = None
+        slots = freed[:len(self.waiting)]
+        if self.refills and freed[len(slots):]:  # the queue is empty
+            self.sampler.release(freed[len(slots):])  # its slots become holes that compaction reclaims
+        if not slots:
+            return
+        episodes = [self.waiting.popleft() for _ in slots]
+        for s, e in zip(slots, episodes):
+            self.episode_at[s] = e
+        t0 = time.perf_counter()
+        self.sampler.restart(slots, [rows[e].tokens for e in episodes], [self.seeds[e] for e in episodes],
+                             self.config.max_new_tokens)
+        self.timing["decode_s"] += time.perf_counter() - t0
 
     def _after_turn(self, row: _Row, out: RowOutput) -> _Next:
         turn = row.add_turn(out)
@@ -300,17 +361,19 @@ class _Rollout:
         """Append each row's continuation (tool text, next header, forced prefix) and resume it."""
         if not items:
             return
-        ids = [r for r, _, _ in items]
-        continuations = [self._continuation(out, text, len(rows[r].turn_starts)) for r, out, text in items]
+        ids = [s for s, _, _ in items]
+        continuations = [self._continuation(out, text, len(rows[self.episode_at[s]].turn_starts))
+                         for s, out, text in items]
         t0 = time.perf_counter()
         self.sampler.append(ids, continuations, self.config.max_new_tokens)
         self.timing["decode_s"] += time.perf_counter() - t0
         decoding = set(self.sampler.decoding_rows())
-        for r, tokens in zip(ids, continuations):
-            if r in decoding:
-                rows[r].add_context(tokens)
+        for s, tokens in zip(ids, continuations):
+            row = rows[self.episode_at[s]]
+            if s in decoding:
+                row.add_context(tokens)
             else:  # the continuation did not fit in the cache: it was never fed, so it is not recorded
-                rows[r].finish = CONTEXT
+                row.finish = CONTEXT  # (the sampler reports the row next; its slot is freed then)
                 self.on_progress(0, 1)
 
     def _continuation(self, out: RowOutput, tool_text: str, next_turn: int) -> list[int]:
