@@ -35,6 +35,7 @@ from igpo_jax.igpo.loss import policy_loss
 from igpo_jax.model import shared_prefix
 from igpo_jax.model.attention_mask import causal_mask, positions_from_valid
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
+from igpo_jax.sharding import constrain
 from igpo_jax.xla_flags import FP32_TRAIN_STEP_COMPILER_OPTIONS
 
 
@@ -237,6 +238,18 @@ def _micro_loss(params, graphdef, micro: UpdateBatch, counts, cfg: UpdateConfig,
         loss_agg_mode=cfg.loss_agg_mode, num_tokens=counts[0], num_seqs=counts[1])
 
 
+def _float32_zeros_like(params):
+    """A float32 zero per param, constrained to the param's logical sharding (when a mesh is active):
+    left to XLA, the gradient accumulator came out replicated, a full float32 copy of the model on
+    every device under fsdp (plan --compile measured it: 30 GB per device for 7B on fsdp=8)."""
+    def zeros(v):
+        value = jnp.zeros(v.get_value().shape, jnp.float32)
+        axes = v.get_metadata().get("axes")
+        return v.replace(value=value if axes is None else constrain(value, axes))
+
+    return jax.tree.map(zeros, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def _summed_gradients(graphdef, params, batch: UpdateBatch, cfg: UpdateConfig, num_micro: int,
                       use_current_as_old: bool, layout=None):
     """Loss, float32 gradients and metrics of one mini-batch, summed over its micro-batches."""
@@ -254,7 +267,7 @@ def _summed_gradients(graphdef, params, batch: UpdateBatch, cfg: UpdateConfig, n
         return jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g), (loss, metrics)
 
     # float32 accumulator: summing bf16 micro-batch gradients would round at every addition
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = _float32_zeros_like(params)
     grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, micro)
     return jnp.sum(losses), grads, jax.tree.map(jnp.sum, metrics)
 
@@ -334,7 +347,7 @@ def _summed_packed_gradients(graphdef, params, micro: PackedBatch, counts, cfg: 
         metrics = {k: v if k.endswith("loss") else v * weight for k, v in metrics.items()}
         return jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g), (loss, metrics)
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = _float32_zeros_like(params)
     grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, micro)
     return jnp.sum(losses), grads, jax.tree.map(jnp.sum, metrics)
 
