@@ -20,7 +20,10 @@ settings, 2 cores shared with other jobs at load average ~8): val/format_error 0
 val/no_format_f1 0.021 ± 0.021 (1 of 48 right), val/f1 −0.85; the step-0 line came ~10 minutes
 after the start (model load, world, compilation, 48 greedy episodes). On 64 of world_igpo's
 held-out questions the same prompt gave format error 0.375 and no-format F1 0.06 ± 0.03: the
-model searches for the right entity but answers with the wrong field of the document. NOT YET
+model searches for the right entity but answers with the wrong field of the document. Steps 1-2
+here: rollout ~55 s, scoring ~34 s, update 79 s warm (231 s with compilation); step 1:
+every episode well formed, diag/ig_answer_doc 0.26 (7 searches) vs diag/ig_other_doc 0.0 (1),
+P(gold) 0.00 before the search and 0.23 after it, diag/collapse_frac 0. NOT YET
 MEASURED: the whole run's time, peak memory (the previous demo: ~8 minutes, 5.7 GiB on a quiet
 machine) and whether 6 steps move the final no-format F1 above step 0's (`python -m bench.demo`).
 Written: runs/demo/metrics.jsonl, TensorBoard events,
