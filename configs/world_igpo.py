@@ -34,8 +34,11 @@ several times faster): step-0 validation of the base model on 64 of the held-out
 val/format_error 0.375, val/no_format_f1 0.0625 ± 0.030, val/f1 −0.69 ± 0.13 (~4 min with
 compilation); the first training step with 4 questions × 8 rollouts took 12.4 min (rollout
 168 s, update 577 s, both including compilation) and scored reward/f1 0, ig/mean 0.020.
-NOT YET MEASURED: a full run's time (the 25-minute target needs a quiet machine and the
-step-cost work) and its curve. Expected shape: val/no_format_f1 rises from ≈ 0.06 at step 0,
+The demo's warm 8-row steps took ~2.3 min at that load (rollout 55 s, scoring 34 s, update
+79 s), so expect ~3-4 min per 16-row step here and ~1 h for the 16 steps plus three validations
+of 192 questions: over the 25-minute target unless the machine is quiet and the step-cost work
+(shared prompt prefill, π_old from scoring, compilation cache) lands. NOT YET MEASURED: a full
+run's time and its curve. Expected shape: val/no_format_f1 rises from ≈ 0.06 at step 0,
 val/format_error falls from ≈ 0.35, diag/ig_answer_doc > diag/ig_other_doc throughout, and
 diag/collapse_frac lower for IGPO than for GRPO.
 """
