@@ -225,6 +225,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.rollout.today={c.rollout.today!r} must be an ISO date (YYYY-MM-DD)") from None
     if "{answer}" not in c.algorithm.pseudo_turn_template:
         raise ValueError("config.algorithm.pseudo_turn_template must contain '{answer}'")
+    budget = c.actor.max_tokens_per_micro_batch
+    if 0 < budget < c.rollout.context_length:
+        raise ValueError(f"config.actor.max_tokens_per_micro_batch={budget} is below rollout.context_length="
+                         f"{c.rollout.context_length}: a packed micro-batch must hold the longest row")
     rollouts = c.data.train_batch_size * c.rollout.n
     mini = c.actor.ppo_mini_batch_size or rollouts
     micro = c.actor.micro_batch_size or mini

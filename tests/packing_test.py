@@ -122,3 +122,16 @@ def test_updater_with_a_token_budget_matches_padded_micro_batches():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
     assert any(float(jnp.max(jnp.abs(a - b))) > 0 for a, b in zip(results[0], jax.tree.leaves(
         nnx.state(_tiny_model(), nnx.Param))))  # the update moved the params
+
+
+def test_config_refuses_a_budget_below_the_context():
+    from igpo_jax.config_base import base_config, validate
+
+    c = base_config()
+    c.data.synthetic_world = True
+    c.rollout.context_length = 4096
+    c.actor.max_tokens_per_micro_batch = 2048
+    with pytest.raises(ValueError, match="max_tokens_per_micro_batch=2048"):
+        validate(c)
+    c.actor.max_tokens_per_micro_batch = 4096
+    validate(c)
