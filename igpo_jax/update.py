@@ -33,7 +33,7 @@ from flax import nnx
 from igpo_jax.batching import packing
 from igpo_jax.igpo.loss import policy_loss
 from igpo_jax.model import shared_prefix
-from igpo_jax.model.attention_mask import causal_mask, positions_from_valid
+from igpo_jax.model.attention_mask import causal_mask, causal_spec, positions_from_valid
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
 from igpo_jax.sharding import constrain
 from igpo_jax.xla_flags import FP32_TRAIN_STEP_COMPILER_OPTIONS
@@ -145,7 +145,9 @@ def token_logprobs(model, tokens_NL, valid_NL, chunk: int, with_entropy: bool = 
     `needed_NL` (optional, e.g. the loss mask): only those columns are computed, the rest read 0;
     the vocab projection then costs ∝ the loss tokens (prompts and tool results are skipped)."""
     valid_NL = valid_NL.astype(bool)
-    hidden, _ = model.hidden(tokens_NL, positions_from_valid(valid_NL), causal_mask(valid_NL))
+    # blockwise attention reads the O(L) mask per block; the dense path keeps its fused bool mask
+    mask = causal_spec(valid_NL) if model.cfg.attention == "blockwise" else causal_mask(valid_NL)
+    hidden, _ = model.hidden(tokens_NL, positions_from_valid(valid_NL), mask)
     needed = None if needed_NL is None else needed_NL[:, 1:].astype(bool)
     logp, entropy = logprobs_from_hidden(model, hidden[:, :-1], tokens_NL[:, 1:], chunk, with_entropy, needed)
     pad = ((0, 0), (1, 0))

@@ -5,6 +5,7 @@ gradients with either kernel; the compiled backward at 8k tokens needs a fractio
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -196,3 +197,60 @@ def test_the_attention_keys_are_validated():
         config_base.validate(c)
     with pytest.raises(ValueError, match="attention"):
         _tiny("flash")
+
+
+def test_update_and_scoring_forwards_pass_the_compact_mask_to_blockwise_models():
+    """update.token_logprobs and the one-pass IG scoring hand a blockwise model its O(length)
+    MaskSpec (causal_spec / copies_spec) and give what the dense model gives with its bool mask."""
+    from igpo_jax.igpo.scoring import one_pass_mean_logp
+    from igpo_jax.update import token_logprobs
+
+    dense_model = Decoder(_tiny("dense", attention_chunk=16), nnx.Rngs(0))
+    block_model = Decoder(_tiny("blockwise", attention_block=16), nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    valid = np.ones((2, 40), bool)
+    valid[1, :6] = False  # left padding
+    valid[0, 20:24] = False  # a hole (a clipped tool result)
+    tokens = jnp.asarray(rng.integers(0, 64, (2, 40)), jnp.int32)
+    for with_entropy in (False, True):
+        dense = token_logprobs(dense_model, tokens, jnp.asarray(valid), chunk=16, with_entropy=with_entropy)
+        block = token_logprobs(block_model, tokens, jnp.asarray(valid), chunk=16, with_entropy=with_entropy)
+        # column j is predicted at j − 1; a left-pad query sees no key (dense: a uniform average,
+        # blockwise: 0), and no loss token is ever predicted there
+        seen = np.cumsum(valid, axis=1) > 0
+        compared = valid & np.concatenate([np.zeros((2, 1), bool), seen[:, :-1]], 1)
+        for a, b_ in zip(jax.tree.leaves(dense), jax.tree.leaves(block)):
+            np.testing.assert_allclose(np.asarray(a)[compared], np.asarray(b_)[compared], atol=1e-5)
+
+    ctx_valid = jnp.asarray(valid[:, :21])
+    arrays = (tokens[:, :21], ctx_valid, jnp.asarray([[5, 12, 21], [9, 16, 0]]), jnp.asarray([[1, 1, 1], [1, 1, 0]]),
+              jnp.asarray(rng.integers(0, 64, (2, 6)), jnp.int32), jnp.asarray([[1] * 6, [1] * 5 + [0]]),
+              jnp.asarray([[0, 1, 2], [1, 2, 3]]), jnp.asarray(rng.integers(0, 64, (2, 3)), jnp.int32),
+              jnp.asarray([[1, 1, 1], [1, 1, 0]]))
+    turn_valid = np.asarray(arrays[3], bool)
+    dense = one_pass_mean_logp(dense_model, *arrays, chunk=16)
+    block = one_pass_mean_logp(block_model, *arrays, chunk=16)
+    np.testing.assert_allclose(np.asarray(dense)[turn_valid], np.asarray(block)[turn_valid], atol=1e-5)
+    assert np.isfinite(np.asarray(block)[turn_valid]).all()
+
+
+def test_the_blockwise_update_forward_builds_no_length_squared_mask():
+    from igpo_jax.update import token_logprobs
+
+    def square_bool_masks(model):
+        graphdef, state = nnx.split(model)
+        fn = lambda st, tok, val: token_logprobs(nnx.merge(graphdef, st), tok, val, chunk=16)[0]
+        jaxpr = jax.make_jaxpr(fn)(state, jnp.zeros((2, 40), jnp.int32), jnp.ones((2, 40), bool))
+        found = []
+
+        def walk(jp):
+            for eqn in jp.eqns:
+                found.extend(v.aval.shape for v in eqn.outvars
+                             if getattr(v.aval, "dtype", None) == jnp.bool_ and v.aval.shape[-2:] == (40, 40))
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+        walk(jaxpr.jaxpr)
+        return found
+
+    assert square_bool_masks(Decoder(_tiny("dense", attention_chunk=0), nnx.Rngs(0)))  # the probe sees them
+    assert not square_bool_masks(Decoder(_tiny("blockwise", attention_block=16), nnx.Rngs(0)))

@@ -50,7 +50,7 @@ from flax import nnx
 from igpo_jax.agent.trajectories import Trajectories
 from igpo_jax.buckets import power_of_two, quarter_octave
 from igpo_jax.data import ANSWER_SEPARATOR as ANSWER_SPLIT  # the reference's alias separator
-from igpo_jax.model.attention_mask import causal_mask, positions_from_valid
+from igpo_jax.model.attention_mask import causal_mask, copies_spec, positions_from_valid
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
 
 # The reference's pseudo final turn, appended right after the context (which already ends with the
@@ -185,6 +185,8 @@ def one_pass_mean_logp(model, ctx_tokens_BC, ctx_valid_BC, turn_start_BT, turn_v
     b, c = ctx_tokens_BC.shape
     t, p = turn_start_BT.shape[1], copy_ids_BP.shape[1]
     positions_BS, mask_BSS = block_inputs(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP)
+    if model.cfg.attention == "blockwise":  # O(S) per row instead of the [B, S, S] bool mask
+        mask_BSS = copies_spec(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP)
     copies_BTP = jnp.broadcast_to(copy_ids_BP[:, None, :], (b, t, p))
     tokens_BS = jnp.concatenate([ctx_tokens_BC, copies_BTP.reshape(b, t * p)], 1)
     hidden_BSD, _ = model.hidden(tokens_BS, positions_BS, mask_BSS)
