@@ -82,7 +82,8 @@ def test_cli_reads_a_model_dir_and_rejects_bad_meshes(tmp_path):
 def test_config_plan_reads_the_experiment_keys():
     """--config plans the 7B config's own settings; bounded concurrency and a token budget shrink
     the KV cache and the activations by the factors they should."""
-    base = plan.main(["--config=configs/qwen2_5_7b_igpo.py", "--device=H100-80G"])
+    base = plan.main(["--config=configs/qwen2_5_7b_igpo.py", "--device=H100-80G", "--set", "rollout.max_concurrent_rows=0",
+                      "--set", "actor.max_tokens_per_micro_batch=0"])
     assert "7.62 B params" in base and "512 rollouts" in base and "context 32768" in base
     assert "2 moments in float32" in base and "KL on" in base
     bounded = plan.main(["--config=configs/qwen2_5_7b_igpo.py", "--device=H100-80G", "--device=A100-80G",
