@@ -65,3 +65,25 @@ def test_without_matplotlib_the_error_names_the_install_command(tmp_path, monkey
 def test_labels_stay_distinct_for_repeated_directory_names():
     assert plot.run_labels(["runs/igpo/seed0", "runs/grpo/seed0"]) == ["igpo/seed0", "grpo/seed0"]
     assert plot.run_labels(["runs/igpo", "runs/grpo/"]) == ["igpo", "grpo"]
+
+
+def test_arms_and_their_mean_curve():
+    assert [plot.arm_of(x) for x in ("igpo_seed0", "grpo_seed12", "demo", "seed3")] == ["igpo", "grpo", "demo", "seed3"]
+    steps, values = plot.mean_curve([([0, 4, 8], [0.0, 0.2, 0.4]), ([0, 4, 8, 12], [0.2, 0.4, 0.6, 0.9])])
+    assert steps == [0, 4, 8]  # 12 is in one seed only
+    assert values == pytest.approx([0.1, 0.3, 0.5])
+
+
+def test_by_arm_draws_a_sweep_on_one_png(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    runs = [write_run(tmp_path / f"{arm}_seed{seed}", [0.1 * seed, 0.2, 0.3, 0.5 if arm == "igpo" else 0.3])
+            for arm in ("igpo", "grpo") for seed in range(3)]
+    drawn = []
+    import matplotlib.axes
+
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: drawn.append(k.get("label")) or real(ax, *a, **k))
+    plot.main([*runs, "--by_arm", "--out", str(tmp_path / "sweep.png"), "--keys", "reward/mean"])
+    assert png_size(tmp_path / "sweep.png") == (450, 320)
+    # per arm: three unlabelled seed lines, then the labelled mean
+    assert drawn == [None, None, None, "igpo (mean of 3)", None, None, None, "grpo (mean of 3)"]
