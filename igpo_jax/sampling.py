@@ -37,6 +37,10 @@ Shared prompt prefill (`share_prompt_prefill=True`): rows that start from the sa
 rollouts of a question) are prefilled once. The distinct prompts run as a small batch over a
 fresh cache window of the same span, and their keys/values are copied into every row that starts
 from them, so each row holds what its own prefill would have written. Per-row seeds are untouched.
+When the rows' prompts differ but open with the same tokens (one system prompt, many questions: a
+validation batch of distinct questions), those tokens are prefilled once for all the rows and
+each row's remainder is extended above them (a prefix's keys and values depend on its own tokens
+only), whenever that computes fewer token slots than prefilling the whole prompts.
 
 Sampling is reproducible per row: the k-th token of row r's s-th segment (turn) uses
 fold_in(fold_in(key_r, s), k), so it does not depend on which other rows share the batch, and
@@ -518,6 +522,9 @@ class Sampler:
             return
         width = power_of_two(longest, self.append_bucket)
         feeds = {r: tuple(self.rows[r].pending[:-1]) for r in row_ids}
+        if fresh == "start" and self.share_prompt_prefill and self._prefill_common_prefix(feeds, width):
+            self._feed_pending(row_ids)  # the rest of each prompt: one ragged extend above the prefix
+            return
         prompts = list(dict.fromkeys(feeds.values())) if self.share_prompt_prefill else list(feeds.values())
         apart = (fresh == "restart" or (fresh == "start" and self.share_prompt_prefill)) and \
             power_of_two(len(prompts)) < self.batch_size
@@ -547,6 +554,29 @@ class Sampler:
         self.cache = _extend_call(self._graphdef, self._state, self.cache, jnp.asarray(tokens), jnp.asarray(valid),
                                   span)
 
+    def _prefill_common_prefix(self, feeds: dict[int, tuple[int, ...]], width: int) -> bool:
+        """Prefill the tokens every fed row starts with (a system prompt) once, copy them into all
+        the rows and drop them from their pending tokens, when that computes fewer token slots than
+        prefilling the prompts themselves (distinct questions after one long system prompt: a
+        validation batch). The prefix is cut at a quarter octave, so its width takes few shapes."""
+        common = _common_prefix(list(feeds.values()))
+        if common < self.append_bucket:
+            return False
+        step = max(1, (1 << (common.bit_length() - 1)) // 4)  # quarter_octave's step at `common`
+        cut = common // step * step
+        rest = max(len(f) for f in feeds.values()) - cut
+        distinct = power_of_two(len(set(feeds.values())))
+        today = (distinct if distinct < self.batch_size else self.batch_size) * width
+        if power_of_two(cut, self.append_bucket) + self.batch_size * power_of_two(rest, self.append_bucket) >= today:
+            return False
+        if int(self.cache.length) + cut > self.cache_size:
+            return False  # the plain path finishes the rows with 'context'
+        prefix = next(iter(feeds.values()))[:cut]
+        self._prefill_apart([prefix], dict.fromkeys(feeds, 0), power_of_two(cut, self.append_bucket), cut)
+        for r in feeds:
+            self.rows[r].pending = self.rows[r].pending[cut:]
+        return True
+
     def _prefill_apart(self, prompts: list[tuple[int, ...]], src: dict[int, int], width: int, written: int):
         """Prefill `prompts` (a power-of-two batch of them) and copy prompt src[r] into row r.
         The prefill attends over `_span(width)` slots, the window a plain prefill into an empty
@@ -563,6 +593,14 @@ class Sampler:
             src_B[r] = i
         self.cache = _shared_prefill_call(self._graphdef, self._state, self.cache, jnp.asarray(tokens),
                                           jnp.asarray(valid), jnp.asarray(src_B), max(width, self._span(width)), written)
+
+
+def _common_prefix(sequences: list[tuple[int, ...]]) -> int:
+    """The number of leading tokens all `sequences` share."""
+    first, n = sequences[0], min(map(len, sequences))
+    for other in sequences[1:]:
+        n = next((i for i in range(n) if other[i] != first[i]), n)
+    return n
 
 
 def _fresh_row(prompt: Sequence[int], seed: int, budget: int) -> _HostRow:

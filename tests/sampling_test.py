@@ -273,6 +273,37 @@ def test_shared_prompt_prefill_on_smollm2_chat_prompts(smollm2, smollm2_tokenize
     assert [shape[0] for shape in calls] == [2, 2]  # 2 distinct prompts for 4 rows, once per run
 
 
+SYSTEM = [11, 23, 5, 87, 42, 19, 64, 3, 77, 8, 150, 36, 91, 14, 2, 58, 120, 7, 33, 66, 4, 99, 12, 45, 81, 6, 28, 140,
+          9, 52, 17, 73, 30, 111, 21, 5]  # 36 tokens every prompt opens with
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=1.0, top_p=0.9)], ids=["greedy", "seeded"])
+def test_a_common_system_prompt_is_prefilled_once_for_distinct_questions(tiny, params, monkeypatch):
+    _, model = tiny
+    questions = [[5, 17], [7, 7, 12, 40], [100, 2, 33], [9], [60, 61, 62, 63, 64], [3, 3], [70, 71, 72], [8, 1]]
+    prompts = [SYSTEM + q for q in questions]  # 8 distinct prompts: nothing to share per group
+    run = lambda share: Sampler(model, None, batch_size=8, cache_size=128, params=params, steps_per_call=8,
+                                min_span=16, share_prompt_prefill=share).generate(prompts, list(range(8)), 12)
+    calls = _count_shared_prefills(monkeypatch)
+    shared = run(True)
+    assert calls == [(1, 32)]  # the first 32 of the 36 common tokens (a quarter octave), once, for 8 rows
+    plain = run(False)
+    assert len(calls) == 1
+    for a, b in zip(shared, plain):
+        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_the_common_prefix_is_not_shared_where_it_would_cost_more(tiny, monkeypatch):
+    _, model = tiny
+    calls = _count_shared_prefills(monkeypatch)
+    # two groups of 4 with long, different tails: two prompt prefills cost less than one prefix
+    # plus 8 rows of tail
+    prompts = [SYSTEM[:16] + [1] * 40] * 4 + [SYSTEM[:16] + [2] * 40] * 4
+    Sampler(model, None, batch_size=8, cache_size=128, params=GREEDY, min_span=16).generate(prompts, list(range(8)), 4)
+    assert [shape[0] for shape in calls] == [2]  # the per-group prefill, not the prefix
+
+
 # ----------------------------------------------------------------------------- restart and compaction
 
 def test_restart_samples_as_a_fresh_start_and_compaction_keeps_the_math(tiny, monkeypatch):
