@@ -139,3 +139,23 @@ def test_bad_paths():
         load("/nonexistent/model.bin")
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
         load("/nonexistent/model.gguf")
+
+
+def test_a_gguf_file_is_parsed_once_for_weights_and_tokenizer(monkeypatch, tmp_path):
+    import shutil
+
+    import gguf
+
+    from igpo_jax.model import embedded, weights
+    from igpo_jax.model.tokenizer import load_tokenizer
+
+    path = str(tmp_path / "model.gguf")
+    shutil.copy(embedded.smollm2_gguf_path(), path)
+    parsed, real = [], gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda p, *a, **k: parsed.append(p) or real(p, *a, **k))
+    tokenizer = load_tokenizer(path)
+    model = load_gguf(path)
+    assert parsed == [path] and model.cfg.vocab_size == len(tokenizer)
+    os.utime(path, ns=(1, 1))  # a changed file is parsed again
+    load_tokenizer(path)
+    assert parsed == [path, path]

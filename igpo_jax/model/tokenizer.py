@@ -35,13 +35,12 @@ class TokenizerError(ValueError):
 
 
 def _gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    import gguf
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from igpo_jax.model.weights import gguf_metadata
+    from igpo_jax.model.weights import gguf_file
 
-    meta = gguf_metadata(gguf.GGUFReader(path))
+    _, meta = gguf_file(path)
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise TokenizerError(f"{path}: GGUF tokenizer type {kind!r} is not supported (only byte-level BPE 'gpt2')")
