@@ -149,9 +149,12 @@ def process_local_policy(policy, mesh, local_mesh, view=None):
     return view
 
 
-def validate(config, model, tokenizer, search, examples, dialect_penalty, show: bool = False) -> dict[str, float]:
+def validate(config, model, tokenizer, search, examples, dialect_penalty, show: bool = False,
+             step: int | None = None) -> dict[str, float]:
     """Greedy episodes over the test questions (each process its share, with its local `model`);
-    F1/EM/no-format F1 per data source over all of them. `show`: a progress bar over the episodes."""
+    F1/EM/no-format F1 per data source over all of them. `show`: a progress bar over the episodes.
+    With `step`, process 0 writes the episodes (answer, gold, format, finish reason, response) to
+    RUN_DIR/samples/val_step_NNNNNN.jsonl: what a format error or a wrong answer looked like."""
     rcfg = components.rollout_config(config, validation=True)
     mine = examples[distributed.process_share(len(examples))]
     records = []
@@ -167,6 +170,8 @@ def validate(config, model, tokenizer, search, examples, dialect_penalty, show: 
     if jax.process_count() > 1:  # the summary needs only the numbers; leave the texts behind
         slim = [{k: v for k, v in r.items() if k not in ("response", "golden_answers", "answer")} for r in records]
         records = [r for part in distributed.allgather_json(slim) for r in part]
+    if step is not None and jax.process_index() == 0:
+        samples_lib.write_jsonl_at(samples_lib.validation_samples_path(config.run_dir, step), records)
     table = summary(records)
     out = {f"val/{m}": table["all"][m] for m in ("f1", "em", "no_format_f1", "turns", "searches")}
     out.update({f"val/{source}/f1": row["f1"] for source, row in table.items() if source not in ("all", "macro")})
@@ -256,7 +261,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                 # step 0: the policy before any update (the reference's val_before_train)
                 with sharding.activate(local_mesh, rules):
                     history.append(writer.write(0, validate(config, sampling_model, tokenizer, search, val_examples,
-                                                            alg.format_penalty)))
+                                                            alg.format_penalty, step=0)))
             steps_bar = progress.bar(total, "train", show, unit="step", leave=True, initial=start_step)
             for step in range(start_step, total):
                 timings, step_metrics = {}, {}
@@ -343,7 +348,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                     steps_bar.set_postfix_str("validation")
                     with sharding.activate(local_mesh, rules):
                         step_metrics.update(validate(config, sampling_model, tokenizer, search, val_examples,
-                                                     alg.format_penalty, show=show))
+                                                     alg.format_penalty, show=show, step=done))
                 history.append(writer.write(done, step_metrics))  # prints the step's console line now
                 steps_bar.update(1)
                 if config.trainer.save_freq and (done % config.trainer.save_freq == 0 or done == total):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import json
 import os
 
+import numpy as np
 import pytest
 
 from igpo_jax import components, config_base, sweep
@@ -105,6 +107,10 @@ def test_a_few_steps_of_world_igpo_shrunk_report_validation_and_diagnostics(tmp_
         assert -2.0 <= v["val/f1"] <= 1.0 and 0.0 <= v["val/no_format_f1"] <= 1.0
         assert 0.0 <= v["val/format_error"] <= 1.0
         assert 0.0 <= v["val/f1_se"] <= 1.5 and 0.0 <= v["val/no_format_f1_se"] <= 0.5
+        with open(os.path.join(str(tmp_path), "samples", f"val_step_{step:06d}.jsonl")) as f:
+            episodes = [json.loads(line) for line in f]
+        assert len(episodes) == 4 and all(e["answer"] is None or isinstance(e["answer"], str) for e in episodes)
+        assert np.mean([not e["format_ok"] for e in episodes]) == pytest.approx(v["val/format_error"])
     for step in (1, 2):
         r = by_step[step]
         for key in ("diag/collapse_frac", "diag/searched_frac", "diag/answered_frac", "diag/format_ok_frac",

@@ -52,6 +52,11 @@ def samples_path(run_dir: str | os.PathLike, step: int) -> str:
     return os.path.join(os.fspath(run_dir), SAMPLES_SUBDIR, f"step_{int(step):06d}.jsonl")
 
 
+def validation_samples_path(run_dir: str | os.PathLike, step: int) -> str:
+    """The greedy validation episodes after step `step` (0: before the first update)."""
+    return os.path.join(os.fspath(run_dir), SAMPLES_SUBDIR, f"val_step_{int(step):06d}.jsonl")
+
+
 def _finite_or_none(x) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
@@ -158,7 +163,11 @@ def episode_samples(traj: Trajectories, examples: Sequence[Example], tokenizer, 
 
 def write_samples(run_dir: str | os.PathLike, step: int, records: Sequence[dict]) -> str:
     """Writes the records (atomically: a reader never sees half a file); returns the path."""
-    path = samples_path(run_dir, step)
+    return write_jsonl_at(samples_path(run_dir, step), records)
+
+
+def write_jsonl_at(path: str, records: Sequence[dict]) -> str:
+    """write_jsonl, making the folder first; returns the path."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_jsonl(path, records)
     return path
