@@ -18,7 +18,7 @@ BASE_CONFIG = "configs/world_igpo.py"
 
 def get_sweep():
     runs = {}
-    for point in grid(use_info_gain=[True, False], seed=[0, 1, 2]):
+    for point in grid(seed=[0, 1, 2], use_info_gain=[True, False]):  # seed by seed: a cut sweep still pairs
         name = f"{'igpo' if point['use_info_gain'] else 'grpo'}_seed{point['seed']}"
         runs[name] = {"algorithm.use_info_gain": point["use_info_gain"], "seed": point["seed"]}
     return runs
