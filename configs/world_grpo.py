@@ -11,20 +11,11 @@ wrong or malformed); IGPO still learns from the search turn's information gain t
 run: as world_igpo's less the scoring pass (NOT YET MEASURED for the full length).
 """
 
-import importlib.util
-import os
-
-
-def _igpo_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "world_igpo.py")
-    spec = importlib.util.spec_from_file_location("world_igpo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from igpo_jax.config_base import sibling_config
 
 
 def get_config():
-    c = _igpo_config()
+    c = sibling_config(__file__, "world_igpo")
     c.run_dir = "runs/world_grpo"
     c.algorithm.use_info_gain = False
     return c

@@ -9,6 +9,8 @@ bad setting before anything expensive starts.
 from __future__ import annotations
 
 import datetime
+import importlib.util
+import os
 
 import ml_collections
 
@@ -172,6 +174,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainer.sample_freq = 0
     c.trainer.progress = True  # tqdm bars; False (or env IGPO_PROGRESS=0) for quiet runs and tests
     return c
+
+
+def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
+    """get_config() of `name`.py in the folder of `config_file`: a config that is another with a
+    few changes (world_grpo is world_igpo without information gain) says so in one line."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no config {path!r} next to {config_file!r}")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def _one_of(key: str, value, allowed) -> None:

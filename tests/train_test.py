@@ -48,7 +48,10 @@ def smoke_config(model_dir: str, run_dir: str, steps: int):
     c.rollout.context_length = 512
     c.rollout.overlap_search = False  # a fixed decode/append schedule: bitwise-reproducible rollouts
     c.actor.micro_batch_size = 2
+    c.actor.ppo_mini_batch_size = 0  # one optimiser step over the step's 4 rollouts
+    c.actor.warmup_steps = 0
     c.actor.lr = 1e-3
+    c.trainer.sample_freq = 0
     c.trainer.total_training_steps = steps
     c.trainer.save_freq = 1
     c.trainer.test_freq = 2
@@ -153,6 +156,13 @@ def test_every_config_builds_its_pipeline_on_a_tiny_model(name, tiny_model_dir):
     algorithm_config(c)
 
 
+def test_a_config_built_on_a_sibling_and_a_missing_sibling():
+    grpo = load_config("world_grpo")
+    assert not grpo.algorithm.use_info_gain and grpo.rollout.n == load_config("world_igpo").rollout.n
+    with pytest.raises(FileNotFoundError, match="no config .*nonexistent.py"):
+        config_base.sibling_config(os.path.join(REPO, "configs", "demo.py"), "nonexistent")
+
+
 def test_bad_config_values_fail_fast_naming_the_key():
     c = load_config("demo")
     c.algorithm.info_gain_norm_mode = "jiont"
@@ -160,7 +170,7 @@ def test_bad_config_values_fail_fast_naming_the_key():
         config_base.validate(c)
     c = load_config("demo")
     c.actor.ppo_mini_batch_size = 3
-    with pytest.raises(ValueError, match=r"ppo_mini_batch_size=3 must divide train_batch_size × n = 8"):
+    with pytest.raises(ValueError, match=r"ppo_mini_batch_size=3 must divide train_batch_size × n = 16"):
         config_base.validate(c)
     c = load_config("demo")
     c.data.synthetic_world = False
