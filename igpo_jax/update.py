@@ -222,22 +222,51 @@ def compute_logprobs(model, tokens_NL, valid_NL, micro_batch_size: int = 0, chun
     return _logprobs_call(graphdef, params, n // micro, chunk, layout, rows, needed_NL)
 
 
-def _micro_loss(params, graphdef, micro: UpdateBatch, counts, cfg: UpdateConfig, use_current_as_old: bool,
-                layout=None):
-    model = nnx.merge(graphdef, params)
-    with_entropy = cfg.entropy_coeff != 0 or cfg.entropy_metric
-    # every term of the loss (and each metric) is a mean over loss-mask tokens only
-    logp, entropy = policy_logprobs(model, micro, layout, cfg.logprob_chunk, with_entropy, micro.loss_mask_NL > 0)
+def _with_entropy(cfg: UpdateConfig) -> bool:
+    return cfg.entropy_coeff != 0 or cfg.entropy_metric
+
+
+def _loss_of_logprobs(logp, entropy, micro, mask_NL, cfg: UpdateConfig, use_current_as_old: bool, **aggregation):
+    """The policy loss of a micro-batch's log-probs (padded or packed rows alike)."""
     if cfg.entropy_coeff == 0:
         entropy = jax.lax.stop_gradient(entropy)  # a metric only: no backward pass through it
     old = jax.lax.stop_gradient(logp) if use_current_as_old else micro.old_logp_NL
     return policy_loss(
-        logp, old, micro.advantage_NL, micro.loss_mask_NL,
+        logp, old, micro.advantage_NL, mask_NL,
         ref_logp_BL=micro.ref_logp_NL if cfg.use_kl_loss else None,
-        entropy_BL=entropy if with_entropy else None,
+        entropy_BL=entropy if _with_entropy(cfg) else None,
         clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high, clip_ratio_c=cfg.clip_ratio_c,
-        kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy_coeff=cfg.entropy_coeff,
-        loss_agg_mode=cfg.loss_agg_mode, num_tokens=counts[0], num_seqs=counts[1])
+        kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy_coeff=cfg.entropy_coeff, **aggregation)
+
+
+def _micro_loss(params, graphdef, micro: UpdateBatch, counts, cfg: UpdateConfig, use_current_as_old: bool,
+                layout=None):
+    model = nnx.merge(graphdef, params)
+    # every term of the loss (and each metric) is a mean over loss-mask tokens only
+    logp, entropy = policy_logprobs(model, micro, layout, cfg.logprob_chunk, _with_entropy(cfg),
+                                    micro.loss_mask_NL > 0)
+    return _loss_of_logprobs(logp, entropy, micro, micro.loss_mask_NL, cfg, use_current_as_old,
+                             loss_agg_mode=cfg.loss_agg_mode, num_tokens=counts[0], num_seqs=counts[1])
+
+
+def _scan_gradients(loss_of_micro, params, micro, counts):
+    """Loss, float32 gradients and metrics of `loss_of_micro(params, m)` summed over the
+    micro-batches m of `micro` (stacked on a leading axis), in a scan: one micro-batch's
+    activations live at a time."""
+    grad_fn = jax.value_and_grad(loss_of_micro, has_aux=True)
+
+    def accumulate(grads, m):
+        (loss, metrics), g = grad_fn(params, m)
+        # losses are already aggregated with the mini-batch counts (they sum); the other metrics
+        # are token means of this micro-batch, weighted here by its share of the tokens
+        weight = jnp.sum(m.loss_mask_NL) / jnp.maximum(counts[0], 1.0)
+        metrics = {k: v if k.endswith("loss") else v * weight for k, v in metrics.items()}
+        return jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g), (loss, metrics)
+
+    # float32 accumulator: summing bf16 micro-batch gradients would round at every addition
+    zeros = _float32_zeros_like(params)
+    grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, micro)
+    return jnp.sum(losses), grads, jax.tree.map(jnp.sum, metrics)
 
 
 def _float32_zeros_like(params):
@@ -258,20 +287,8 @@ def _summed_gradients(graphdef, params, batch: UpdateBatch, cfg: UpdateConfig, n
     mask = batch.loss_mask_NL.astype(jnp.float32)
     counts = (jnp.sum(mask), jnp.sum(jnp.any(mask > 0, axis=1)).astype(jnp.float32))
     micro = jax.tree.map(lambda x: _split(x, num_micro, layout), batch)
-    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
-
-    def accumulate(grads, m):
-        (loss, metrics), g = grad_fn(params, graphdef, m, counts, cfg, use_current_as_old, layout)
-        # losses are already aggregated with the mini-batch counts (they sum); the other metrics
-        # are token means of this micro-batch, weighted here by its share of the tokens
-        weight = jnp.sum(m.loss_mask_NL) / jnp.maximum(counts[0], 1.0)
-        metrics = {k: v if k.endswith("loss") else v * weight for k, v in metrics.items()}
-        return jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g), (loss, metrics)
-
-    # float32 accumulator: summing bf16 micro-batch gradients would round at every addition
-    zeros = _float32_zeros_like(params)
-    grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, micro)
-    return jnp.sum(losses), grads, jax.tree.map(jnp.sum, metrics)
+    loss_of_micro = lambda p, m: _micro_loss(p, graphdef, m, counts, cfg, use_current_as_old, layout)
+    return _scan_gradients(loss_of_micro, params, micro, counts)
 
 
 # the CPU compiler option sped up the fp32 train step and slowed the bf16 one (xla_flags.py)
@@ -320,38 +337,21 @@ def packed_micro_batches(batch: UpdateBatch, cfg: UpdateConfig, budget: int, row
 
 def _packed_micro_loss(params, graphdef, micro: PackedBatch, cfg: UpdateConfig, use_current_as_old: bool):
     model = nnx.merge(graphdef, params)
-    with_entropy = cfg.entropy_coeff != 0 or cfg.entropy_metric
     logp, entropy = packing.token_logprobs(model, micro.tokens_NL, micro.segment_NL, micro.position_NL,
-                                           micro.valid_NL, cfg.logprob_chunk, with_entropy, micro.loss_mask_NL > 0)
-    if cfg.entropy_coeff == 0:
-        entropy = jax.lax.stop_gradient(entropy)
-    old = jax.lax.stop_gradient(logp) if use_current_as_old else micro.old_logp_NL
+                                           micro.valid_NL, cfg.logprob_chunk, _with_entropy(cfg),
+                                           micro.loss_mask_NL > 0)
     # the mini-batch's aggregation as per-token weights: 'token-mean' over the weights with a
     # denominator of 1 is Σ weight · loss (metrics are then weight-averaged token means)
-    return policy_loss(
-        logp, old, micro.advantage_NL, micro.weight_NL,
-        ref_logp_BL=micro.ref_logp_NL if cfg.use_kl_loss else None,
-        entropy_BL=entropy if with_entropy else None,
-        clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high, clip_ratio_c=cfg.clip_ratio_c,
-        kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy_coeff=cfg.entropy_coeff,
-        loss_agg_mode="token-mean", num_tokens=jnp.float32(1.0))
+    return _loss_of_logprobs(logp, entropy, micro, micro.weight_NL, cfg, use_current_as_old,
+                             loss_agg_mode="token-mean", num_tokens=jnp.float32(1.0))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def _summed_packed_gradients(graphdef, params, micro: PackedBatch, counts, cfg: UpdateConfig,
                              use_current_as_old: bool):
     """`_summed_gradients` over packed micro-batches (already split: [num_micro, R, W])."""
-    grad_fn = jax.value_and_grad(_packed_micro_loss, has_aux=True)
-
-    def accumulate(grads, m):
-        (loss, metrics), g = grad_fn(params, graphdef, m, cfg, use_current_as_old)
-        weight = jnp.sum(m.loss_mask_NL) / jnp.maximum(counts[0], 1.0)
-        metrics = {k: v if k.endswith("loss") else v * weight for k, v in metrics.items()}
-        return jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g), (loss, metrics)
-
-    zeros = _float32_zeros_like(params)
-    grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, micro)
-    return jnp.sum(losses), grads, jax.tree.map(jnp.sum, metrics)
+    loss_of_micro = lambda p, m: _packed_micro_loss(p, graphdef, m, cfg, use_current_as_old)
+    return _scan_gradients(loss_of_micro, params, micro, counts)
 
 
 def packed_train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: UpdateConfig,
