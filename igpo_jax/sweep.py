@@ -25,6 +25,16 @@ def grid(**axes) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
 
 
+def igpo_and_grpo(seeds=(0, 1, 2)) -> dict[str, dict]:
+    """The comparison sweep: {igpo_seed<N>, grpo_seed<N>: overrides}, seed by seed (a sweep cut
+    short still holds both arms for the seeds it ran); plot them with `plot --by_arm`."""
+    runs = {}
+    for point in grid(seed=list(seeds), use_info_gain=[True, False]):
+        name = f"{'igpo' if point['use_info_gain'] else 'grpo'}_seed{point['seed']}"
+        runs[name] = {"algorithm.use_info_gain": point["use_info_gain"], "seed": point["seed"]}
+    return runs
+
+
 def commands(sweep_path: str) -> list[list[str]]:
     spec = importlib.util.spec_from_file_location("sweep", sweep_path)
     module = importlib.util.module_from_spec(spec)

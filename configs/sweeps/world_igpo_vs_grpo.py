@@ -2,7 +2,7 @@
 the same config with algorithm.use_info_gain=False, i.e. configs/world_grpo.py):
 
     python -m igpo_jax.sweep configs/sweeps/world_igpo_vs_grpo.py [--launch]   # one after another
-    python -m igpo_jax.plot runs/world_igpo_vs_grpo/* --out world_igpo_vs_grpo.png \
+    python -m igpo_jax.plot runs/world_igpo_vs_grpo/* --by_arm --out world_igpo_vs_grpo.png \
         --keys val/no_format_f1,val/f1,val/format_error,diag/collapse_frac,ig/mean,diag/ig_answer_doc
     python -m bench.learning --config=configs/world_igpo.py -- --config.seed=1   # one arm, one seed, JSON
 
@@ -11,14 +11,10 @@ world_igpo run (see its docstring for the time per run). The seed changes the ro
 and the question order, not the world (data.world_seed) nor the held-out validation questions.
 """
 
-from igpo_jax.sweep import grid
+from igpo_jax.sweep import igpo_and_grpo
 
 BASE_CONFIG = "configs/world_igpo.py"
 
 
 def get_sweep():
-    runs = {}
-    for point in grid(seed=[0, 1, 2], use_info_gain=[True, False]):  # seed by seed: a cut sweep still pairs
-        name = f"{'igpo' if point['use_info_gain'] else 'grpo'}_seed{point['seed']}"
-        runs[name] = {"algorithm.use_info_gain": point["use_info_gain"], "seed": point["seed"]}
-    return runs
+    return igpo_and_grpo(seeds=(0, 1, 2))
