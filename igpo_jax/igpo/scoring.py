@@ -145,16 +145,28 @@ def _split_model(model):
 def block_inputs(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP):
     """positions_BS and mask_BSS of [context ‖ T copies] (S = C + T·P), as described in the module
     docstring. Padded turns (turn_valid False) see no context; their outputs are discarded."""
-    b, c = ctx_valid_BC.shape
-    t, p = turn_start_BT.shape[1], copy_valid_BP.shape[1]
+    return (block_positions(ctx_valid_BC, turn_start_BT, copy_valid_BP.shape[1]),
+            block_mask(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP))
+
+
+def block_positions(ctx_valid_BC, turn_start_BT, p: int):
+    """positions_BS of [context ‖ T copies of P tokens]."""
+    b = ctx_valid_BC.shape[0]
+    t = turn_start_BT.shape[1]
     ctx_valid_BC = ctx_valid_BC.astype(bool)
     # Positions skip padding: a copy continues from the number of real tokens before turn_start.
     cum_BC = jnp.cumsum(ctx_valid_BC.astype(jnp.int32), axis=1)
     n_before_BT = jnp.where(turn_start_BT > 0,
                             jnp.take_along_axis(cum_BC, jnp.maximum(turn_start_BT - 1, 0), axis=1), 0)
     copy_pos_BTP = n_before_BT[:, :, None] + jnp.arange(p)[None, None, :]
-    positions_BS = jnp.concatenate([positions_from_valid(ctx_valid_BC), copy_pos_BTP.reshape(b, t * p)], 1)
+    return jnp.concatenate([positions_from_valid(ctx_valid_BC), copy_pos_BTP.reshape(b, t * p)], 1)
 
+
+def block_mask(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP):
+    """The [B, S, S] bool mask of [context ‖ T copies] for the dense attention."""
+    b, c = ctx_valid_BC.shape
+    t, p = turn_start_BT.shape[1], copy_valid_BP.shape[1]
+    ctx_valid_BC = ctx_valid_BC.astype(bool)
     # One elementwise rule over (query q, key k) from [B, S] vectors and iotas, never concatenated
     # [B, S, S] blocks: XLA can then fuse the mask into the attention's select as it does a plain
     # causal mask (the concatenated version ran several times slower here). A query may see key k iff k is
@@ -168,8 +180,7 @@ def block_inputs(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP):
     q_S1, k_1S = jnp.arange(s)[:, None], jnp.arange(s)[None, :]
     ctx_key = (k_1S < c)[None] & (k_1S[None] < limit_BS[:, :, None])
     copy_key = (seg_S[None, :] == seg_S[:, None]) & (k_1S >= c) & (k_1S <= q_S1)
-    mask_BSS = key_valid_BS[:, None, :] & (ctx_key | copy_key[None])
-    return positions_BS, mask_BSS
+    return key_valid_BS[:, None, :] & (ctx_key | copy_key[None])
 
 
 def one_pass_mean_logp(model, ctx_tokens_BC, ctx_valid_BC, turn_start_BT, turn_valid_BT,
@@ -184,9 +195,11 @@ def one_pass_mean_logp(model, ctx_tokens_BC, ctx_valid_BC, turn_start_BT, turn_v
     """
     b, c = ctx_tokens_BC.shape
     t, p = turn_start_BT.shape[1], copy_ids_BP.shape[1]
-    positions_BS, mask_BSS = block_inputs(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP)
+    positions_BS = block_positions(ctx_valid_BC, turn_start_BT, p)
     if model.cfg.attention == "blockwise":  # O(S) per row instead of the [B, S, S] bool mask
         mask_BSS = copies_spec(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP)
+    else:
+        mask_BSS = block_mask(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP)
     copies_BTP = jnp.broadcast_to(copy_ids_BP[:, None, :], (b, t, p))
     tokens_BS = jnp.concatenate([ctx_tokens_BC, copies_BTP.reshape(b, t * p)], 1)
     hidden_BSD, _ = model.hidden(tokens_BS, positions_BS, mask_BSS)
