@@ -124,3 +124,26 @@ def test_a_few_steps_of_world_igpo_shrunk_report_validation_and_diagnostics(tmp_
         assert 0 < counts <= r["ig/count"]
         for key in ("diag/ig_answer_doc", "diag/ig_other_doc"):
             assert key not in r or (math.isfinite(r[key]) and -1.0 <= r[key] <= 1.0)
+
+
+def test_sweep_summary_averages_each_arm_over_its_seeds(tmp_path, capsys):
+    from bench import sweep_summary
+
+    def run(name, f1s, collapse):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "metrics.jsonl", "w") as f:
+            for step, value in zip((0, 4, 8), f1s):
+                f.write(json.dumps({"step": step, "val/no_format_f1": value, "val/format_error": 0.1}) + "\n")
+                if step:
+                    f.write(json.dumps({"step": step + 1, "diag/collapse_frac": collapse}) + "\n")
+
+    run("igpo_seed0", [0.2, 0.4, 0.6], 0.0)
+    run("igpo_seed1", [0.3, 0.5, 0.5], 0.5)
+    run("grpo_seed0", [0.2, 0.3], 1.0)  # cut short: its arm's curve ends where it does
+    sweep_summary.main([str(tmp_path), "--keys", "val/no_format_f1,val/format_error"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["igpo"]["runs"] == ["igpo_seed0", "igpo_seed1"]
+    assert out["igpo"]["val/no_format_f1"]["steps"] == [0, 4, 8]
+    assert out["igpo"]["val/no_format_f1"]["mean"] == pytest.approx([0.25, 0.45, 0.55])
+    assert out["igpo"]["diag/collapse_frac_mean"] == pytest.approx(0.25)
+    assert out["grpo"]["val/no_format_f1"]["steps"] == [0, 4] and out["grpo"]["diag/collapse_frac_mean"] == 1.0
