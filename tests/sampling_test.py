@@ -356,3 +356,39 @@ def test_release_drops_a_pending_report_and_rejects_a_decoding_row(tiny):
     s.append(0, list(range(1, 30)), max_new_tokens=4)  # does not fit: reported by the next decode...
     s.release([0])  # ...unless the row is released first
     assert 0 not in s.decode()
+
+
+def test_compaction_lets_rows_whose_searches_return_apart_finish_in_a_small_cache(tiny):
+    """Each row's append advances the shared cursor for every row: four appends of 16 tokens at
+    different times overrun a 64-slot cache that each row's own 28 tokens fit in, unless the holes
+    are squeezed out (make_sampler always compacts)."""
+    _, model = tiny
+    prompts = [[5, 17, 99, 3], [7, 7, 12, 4], [100, 2, 33, 4], [9, 8, 7, 6]]
+
+    def run(compact):
+        s = Sampler(model, None, batch_size=4, cache_size=64, params=GREEDY, steps_per_call=4, min_span=16,
+                    compact_cache=compact)
+        s.start(prompts, [0, 1, 2, 3], 4)
+        done = {}
+        while len(done) < 4:
+            done.update(s.decode())
+        finished = {}
+        for r in range(4):  # the searches come back one by one
+            s.append(r, list(range(20, 36)), 4)
+            out = {}
+            while r not in out:
+                out.update(s.decode())
+            finished.update(out)
+        return [finished[r].finish_reason for r in range(4)]
+
+    assert run(compact=False).count("context") >= 1
+    assert "context" not in run(compact=True)
+
+
+def test_make_sampler_always_compacts(smollm2, smollm2_tokenizer):
+    from igpo_jax.agent.rollout import RolloutConfig, make_sampler
+
+    unbounded = make_sampler(smollm2, smollm2_tokenizer, RolloutConfig(), 8)
+    bounded = make_sampler(smollm2, smollm2_tokenizer, RolloutConfig(max_concurrent_rows=4), 8)
+    assert (unbounded.batch_size, bounded.batch_size) == (8, 4)
+    assert unbounded.compact_cache and bounded.compact_cache

@@ -136,13 +136,19 @@ class SearchLike(Protocol):
 
 def make_sampler(model, tokenizer, config: RolloutConfig, num_rows: int, **sampler_kwargs) -> Sampler:
     """A Sampler with the dialect's stop strings, the tokenizer's stop ids and the config's limits,
-    for `num_rows` rollouts: min(num_rows, max_concurrent_rows) cache rows when that is set."""
+    for `num_rows` rollouts: min(num_rows, max_concurrent_rows) cache rows when that is set.
+
+    The cache is compacted when it runs short (sampling.py): the rows share one slot cursor, and
+    each append of a search result (rows' searches come back at different times) advances it for
+    all of them, so without compaction a wide batch ran out of slots after its searches although
+    every row's own tokens fit (measured: 21 of 96 greedy validation episodes ended at 'context'
+    in a 1024-slot cache whose longest row held ~400 tokens)."""
     bounded = 0 < config.max_concurrent_rows < num_rows
     return Sampler(model, tokenizer, batch_size=config.max_concurrent_rows if bounded else num_rows,
                    cache_size=config.cache_size, params=config.sampling,
                    stop_token_ids=stop_token_ids(tokenizer), stop_strings=config.stop_strings,
                    steps_per_call=config.steps_per_call, min_span=config.min_span,
-                   share_prompt_prefill=config.share_prompt_prefill, compact_cache=bounded, **sampler_kwargs)
+                   share_prompt_prefill=config.share_prompt_prefill, compact_cache=True, **sampler_kwargs)
 
 
 # ----------------------------------------------------------------------------- chat rendering
