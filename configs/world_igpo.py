@@ -81,9 +81,9 @@ def get_config():
     c.actor.warmup_steps = 2  # Adam's first steps move every weight by ~lr at once
     c.actor.ppo_mini_batch_size = 8  # two optimiser steps per RL step (π_old: the scoring pass)
     c.actor.micro_batch_size = 8
-    c.trainer.total_training_steps = 12
+    c.trainer.total_training_steps = 10
     c.trainer.val_before_train = True
-    c.trainer.test_freq = 4
-    c.trainer.save_freq = 12
-    c.trainer.sample_freq = 4
+    c.trainer.test_freq = 5
+    c.trainer.save_freq = 10
+    c.trainer.sample_freq = 5
     return c
