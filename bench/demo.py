@@ -37,7 +37,7 @@ def main():
     for phase in ("rollout", "scoring", "update"):
         phases[f"{phase}_s"] = round(sum(r.get(f"time/{phase}_s", 0.0) for r in records), 1)
     result = {
-        "bench": "demo", "steps": len(records), "wall_s": round(wall_s, 1), **phases,
+        "bench": "demo", "steps": max((int(r["step"]) for r in records), default=0), "wall_s": round(wall_s, 1), **phases,
         "other_s": round(wall_s - sum(phases.values()), 1),  # start-up, compilation outside steps, validation
         "peak_rss_gib": round(peak_rss_gib, 2),
         "ig_mean_per_step": [round(r.get("ig/mean", float("nan")), 4) for r in records],
@@ -45,6 +45,14 @@ def main():
         "val_f1": next((r["val/f1"] for r in reversed(records) if "val/f1" in r), None),
         "within_targets": wall_s <= 900 and peak_rss_gib <= 6,
     }
+    val = [r for r in records if "val/no_format_f1" in r]
+    if val:  # step 0 (before the first update) and the last validation
+        for key in ("val/no_format_f1", "val/no_format_f1_se", "val/f1", "val/format_error"):
+            name = key.split("/", 1)[1]
+            result[f"{name}_step{val[0]['step']}"] = round(val[0].get(key, float("nan")), 4)
+            result[f"{name}_final"] = round(val[-1].get(key, float("nan")), 4)
+        result["no_format_f1_rose"] = val[-1]["step"] > val[0]["step"] and \
+            val[-1]["val/no_format_f1"] > val[0]["val/no_format_f1"]
     print(json.dumps(result))
 
 
