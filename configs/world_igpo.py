@@ -29,18 +29,22 @@ What a researcher would tune, tuned (the algorithm, IGPO_SPEC §2–§4, is unto
 - lr 2e-5 (a 135M model, 16 steps), 2 questions × 8 rollouts per step, temperature 0.7;
   turns of ≤ 32 tokens, a 1024-slot context (the KV cache of a 64-row validation batch: 1.5 GB).
 
-Measured here (2 cores shared with five other jobs, load average 6-9; a quiet machine is
-several times faster): step-0 validation of the base model on 64 of the held-out questions:
-val/format_error 0.375, val/no_format_f1 0.0625 ± 0.030, val/f1 −0.69 ± 0.13 (~4 min with
-compilation); the first training step with 4 questions × 8 rollouts took 12.4 min (rollout
-168 s, update 577 s, both including compilation) and scored reward/f1 0, ig/mean 0.020.
-The demo's warm 8-row steps took ~2.3 min at that load (rollout 55 s, scoring 34 s, update
-79 s), so expect ~3-4 min per 16-row step here and ~1 h for the 16 steps plus three validations
-of 192 questions: over the 25-minute target unless the machine is quiet and the step-cost work
-(shared prompt prefill, π_old from scoring, compilation cache) lands. NOT YET MEASURED: a full
-run's time and its curve. Expected shape: val/no_format_f1 rises from ≈ 0.06 at step 0,
-val/format_error falls from ≈ 0.35, diag/ig_answer_doc > diag/ig_other_doc throughout, and
-diag/collapse_frac lower for IGPO than for GRPO.
+MEASURED (2026-12-02, 2-core machine, one run at a time; bench.learning JSON per run), 96
+held-out questions, val no-format F1 (± se 0.046-0.05) at steps 0 / 5 / 10:
+  igpo seed 0: 0.281 / 0.401 / 0.392 (format error 0 / 0.27 / 0.04), 1165 s, peak RSS 15.2 GB
+  igpo seed 1: 0.281 / 0.302 / 0.177 (format error 0 / 0.01 / 0.05), 1139 s
+  grpo seed 0: 0.281 / 0.479 / 0.562 (format error 0 throughout), 1051 s, collapse 0.75
+  grpo seed 1: 0.281 / 0.302 / 0.333, 949 s, collapse 0.85
+Means: IGPO 0.281 → 0.284, GRPO 0.281 → 0.448. GRPO learns faster here, IGPO does NOT beat it
+(seed 2 not yet run). Why, as far as measured: with one search result and the entity forced
+as the query, every rollout of a group retrieves the same document, so the IG of a group's
+search turns is nearly equal and says nothing about which rollout did better; joint
+normalisation (IGPO_SPEC §3) then puts those positive IGs and the answers' F1 in one pool, so in
+a group whose answers are all wrong (GRPO: no gradient, collapse 0.75-0.85) every answer turn
+gets a negative advantage of about one std: the policy is pushed off whatever it answered,
+which showed as unclosed, rambling answers (format error 0.27 at step 5, seed 0). Next to try:
+`algorithm.info_gain_norm_mode="separate"`, two results (top_k 2) or two-hop questions, where
+searches differ within a group.
 """
 
 from igpo_jax.agent.prompts import SEARCH_TAGS_FEW_SHOT_PROMPT
