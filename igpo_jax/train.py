@@ -153,7 +153,7 @@ def validate(config, model, tokenizer, search, examples, dialect_penalty, show: 
              step: int | None = None) -> dict[str, float]:
     """Greedy episodes over the test questions (each process its share, with its local `model`);
     F1/EM/no-format F1 per data source over all of them. `show`: a progress bar over the episodes.
-    With `step`, process 0 writes the episodes (answer, gold, format, finish reason, response) to
+    With `step`, process 0 writes its episodes (answer, gold, format, finish reason, response) to
     RUN_DIR/samples/val_step_NNNNNN.jsonl: what a format error or a wrong answer looked like."""
     rcfg = components.rollout_config(config, validation=True)
     mine = examples[distributed.process_share(len(examples))]
@@ -167,11 +167,11 @@ def validate(config, model, tokenizer, search, examples, dialect_penalty, show: 
                 traj, _ = rollout(chunk, 1, sampler, tokenizer, search, rcfg, seed=0, on_progress=on_progress)
                 records += [episode_record(ep, rcfg.dialect, dialect_penalty, int(t))
                             for ep, t in zip(traj.episodes, traj.num_turns_N)]
+    if step is not None and jax.process_index() == 0:  # its own share, with the texts
+        samples_lib.write_jsonl_at(samples_lib.validation_samples_path(config.run_dir, step), records)
     if jax.process_count() > 1:  # the summary needs only the numbers; leave the texts behind
         slim = [{k: v for k, v in r.items() if k not in ("response", "golden_answers", "answer")} for r in records]
         records = [r for part in distributed.allgather_json(slim) for r in part]
-    if step is not None and jax.process_index() == 0:
-        samples_lib.write_jsonl_at(samples_lib.validation_samples_path(config.run_dir, step), records)
     table = summary(records)
     out = {f"val/{m}": table["all"][m] for m in ("f1", "em", "no_format_f1", "turns", "searches")}
     out.update({f"val/{source}/f1": row["f1"] for source, row in table.items() if source not in ("all", "macro")})
