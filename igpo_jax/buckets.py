@@ -17,3 +17,10 @@ def quarter_octave(n: int, minimum: int, steps_per_octave: int = 4) -> int:
     n = max(n, minimum)
     step = max(1, 2 ** int(math.floor(math.log2(n))) // steps_per_octave)
     return -(-n // step) * step
+
+
+def quarter_octave_floor(n: int, steps_per_octave: int = 4) -> int:
+    """n rounded down to a multiple of 2^floor(log2 n) / steps_per_octave (n ≥ 1): the largest
+    of quarter_octave's sizes that is ≤ n."""
+    step = max(1, (1 << (n.bit_length() - 1)) // steps_per_octave)
+    return n // step * step

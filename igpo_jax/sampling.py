@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from igpo_jax.buckets import power_of_two, quarter_octave
+from igpo_jax.buckets import power_of_two, quarter_octave, quarter_octave_floor
 from igpo_jax.model.kv_cache import KVCache, extend
 
 FINISH_STOP = "stop"  # a stop token id or a stop string
@@ -562,17 +562,17 @@ class Sampler:
         common = _common_prefix(list(feeds.values()))
         if common < self.append_bucket:
             return False
-        step = max(1, (1 << (common.bit_length() - 1)) // 4)  # quarter_octave's step at `common`
-        cut = common // step * step
+        cut = quarter_octave_floor(common)
+        prefix_width = power_of_two(cut, self.append_bucket)
         rest = max(len(f) for f in feeds.values()) - cut
         distinct = power_of_two(len(set(feeds.values())))
         today = (distinct if distinct < self.batch_size else self.batch_size) * width
-        if power_of_two(cut, self.append_bucket) + self.batch_size * power_of_two(rest, self.append_bucket) >= today:
+        if prefix_width + self.batch_size * power_of_two(rest, self.append_bucket) >= today:
             return False
         if int(self.cache.length) + cut > self.cache_size:
             return False  # the plain path finishes the rows with 'context'
         prefix = next(iter(feeds.values()))[:cut]
-        self._prefill_apart([prefix], dict.fromkeys(feeds, 0), power_of_two(cut, self.append_bucket), cut)
+        self._prefill_apart([prefix], dict.fromkeys(feeds, 0), prefix_width, cut)
         for r in feeds:
             self.rows[r].pending = self.rows[r].pending[cut:]
         return True
