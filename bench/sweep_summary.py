@@ -4,9 +4,9 @@
 
 Reads every RUN_DIR/metrics.jsonl under the sweep folder (runs named <arm>_seed<N>, as
 `sweep.igpo_and_grpo` names them), prints per arm and validation step the mean over seeds and
-each seed's value, then, as its last line, one JSON object: per arm the seeds, the steps, the
-mean curve of each key, the mean of each training diagnostic over steps, and the run wall times
-(first to last metrics record is not a wall time: the bench.learning JSON of each run is).
+each seed's value, then, as its last line, one JSON object: per arm the runs, the steps, the
+mean and per-seed curve of each key, and the mean of each training diagnostic over steps (wall
+times are not in metrics.jsonl: each run's bench.learning JSON line has its own).
 """
 
 from __future__ import annotations
