@@ -86,6 +86,16 @@ def retained():
         release()
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far, in GiB (0 where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0.0
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
+
+
 def release() -> None:
     """Returns free heap pages to the OS (malloc_trim); cheap next to a rollout or an update."""
     libc = _glibc()

@@ -8,6 +8,7 @@ own clocks. How a key combines follows from what it measures:
   advantage/mean                                                weighted by the generated tokens
   ig/count, search/* counters, *_tok_s throughputs              sum (processes work side by side)
   time/*, rollout/*_s                                           max (the slowest process sets the pace)
+  memory/*                                                      max (the fullest process sets the limit)
   curriculum/*                                                  the same on every process: the first
 With equal row counts per process, the row-weighted means equal the one-process values.
 """
@@ -24,7 +25,7 @@ SUM, MAX, FIRST, BY_ROWS, BY_TOKENS, BY_IG_COUNT, POOLED_STD = (
 def rule_for(key: str) -> str:
     if key.endswith("_tok_s") or key.startswith("search/") or key == "ig/count":
         return SUM
-    if key.startswith("time/") or (key.startswith("rollout/") and key.endswith("_s")):
+    if key.startswith(("time/", "memory/")) or (key.startswith("rollout/") and key.endswith("_s")):
         return MAX
     if key.startswith("curriculum/"):
         return FIRST

@@ -18,6 +18,7 @@ Host-side metrics are combined across processes (host_metrics.py); process 0 wri
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -94,10 +95,12 @@ def algorithm_config(config: ml_collections.ConfigDict) -> pipeline.AlgorithmCon
         format_penalty=g.format_penalty)
 
 
-def end_phase(timings: dict[str, float], name: str, tic: float) -> None:
-    """Records the phase's seconds since `tic`, then hands the buffers it freed back to the OS
-    (kept by malloc, they would add up to the peak of the next phase)."""
+def end_phase(timings: dict[str, float], name: str, tic: float, peaks: dict[str, float]) -> None:
+    """Records the phase's seconds since `tic` and the process's peak memory so far (monotone: the
+    first phase whose figure reaches a run's peak is the one that set it), then hands the buffers
+    it freed back to the OS (kept by malloc, they would add up to the peak of the next phase)."""
     timings[name] = time.perf_counter() - tic
+    peaks[name] = host_memory.peak_rss_gib()
     host_memory.release()
 
 
@@ -180,6 +183,9 @@ def validate(config, model, tokenizer, search, examples, dialect_penalty, show: 
         values = np.asarray([float(r[m]) for r in records])
         out[f"val/{m}_se"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
     out["val/questions"] = float(len(records))
+    # the fullest process's peak so far, in whole MiB rounded up (allgather_max takes integers)
+    peak_mib = distributed.allgather_max(math.ceil(host_memory.peak_rss_gib() * 1024))
+    out["memory/peak_rss_after_validation_gib"] = peak_mib / 1024
     return out
 
 
@@ -264,7 +270,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                                                             alg.format_penalty, step=0)))
             steps_bar = progress.bar(total, "train", show, unit="step", leave=True, initial=start_step)
             for step in range(start_step, total):
-                timings, step_metrics = {}, {}
+                timings, peaks, step_metrics = {}, {}, {}
                 tic = time.perf_counter()
                 examples = next(batches)[questions]
                 steps_bar.set_postfix_str("rollout")
@@ -273,7 +279,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                     traj, rollout_stats = rollout(examples, group_size, sampler, tokenizer, search, rcfg,
                                                   seeds=row_seeds(rollout_seed(config, step), num_rows)[rows],
                                                   on_progress=progress.rollout_callback(bar))
-                end_phase(timings, "rollout", tic)
+                end_phase(timings, "rollout", tic, peaks)
                 steps_bar.set_postfix_str("scoring")
 
                 tic = time.perf_counter()
@@ -291,7 +297,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                 advantage_NL, reward_metrics = pipeline.advantages_for(
                     traj, outcomes, None if scores is None else scores.mean_logp_NT,
                     None if scores is None else scores.valid_NT, alg, step, total)
-                end_phase(timings, "scoring", tic)
+                end_phase(timings, "scoring", tic, peaks)
                 if samples_due(config, step + 1) and jax.process_index() == 0:
                     with sharding.activate(local_mesh, rules):
                         write_rollout_samples(config, actor, tokenizer, traj, examples, scores, advantage_NL, step + 1)
@@ -328,7 +334,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                 # the update donated the old params, which a local view shares buffers with
                 actor = process_local_policy(policy, mesh, local_mesh, actor)
                 sampling_model = components.in_dtype(actor, config.rollout.dtype, sampling_model)
-                end_phase(timings, "update", tic)
+                end_phase(timings, "update", tic, peaks)
 
                 generated = int(traj.loss_mask_NL.sum())
                 host_side = {}
@@ -336,6 +342,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                 host_side.update(reward_metrics)
                 host_side.update({f"search/{k}": v for k, v in search.stats.as_metrics(prefix="").items()})
                 host_side.update({f"time/{k}_s": v for k, v in timings.items()})
+                host_side.update({f"memory/peak_rss_after_{k}_gib": v for k, v in peaks.items()})
                 host_side["time/rollout_tok_s"] = generated / max(timings["rollout"], 1e-9)
                 host_side["time/update_tok_s"] = (float(traj.valid_NL.sum()) * ucfg.ppo_epochs
                                                   / max(timings["update"], 1e-9))

@@ -84,15 +84,15 @@ def test_two_process_training_equals_one_process(tiny_model_dir, tmp_path):  # n
 def test_host_metrics_combine_by_meaning():
     a = {"reward/mean": 1.0, "ig/mean": 0.5, "ig/std": 0.0, "ig/count": 2.0, "advantage/mean": 1.0,
          "search/queries": 3, "time/update_s": 2.0, "rollout/decode_s": 1.0, "time/rollout_tok_s": 10.0,
-         "curriculum/w_f1": 0.7}
+         "curriculum/w_f1": 0.7, "memory/peak_rss_after_update_gib": 5.0}
     b = {"reward/mean": 0.0, "ig/mean": -0.5, "ig/std": 0.0, "ig/count": 2.0, "advantage/mean": -1.0,
          "search/queries": 4, "time/update_s": 3.0, "rollout/decode_s": 0.5, "time/rollout_tok_s": 5.0,
-         "curriculum/w_f1": 0.7}
+         "curriculum/w_f1": 0.7, "memory/peak_rss_after_update_gib": 4.0}
     out = host_metrics.combine([a, b], rows=[2, 2], generated_tokens=[1, 3])
     assert out == {"reward/mean": 0.5, "ig/mean": 0.0, "ig/std": 0.5, "ig/count": 4.0,
                    "advantage/mean": -0.5,  # (1·1 − 1·3) / 4
                    "search/queries": 7.0, "time/update_s": 3.0, "rollout/decode_s": 1.0,
-                   "time/rollout_tok_s": 15.0, "curriculum/w_f1": 0.7}
+                   "time/rollout_tok_s": 15.0, "curriculum/w_f1": 0.7, "memory/peak_rss_after_update_gib": 5.0}
     # values {1, 3} and {5}: mean 3, population std √(8/3)
     pooled = host_metrics.combine([{"ig/mean": 2.0, "ig/std": 1.0, "ig/count": 2},
                                    {"ig/mean": 5.0, "ig/std": 0.0, "ig/count": 1}], [1, 1], [0, 0])

@@ -61,7 +61,7 @@ def smoke_config(model_dir: str, run_dir: str, steps: int):
 
 
 def _comparable(record):
-    return {k: v for k, v in record.items() if not k.startswith(("time/", "rollout/decode_s", "rollout/search"))}
+    return {k: v for k, v in record.items() if not k.startswith(("time/", "memory/", "rollout/decode_s", "rollout/search"))}
 
 
 def test_two_step_smoke_run_writes_metrics_checkpoints_and_validation(tiny_model_dir, tmp_path):
@@ -74,6 +74,10 @@ def test_two_step_smoke_run_writes_metrics_checkpoints_and_validation(tiny_model
                 "time/rollout_tok_s", "time/update_tok_s"):
         assert key in history[0], key
     assert "val/f1" in history[1] and "val/f1" not in history[0]
+    # peak memory so far, after each phase: positive and never falling within a step or across steps
+    peaks = [h[f"memory/peak_rss_after_{p}_gib"] for h in history for p in ("rollout", "scoring", "update")]
+    assert 0 < peaks[0] and peaks == sorted(peaks), peaks
+    assert history[1]["memory/peak_rss_after_validation_gib"] >= peaks[-1]
     assert history[0]["response_length/mean"] > 0 and history[0]["actor/grad_norm"] > 0
     assert [r["step"] for r in metrics.read_jsonl(tmp_path / "run")] == [1, 2]
     assert glob.glob(str(tmp_path / "run" / "tensorboard" / "*"))
