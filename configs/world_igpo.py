@@ -80,6 +80,9 @@ def get_config():
     c.rollout.temperature = 0.7  # a 135M model at temperature 1 mostly writes noise
     c.rollout.top_p = 0.9
     c.algorithm.use_info_gain = True
+    # IG over the group's IGs, F1 over its F1s (IGPO_SPEC §3): joint pooling gave every answer of an
+    # all-wrong group ≈ −1 std (see the docstring); separate leaves those answers at 0, as GRPO does
+    c.algorithm.info_gain_norm_mode = "separate"
     c.algorithm.pseudo_turn_template = " {answer} </answer><|im_end|>"
     c.actor.lr = 3e-5
     c.actor.warmup_steps = 2  # Adam's first steps move every weight by ~lr at once
