@@ -37,9 +37,11 @@ import time
 
 _T0 = time.perf_counter()
 
-SHAPES = {  # questions per step, rollouts per question (G), rows per micro-batch
-    "demo": dict(questions=2, n=4, micro=4),
-    "g16": dict(questions=1, n=16, micro=16),
+SHAPES = {  # questions per step, rollouts per question (G), rows per optimiser step and per micro-batch
+    # the demo's two optimiser steps per RL step (its 16 rows in mini-batches of 8), halved: π_old
+    # comes from the scoring pass; micro-batches of whole groups, so the update shares the prompt
+    "demo": dict(questions=2, n=4, mini=4, micro=4),
+    "g16": dict(questions=1, n=16, mini=16, micro=16),  # one optimiser step: ρ = 1, no π_old forward
 }
 PHASES = ("rollout", "scoring", "old_logp", "ref_logp", "update")
 
@@ -51,7 +53,8 @@ def make_config(shape: dict, on: bool, run_dir: str):
     c.run_dir = run_dir
     c.search.mock_mode = True
     c.rollout.overlap_search = False  # a fixed decode/append schedule: the same tokens on both sides
-    c.data.train_batch_size, c.rollout.n, c.actor.micro_batch_size = shape["questions"], shape["n"], shape["micro"]
+    c.data.train_batch_size, c.rollout.n = shape["questions"], shape["n"]
+    c.actor.ppo_mini_batch_size, c.actor.micro_batch_size = shape["mini"], shape["micro"]
     # the demo's 512 slots end most episodes at 'context' before the second turn (measured with
     # mock search: ≤ 9 generated tokens of 24); 1024 lets both turns run
     c.rollout.context_length = max(c.rollout.context_length, 1024)
