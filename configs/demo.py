@@ -15,9 +15,16 @@ held-out questions (entities no training question asks about; greedy): `val/f1`,
 `val/no_format_f1` ± `val/no_format_f1_se`, `val/format_error`. Then one metrics line per step:
 `ig/mean` > 0 (the search turn raises the policy's probability of the gold answer),
 `diag/ig_answer_doc` (searches that found the answer's document) above `diag/ig_other_doc`,
-`diag/collapse_frac` (groups without a gradient). MEASURED (bench.demo, 2-core machine alone,
-2026-12-02): val no-format F1 0.354 ± 0.070 at step 0 → 0.475 ± 0.071 after 6 steps (F1 0.354 →
-0.433, format error 0 → 0.02), wall 644 s (≤ 15 min), peak RSS 8.2 GiB: OVER the 6 GiB target.
+`diag/collapse_frac` (groups without a gradient). MEASURED (bench.demo, 2-core machine,
+2026-12-05, separate IG/F1 normalisation as in world_igpo): val no-format F1 0.354 ± 0.070 at
+step 0 → 0.458 ± 0.073 after 6 steps (F1 the same: format error 0 at both), ig/mean 0.35 at step 1
+→ 0.60-0.86 at steps 4-6 (the searches it learns raise P(gold) more), wall 783 s (≤ 15 min: model
+and world ~10 s, step-0 validation ~2 min, steps 1-6 ~85 s each warm, step 1 ~160 s with
+compilation, final validation ~2.5 min), peak RSS 7.5 GiB: OVER the 6 GiB target. Where it goes
+(memory/peak_rss_after_* and a probe): policy, frozen reference and AdamW moments 2.7 GB before
+anything runs; a greedy validation batch of 24 rows × 1024 slots +2.5 GB (its KV cache is 1.1 GB,
+the decode's row gather holds a second copy); the first update (compilation included) brings the
+peak to 6.7 GB, later steps creep to 7.05, the final validation to 7.5.
 Written: runs/demo/metrics.jsonl, TensorBoard events, checkpoints in runs/demo/checkpoints (a
 second run resumes, then stops at once), the validation episodes in runs/demo/samples, and
 `python -m igpo_jax.plot runs/demo` draws the curves.
