@@ -363,12 +363,19 @@ class Sampler:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         self._graphdef, self._state = nnx.split(self.model)  # the policy may have been updated since
+        self.cache = None  # the last rollout's cache goes before the new one is allocated, not after
         self.cache = KVCache.init(self.model.cfg, self.batch_size, self.cache_size, self._cache_dtype,
                                   self._mesh, self._rules)
         budgets = _per_row(max_new_tokens, len(prompts))
         self.rows = [_fresh_row(p, s, n) for p, s, n in zip(prompts, seeds, budgets)]
         self._early = {}
         self._feed_pending(list(range(len(prompts))), fresh="start")
+
+    def free_cache(self):
+        """Hands the KV cache back (between rollouts: the update and validation need the memory;
+        the demo's 16-row × 1024-slot cache is 0.75 GB). The next `start` allocates a fresh one."""
+        self.cache = None
+        self.rows, self._early = [], {}
 
     def restart(self, row_ids: Sequence[int], prompts: Sequence[Sequence[int]], seeds: Sequence[int],
                 max_new_tokens: int | Sequence[int]):

@@ -279,6 +279,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                     traj, rollout_stats = rollout(examples, group_size, sampler, tokenizer, search, rcfg,
                                                   seeds=row_seeds(rollout_seed(config, step), num_rows)[rows],
                                                   on_progress=progress.rollout_callback(bar))
+                sampler.free_cache()  # its KV cache is not needed again until the next rollout
                 end_phase(timings, "rollout", tic, peaks)
                 steps_bar.set_postfix_str("scoring")
 

@@ -133,6 +133,17 @@ def test_fixed_seed_is_reproducible_and_independent_of_batch_composition(tiny):
     assert alone == a[1]
 
 
+def test_free_cache_hands_the_cache_back_and_the_next_start_samples_the_same(tiny):
+    _, model = tiny
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    s = Sampler(model, None, batch_size=4, cache_size=64, params=params, steps_per_call=8)
+    a = [o.tokens for o in s.generate(PROMPTS, seeds=[10, 11, 12], max_new_tokens=16)]
+    assert s.cache is not None
+    s.free_cache()
+    assert s.cache is None and s.decoding_rows() == []
+    assert [o.tokens for o in s.generate(PROMPTS, seeds=[10, 11, 12], max_new_tokens=16)] == a
+
+
 def test_per_row_max_new_tokens(tiny):
     _, model = tiny
     s = Sampler(model, None, batch_size=4, cache_size=64, params=GREEDY)
