@@ -6,7 +6,9 @@ Runs `python -m igpo_jax.train` as a child process in a fresh run directory (not
 with validation before the first update forced on, then reads its metrics.jsonl. Prints the
 validation curve, then, as its last line, one JSON object: val_f1_step0, val_f1_final,
 val_no_format_f1_step0, val_no_format_f1_final (with their standard errors), format_error_final,
-collapse_frac_mean (fraction of groups with all-zero advantages, mean over steps) and wall_s.
+collapse_frac_mean (fraction of groups with all-zero advantages, mean over steps) and wall_s, and
+val_no_format_f1_change with its paired standard error (per question, final − step 0, from the
+validation episodes: the noise of the change itself, far below either mean's).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import time
 
+from bench.sweep_summary import paired_difference, per_question
 from igpo_jax.metrics import read_jsonl
 
 
@@ -61,7 +64,11 @@ def main():
             print(f"step {r['step']:>3}  val/f1 {r['val/f1']:+.3f} ± {r.get('val/f1_se', float('nan')):.3f}  "
                   f"no_format_f1 {r['val/no_format_f1']:.3f} ± {r.get('val/no_format_f1_se', float('nan')):.3f}  "
                   f"format_error {r.get('val/format_error', float('nan')):.2f}")
-    print(json.dumps(summarise(records, wall_s)))
+    out = summarise(records, wall_s)
+    change, se, _ = paired_difference(per_question([args.run_dir], out["val_steps"][-1]),
+                                      per_question([args.run_dir], 0))
+    out.update(val_no_format_f1_change=round(change, 4), val_no_format_f1_change_se=round(se, 4))
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

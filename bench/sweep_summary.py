@@ -7,6 +7,12 @@ Reads every RUN_DIR/metrics.jsonl under the sweep folder (runs named <arm>_seed<
 each seed's value, then, as its last line, one JSON object: per arm the runs, the steps, the
 mean and per-seed curve of each key, and the mean of each training diagnostic over steps (wall
 times are not in metrics.jsonl: each run's bench.learning JSON line has its own).
+
+Paired statistics, from the greedy validation episodes (RUN_DIR/samples/val_step_*.jsonl): every
+run validates the same held-out questions, so a change is measured per question and its
+standard error is that of the per-question differences, far below the se of either mean (most
+questions do not change): per arm, the change of no-format F1 since step 0 (`change`), and
+between two arms at each step (`paired`: first arm − second, per question averaged over seeds).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import os
 
 from igpo_jax.metrics import read_jsonl
 from igpo_jax.plot import arm_of, curve, mean_curve
+from igpo_jax.reporting.samples import validation_samples_path
 
 VAL_KEYS = ("val/no_format_f1", "val/f1", "val/format_error", "val/no_format_f1_se")
 STEP_KEYS = ("diag/collapse_frac", "ig/mean", "diag/ig_answer_doc", "diag/ig_other_doc", "reward/f1")
@@ -48,6 +55,49 @@ def summarise_arm(runs: dict[str, list[dict]], val_keys=VAL_KEYS, step_keys=STEP
     return result
 
 
+def paired_difference(a: dict[str, float], b: dict[str, float]) -> tuple[float, float, int]:
+    """(mean, standard error, count) of a[q] − b[q] over the questions q both have."""
+    diffs = [a[q] - b[q] for q in sorted(a.keys() & b.keys())]
+    if not diffs:
+        return math.nan, math.nan, 0
+    mean = sum(diffs) / len(diffs)
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) if len(diffs) > 1 else 0.0
+    return mean, math.sqrt(var / len(diffs)), len(diffs)
+
+
+def per_question(run_dirs: list[str], step: int, key: str = "no_format_f1") -> dict[str, float]:
+    """{question index: `key` of its greedy validation episode at `step`, averaged over the runs
+    that have that step's episodes} (empty when none has)."""
+    sums: dict[str, list[float]] = {}
+    for run_dir in run_dirs:
+        path = validation_samples_path(run_dir, step)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    sums.setdefault(str(r["index"]), []).append(float(r[key]))
+    return {q: sum(v) / len(v) for q, v in sums.items()}
+
+
+def paired_statistics(sweep_dir: str, arm_runs: dict[str, list[str]], steps: list[int]) -> dict:
+    """Per arm the per-question change since step 0; per pair of arms their per-question
+    difference at each step (module docstring)."""
+    def pack(t):
+        return {"mean": round(t[0], 4), "se": round(t[1], 4), "questions": t[2]}
+
+    dirs = {arm: [os.path.join(sweep_dir, name) for name in names] for arm, names in arm_runs.items()}
+    at = {(arm, step): per_question(d, step) for arm, d in dirs.items() for step in steps}
+    out = {"change": {arm: {str(step): pack(paired_difference(at[arm, step], at[arm, 0]))
+                            for step in steps if step and at[arm, step]} for arm in dirs}}
+    names = sorted(dirs)
+    out["paired"] = {f"{a}-{b}": {str(step): pack(paired_difference(at[a, step], at[b, step]))
+                                  for step in steps if at[a, step] and at[b, step]}
+                     for i, a in enumerate(names) for b in names[i + 1:]}
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir")
@@ -63,8 +113,16 @@ def main(argv=None):
                              for i, (st, m) in enumerate(zip(k["steps"], k["mean"])))
             print(f"  {key:22s} {rows}")
         print("  " + "  ".join(f"{key} {s[f'{key}_mean']}" for key in STEP_KEYS))
+    steps = sorted({st for s in summary.values() for st in s[keys[0]]["steps"]}) if keys else []
+    stats = paired_statistics(args.sweep_dir, {arm: s["runs"] for arm, s in summary.items()}, steps)
+    for arm, by_step in stats["change"].items():
+        print(f"{arm} no-format F1 change since step 0 (per question): " +
+              "  ".join(f"step {st}: {v['mean']:+.3f} ± {v['se']:.3f}" for st, v in by_step.items()))
+    for pair, by_step in stats["paired"].items():
+        print(f"{pair} no-format F1 at equal steps (per question, seeds averaged): " +
+              "  ".join(f"step {st}: {v['mean']:+.3f} ± {v['se']:.3f}" for st, v in by_step.items()))
     print(json.dumps({"bench": "sweep_summary", "sweep": os.path.basename(os.path.normpath(args.sweep_dir)),
-                      **summary}))
+                      **summary, **stats}))
 
 
 if __name__ == "__main__":

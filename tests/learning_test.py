@@ -147,3 +147,39 @@ def test_sweep_summary_averages_each_arm_over_its_seeds(tmp_path, capsys):
     assert out["igpo"]["val/no_format_f1"]["mean"] == pytest.approx([0.25, 0.45, 0.55])
     assert out["igpo"]["diag/collapse_frac_mean"] == pytest.approx(0.25)
     assert out["grpo"]["val/no_format_f1"]["steps"] == [0, 4] and out["grpo"]["diag/collapse_frac_mean"] == 1.0
+
+
+def test_paired_difference_by_hand():
+    from bench.sweep_summary import paired_difference
+
+    # differences 0.5, 0, 0, 0.5 (question d only in one side): mean 0.25, sd 0.2887, se 0.1443
+    mean, se, n = paired_difference({"a": 1.0, "b": 0.5, "c": 0.0, "e": 0.5, "d": 1.0},
+                                    {"a": 0.5, "b": 0.5, "c": 0.0, "e": 0.0})
+    assert n == 4 and mean == pytest.approx(0.25) and se == pytest.approx(math.sqrt(1 / 12) / 2)
+    assert math.isnan(paired_difference({"a": 1.0}, {"b": 1.0})[0])
+
+
+def test_sweep_summary_pairs_validation_episodes_by_question(tmp_path, capsys):
+    from bench import sweep_summary
+    from igpo_jax.reporting.samples import validation_samples_path, write_jsonl_at
+
+    def run(name, f1_by_step):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "metrics.jsonl", "w") as f:
+            for step, f1s in f1_by_step.items():
+                f.write(json.dumps({"step": step, "val/no_format_f1": sum(f1s) / len(f1s)}) + "\n")
+                write_jsonl_at(validation_samples_path(tmp_path / name, step),
+                               [{"index": f"q{i}", "no_format_f1": v} for i, v in enumerate(f1s)])
+
+    run("igpo_seed0", {0: [0, 0, 1], 5: [1, 0, 1]})
+    run("igpo_seed1", {0: [0, 0, 1], 5: [1, 1, 1]})
+    run("grpo_seed0", {0: [0, 0, 1], 5: [0, 0, 1]})
+    sweep_summary.main([str(tmp_path), "--keys", "val/no_format_f1"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # igpo, seeds averaged per question at step 5: [1, 0.5, 1]; step 0: [0, 0, 1] → changes [1, 0.5, 0]
+    change = out["change"]["igpo"]["5"]
+    assert change["mean"] == pytest.approx(0.5) and change["se"] == pytest.approx(round(0.5 / math.sqrt(3), 4))
+    assert out["change"]["grpo"]["5"]["mean"] == 0.0 and out["change"]["grpo"]["5"]["se"] == 0.0
+    # grpo − igpo (arms in name order) at step 5: [0, 0, 1] − [1, 0.5, 1] = [−1, −0.5, 0]
+    paired = out["paired"]["grpo-igpo"]
+    assert paired["5"]["mean"] == pytest.approx(-0.5) and paired["0"]["mean"] == 0.0
