@@ -44,8 +44,9 @@ def get_config():
     c.rollout.max_new_tokens = 2000
     c.rollout.context_length = 32768
     # 64 of the 512 rollouts decode at once (continuous batching): the KV cache is 15 GB a device
-    # on fsdp=8, not 120 GB. `plan --config=<this> --device=H100-80G --compile`: peak 74.9 GB of
-    # 77.3 usable (compiled, 1- and 2-layer programs extrapolated); estimate 49.3 GB
+    # on fsdp=8, not 120 GB. `plan --config=<this> --device=H100-80G --compile`: peak estimate
+    # 58.2 GB of 77.3 usable; compiled whole on CPU 79.7 GB (XLA:CPU's update program keeps several
+    # layers' MLP gradients for deferred weight-gradient dots: plan.py's docstring)
     c.rollout.max_concurrent_rows = 64
     c.algorithm.use_info_gain = True
     c.algorithm.info_gain_type = "prob_diff"

@@ -28,6 +28,37 @@ D hidden, F mlp, N heads, K kv heads, H head dim, V vocab, C = logprob chunk:
   vocab projection     3 · u·C·(V/tp) · 4                   (fp32 logits, softmax, their grad)
 It is an estimate (XLA may fuse or keep more); the other lines are exact for what the code
 allocates, as tests/plan_test.py checks against a sharded model on 8 simulated devices.
+
+With --config the plan follows the programs a training step runs, phase by phase (`plan_settings`),
+and `--compile` sets it beside XLA's memory_analysis of them (plan_compile.py). What XLA keeps was
+read from their buffer assignments (heap-simulator traces of Qwen2.5-7B on fsdp=8 and of small
+models); per device, b = compute-dtype bytes, L layers, W = one layer's params all-gathered over
+fsdp (elements), R = rows over all batch devices:
+  decode   sampling copy + KV cache + every weight but the embedding table gathered in
+           rollout.dtype: the all-gathers are loop-invariant, so XLA hoists them out of the
+           decode loop and all of them live while it runs (the table is read where it lies)
+  scoring  params + the larger of: the layers (residual stream, one layer's intermediates and
+           attention, its weights gathered, W·(4 + b), freed with the layer: no loop keeps them)
+           and the log-prob gather (below)
+  update   params + float32 gradient accumulator + the largest of:
+           layer backward   saved layer inputs L·u·T·D·(b + 4, or 4 in float32) + one layer's
+                            recompute, its attention backward, its weights W·(4 + b) and full
+                            gradient W·4
+           log-prob gather  saved inputs + 2·R·(T−1)·D·4 + the last layer's recompute up to its MLP
+           gradient all-reduce  2·G·W·4, G = min(L, 256 // arrays per layer)
+where XLA:CPU (the compile check's backend) adds what a GPU build may not:
+  - saved inputs at b + 4 bytes: its remat barriers are dropped before its last CSE pass, which
+    shares rms_norm's float32 upcast of each layer input between the forward and the recompute;
+  - bf16 all-gathers and all-reduces run in float32 (converted on either side);
+  - fsdp gradients are all-reduced in full, then sliced (no reduce-scatter), and its combiner
+    merges up to 256 all-reduces into one, whose operands and results all live at once.
+The log-prob gather is the code's own: token_logprobs sorts the loss positions of the flattened,
+batch-sharded [rows·T] axis to the front, and the SPMD partitioner cannot split that gather, so
+every device assembles all devices' positions (a masked local gather summed by an all-reduce: two
+global [R·(T−1), D] copies) in the forward and again in the backward's scatter.
+Not modelled: at long micro-batches XLA:CPU's schedule defers the weight-gradient dots of several
+layers, keeping their MLP gradients ([T, F] each) alive across later layers' backward (7B, 32768
+tokens: update program 68.3 GB compiled, 46.8 GB estimated); see tests/plan_test.py.
 """
 
 from __future__ import annotations
@@ -145,16 +176,19 @@ class Plan:
     reference: int
     kv_cache: int
     grads: int
-    activations: int
+    activations: int  # the update program's temporaries (`plan_settings`: the largest of `update_phases`)
     rollout_copy: int = 0  # the sampling copy of the policy (rollout.dtype), resident
     decode: int = 0  # a decode step's temporaries (logits of the decoding rows)
-    scoring: int = 0  # the information-gain scoring forward (no gradient)
+    scoring: int = 0  # the scoring program's temporaries (the largest of `scoring_phases`)
     update_batch: int = 0  # the step's padded update rows (tokens, masks, advantages, log-probs)
-    # weights all-gathered over fsdp for compute, in the compute dtype: XLA's SPMD partitioner
-    # gathers each weight where it is used, and over an unrolled layer loop the scheduler may keep
-    # them all (counted in full: an upper bound; 0 without fsdp sharding)
-    gathered: int = 0
-    gathered_rollout: int = 0  # the same for the sampling copy (decode)
+    # decode: every weight but the embedding table all-gathered over fsdp, in rollout.dtype; the
+    # gathers are loop-invariant, so XLA hoists them out of the decode loop and all of them stay
+    # live while it runs (0 without fsdp sharding)
+    gathered_rollout: int = 0
+    # the temporaries of each phase of the scoring and update programs (name → bytes): a program's
+    # temporaries are those of its largest phase (`scoring_phases`, `update_phases`)
+    scoring_phases: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    update_phases: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def always(self) -> int:
@@ -166,11 +200,11 @@ class Plan:
 
     @property
     def update_phase(self) -> int:
-        return self.update_batch + self.grads + self.activations + self.gathered
+        return self.update_batch + self.grads + self.activations
 
     @property
     def peak(self) -> int:
-        return self.always + max(self.rollout_phase, self.scoring + self.gathered, self.update_phase)
+        return self.always + max(self.rollout_phase, self.scoring, self.update_phase)
 
 
 def plan(cfg: model_config.ModelConfig, mesh_shape: Mapping[str, int], rules: sharding.Rules = sharding.DEFAULT_RULES,
@@ -264,6 +298,12 @@ def _dims(cfg, mesh, rules):
             tp(cfg.intermediate_size, "mlp"), tp(cfg.vocab_size, "vocab"))
 
 
+def _batch_shards(mesh, rules) -> int:
+    """Devices the batch axis is split over (data × fsdp with the default rules)."""
+    n = math.prod(mesh.shape.values())  # divisible by any product of mesh axes
+    return n // shard_shape((n,), ("batch",), mesh, rules)[0]
+
+
 def _attention_bytes(cfg, rows: int, t: int, s: int, n: int, k: int, backward: bool) -> int:
     """Attention temporaries of `rows` rows of t queries over s keys (per device, n/k local heads).
     dense: fp32 scores and probabilities of the causal half ([T, S] per head). blockwise: one
@@ -286,32 +326,89 @@ def _LIVE_PER_TOKEN(d: int, n: int, k: int, h: int, f: int) -> int:
     return 2 * d + (n + 2 * k) * h + 2 * f
 
 
-def update_activation_bytes(cfg, rows: int, t: int, mesh, rules, chunk: int = 128) -> int:
-    """One micro-batch's activations per device: `rows` rows of t tokens (a packed micro-batch is
-    one row of its token budget), remat per layer (module docstring; blockwise attention as
-    `_attention_bytes`)."""
-    b = cfg.jnp_dtype.itemsize
-    n, k, h, f, v = _dims(cfg, mesh, rules)
-    d = cfg.hidden_size
-    saved = cfg.num_layers * rows * t * d * b
-    layer = rows * t * _LIVE_PER_TOKEN(d, n, k, h, f) * b
-    vocab = 2 * rows * min(chunk, t) * v * 4
-    return saved + layer + _attention_bytes(cfg, rows, t, t, n, k, True) + vocab
+# What XLA's CPU backend (the one `plan --compile` checks against) does with these programs, read
+# from their buffer assignments (module docstring):
+# bf16 collectives run in float32: XLA:CPU converts a bf16 all-gather's or all-reduce's operand to
+# float32, runs the collective and converts back, so the collective's buffers take 4 bytes an element.
+CPU_COLLECTIVE_ITEMSIZE = 4
+# XLA:CPU's all-reduce combiner merges independent all-reduces into one of at most 256 operands;
+# all their operands and results are live at once.
+CPU_COMBINED_ALL_REDUCE_OPERANDS = 256
 
 
-def scoring_bytes(cfg, rows: int, s: int, mesh, rules, chunk: int = 128) -> int:
-    """The one-pass scoring forward per device (no gradient): the residual stream in and out, one
-    layer's intermediates, attention, the dense [S, S] mask unless blockwise (which computes its
-    blocks from a MaskSpec), a vocab chunk's fp32 logits and the per-token log-probs."""
+def _layer_params(cfg, mesh_shape: Mapping[str, int], rules) -> tuple[int, int]:
+    """(elements of one decoder layer's params on a device once all-gathered over fsdp, how many
+    arrays they are)."""
+    unsharded = abstract_mesh({k: (1 if k == "fsdp" else v) for k, v in mesh_shape.items()})
+    layer = abstract_params(cfg.replace(num_layers=1, param_dtype="float32"))["layers"][0]
+    arrays = jax.tree.leaves(layer, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return per_device_bytes(layer, unsharded, rules) // 4, len(arrays)
+
+
+def update_phases(cfg, rows: int, t: int, global_rows: int, mesh_shape: Mapping[str, int], rules) -> dict[str, int]:
+    """The update program's temporaries per device in each of its phases, for `rows` rows of t
+    tokens a device (a packed micro-batch: one row of its token budget) of `global_rows` rows in
+    all; the program needs the largest (module docstring)."""
+    mesh = abstract_mesh(mesh_shape)
     b = cfg.jnp_dtype.itemsize
-    n, k, h, f, v = _dims(cfg, mesh, rules)
+    n, k, h, f, _ = _dims(cfg, mesh, rules)
     d = cfg.hidden_size
+    fsdp = mesh_shape.get("fsdp", 1) > 1
+    layer_elements, layer_arrays = _layer_params(cfg, mesh_shape, rules)
+    # remat keeps each layer's input for the backward; XLA:CPU drops the remat's optimisation
+    # barriers before its last CSE pass, which then shares rms_norm's float32 upcast of the input
+    # between the forward and the recompute: the upcast lives until the backward too
+    saved = cfg.num_layers * rows * t * d * (b + (4 if b < 4 else 0))
+    # one layer's backward: its recomputed activations and their gradients; under fsdp its weights
+    # all-gathered (in float32 on CPU, then cast to the compute dtype) and its float32 weight
+    # gradient in full, before the all-reduce that reduces it over the fsdp shards
+    weights = layer_elements * (CPU_COLLECTIVE_ITEMSIZE + b + 4) if fsdp else 0
+    layer = rows * t * _LIVE_PER_TOKEN(d, n, k, h, f) * b + _attention_bytes(cfg, rows, t, t, n, k, True) + weights
+    # token_logprobs gathers the loss positions to the front of the flattened [rows·T] axis (one
+    # argsort over it). The axis is split over the batch devices, and XLA's SPMD partitioner does
+    # not split that gather: every device selects from all devices' positions (a masked local
+    # gather of the global [global_rows·(T-1), D], summed by an all-reduce: two global copies,
+    # float32 on CPU), in the forward and again in the backward's scatter, next to the final
+    # hidden state in float32. The last layer's recompute needs only its saved input, so XLA:CPU
+    # runs it while the log-prob backward's copies are live, up to its MLP: gate, up and their
+    # product ([F] a token each), the normed input, residual and o-projection ([D]), q and the
+    # attention output ([N·H]), and the norm's float32 upcast
+    gather = 2 * global_rows * (t - 1) * d * CPU_COLLECTIVE_ITEMSIZE
+    recompute = rows * t * ((3 * f + 3 * d + 2 * n * h) * b + (4 * d if b < 4 else 0))
+    logprob = gather + rows * t * d * 4 + recompute
+    # the fsdp weight gradients are all-reduced in full (XLA:CPU has no reduce-scatter) and then
+    # sliced; the combiner merges the layers' all-reduces, up to 256 arrays each, so the float32
+    # gradients of that many layers are live at once, as operands and as results
+    group = min(cfg.num_layers, max(1, CPU_COMBINED_ALL_REDUCE_OPERANDS // layer_arrays))
+    all_reduce = 2 * group * layer_elements * 4 if fsdp else 0
+    return {"layer backward": saved + layer, "log-prob gather": saved + logprob, "gradient all-reduce": all_reduce}
+
+
+def scoring_phases(cfg, rows: int, s: int, context: int, global_rows: int, mesh_shape: Mapping[str, int],
+                   rules) -> dict[str, int]:
+    """The one-pass scoring forward's temporaries per device in each phase (no gradient), for
+    `rows` rows of s tokens a device (`context` of them the rollout's) of `global_rows` in all.
+    layers: the residual stream in and out, one layer's intermediates, attention (the dense [S, S]
+    mask unless blockwise, which computes its blocks from a MaskSpec), the layer's weights
+    all-gathered under fsdp (used where gathered: no loop keeps them). log-prob gather: the context
+    tokens' log-probs select their positions over the whole batch as the update does
+    (`update_phases`), next to the final hidden state in float32. (The vocab projection runs
+    after, over chunks of the selected positions: smaller than either.)"""
+    mesh = abstract_mesh(mesh_shape)
+    b = cfg.jnp_dtype.itemsize
+    n, k, h, f, _ = _dims(cfg, mesh, rules)
+    d = cfg.hidden_size
+    fsdp = mesh_shape.get("fsdp", 1) > 1
+    layer_elements, _ = _layer_params(cfg, mesh_shape, rules)
     stream = 2 * rows * s * d * b
     layer = rows * s * _LIVE_PER_TOKEN(d, n, k, h, f) * b
     mask = 0 if cfg.attention == "blockwise" else rows * s * s
     attention = (_attention_bytes(cfg, rows, s, s, n, k, False) if cfg.attention == "blockwise"
                  else rows * n * min(cfg.attention_chunk or s, s) * s * (4 + b))
-    return stream + layer + mask + attention + 2 * rows * min(chunk, s) * v * 4 + rows * s * 4
+    weights = layer_elements * (CPU_COLLECTIVE_ITEMSIZE + b) if fsdp else 0
+    gather = 2 * global_rows * (context - 1) * d * CPU_COLLECTIVE_ITEMSIZE
+    logprob = gather + rows * s * d * 4
+    return {"layers": stream + layer + mask + attention + weights, "log-prob gather": logprob}
 
 
 def decode_bytes(cfg, rows: int, span: int, mesh, rules) -> int:
@@ -333,25 +430,40 @@ def plan_settings(cfg: model_config.ModelConfig, mesh_shape: Mapping[str, int], 
     reference = count_bytes(cfg.dtype) if st.with_reference else 0
     same = st.rollout_dtype is None or cfg.param_dtype == cfg.dtype == st.rollout_dtype
     rollout_copy = 0 if same else count_bytes(st.rollout_dtype)
-    shards = lambda rows: max(1, shard_shape((rows,), ("batch",), mesh, rules)[0])
-    unsharded = abstract_mesh({k: (1 if k == "fsdp" else v) for k, v in mesh_shape.items()})
-    full = lambda dtype: per_device_bytes(abstract_params(cfg.replace(param_dtype=dtype)), unsharded, rules)
+    shards = _batch_shards(mesh, rules)
+    per_device = lambda rows: max(1, shard_shape((rows,), ("batch",), mesh, rules)[0])
+    padded = lambda rows: max(shards, -(-rows // shards) * shards)  # rows rounded up to the batch devices
     fsdp = mesh_shape.get("fsdp", 1) > 1
-    if st.micro_tokens:
-        rows, t = 1, st.micro_tokens  # one packed row of the budget per device
+    rollout_dtype = st.rollout_dtype or cfg.dtype
+    if fsdp:
+        unsharded = abstract_mesh({k: (1 if k == "fsdp" else v) for k, v in mesh_shape.items()})
+        weights = abstract_params(cfg.replace(param_dtype=rollout_dtype))
+        # the embedding table is not gathered: a token's row is read where it lies (a gather on
+        # the local shard of D, then an all-to-all); with tied embeddings it is also the vocab
+        # projection, which is gathered
+        table = 0 if cfg.tie_embeddings else per_device_bytes(weights["embed"], unsharded, rules)
+        gathered_rollout = per_device_bytes(weights, unsharded, rules) - table
     else:
-        rows, t = shards(st.micro_rows), st.context
+        gathered_rollout = 0
+    if st.micro_tokens:
+        rows, t, update_rows = 1, st.micro_tokens, shards  # one packed row of the budget per device
+    else:
+        rows, t, update_rows = per_device(st.micro_rows), st.context, padded(st.micro_rows)
+    update = update_phases(cfg, rows, t, update_rows, mesh_shape, rules)
+    scoring = scoring_phases(cfg, per_device(st.scoring_rows), st.scoring_len, st.context, padded(st.scoring_rows),
+                             mesh_shape, rules)
     return Plan(
         params=p, opt_state=per_device_bytes(abstract_opt_state(params), mesh, rules), reference=reference,
-        kv_cache=kv_cache_bytes(cfg, st.concurrent_rows, st.context, mesh, rules, st.rollout_dtype or cfg.dtype),
-        grads=2 * count_bytes("float32"),  # float32 accumulator + one micro-batch's gradients
-        activations=update_activation_bytes(cfg, rows, t, mesh, rules),
+        kv_cache=kv_cache_bytes(cfg, st.concurrent_rows, st.context, mesh, rules, rollout_dtype),
+        # the float32 accumulator the gradient program returns, sharded like the params (a
+        # micro-batch's own gradient is full-size per layer before its all-reduce: `update_phases`)
+        grads=count_bytes("float32"),
+        activations=max(update.values()),
         rollout_copy=rollout_copy,
-        decode=decode_bytes(cfg, shards(st.concurrent_rows), st.context, mesh, rules),
-        scoring=scoring_bytes(cfg, shards(st.scoring_rows), st.scoring_len, mesh, rules),
-        update_batch=shards(st.rollout_rows) * st.context * UPDATE_BYTES_PER_TOKEN,
-        gathered=full(cfg.dtype) if fsdp else 0,
-        gathered_rollout=full(st.rollout_dtype or cfg.dtype) if fsdp else 0)
+        decode=decode_bytes(cfg, per_device(st.concurrent_rows), st.context, mesh, rules),
+        scoring=max(scoring.values()),
+        update_batch=per_device(st.rollout_rows) * st.context * UPDATE_BYTES_PER_TOKEN,
+        gathered_rollout=gathered_rollout, scoring_phases=scoring, update_phases=update)
 
 
 def fits(p: Plan, device: str, headroom: float = 0.1) -> tuple[bool, int]:
@@ -389,24 +501,24 @@ def report(p: Plan, cfg: model_config.ModelConfig, mesh_shape: Mapping[str, int]
     lines.append(f"  KV cache          {_gb(p.kv_cache)}  (rollout phase)")
     if p.decode:
         lines.append(f"  decode temps      {_gb(p.decode)}  (rollout phase, estimate)")
+    if p.gathered_rollout:
+        lines.append(f"  gathered weights  {_gb(p.gathered_rollout)}  (rollout phase: the layers' and the vocab projection's "
+                     f"fsdp all-gathers, hoisted out of the decode loop)")
     if p.scoring:
-        lines.append(f"  scoring forward   {_gb(p.scoring)}  (scoring phase, estimate)")
-    if p.gathered:
-        lines.append(f"  gathered weights  {_gb(p.gathered)}  (scoring and update: fsdp all-gathers, in {cfg.dtype}; "
-                     f"decode {_gb(p.gathered_rollout).strip()})")
+        lines.append(f"  scoring forward   {_gb(p.scoring)}  (scoring phase, estimate{_phases(p.scoring_phases)})")
     if p.update_batch:
         lines.append(f"  update rows       {_gb(p.update_batch)}  (update phase: the step's padded rows)")
     lines += [
-        f"  gradients         {_gb(p.grads)}  (update phase: float32 accumulator + micro-batch)",
-        f"  activations       {_gb(p.activations)}  (update phase, estimate, remat per layer)",
+        f"  gradients         {_gb(p.grads)}  (update phase: float32 accumulator"
+        + (")" if p.update_phases else " + micro-batch)"),
+        f"  activations       {_gb(p.activations)}  (update phase, estimate, remat per layer{_phases(p.update_phases)})",
         f"  peak              {_gb(p.peak)}  = resident + max(rollout, scoring, update)",
     ]
     peaks = [("estimate", p.peak)]
     if compiled is not None:
-        how = (f"compiled whole ({compiled.layers_compiled[0]} layers)" if len(compiled.layers_compiled) == 1 else
-               f"compiled with 1 and 2 layers, extrapolated linearly to {cfg.num_layers}")
-        est = dict(decode=(p.rollout_copy or p.params) + p.rollout_phase, scoring=p.params + p.scoring + p.gathered,
-                   update=p.params + p.grads + p.activations + p.gathered + _micro_input_bytes(p, settings, mesh_shape))
+        how = f"compiled whole ({compiled.layers_compiled[0]} layers)"
+        est = dict(decode=(p.rollout_copy or p.params) + p.rollout_phase, scoring=p.params + p.scoring,
+                   update=p.params + p.grads + p.activations + _micro_input_bytes(p, settings, mesh_shape))
         lines.append(f"XLA memory_analysis per device ({how}; {compiled.seconds:.0f} s):")
         for name in ("decode", "scoring", "update"):
             got = getattr(compiled, name)
@@ -429,6 +541,13 @@ def report(p: Plan, cfg: model_config.ModelConfig, mesh_shape: Mapping[str, int]
             lines.append("  note: XLA preallocates 75% of GPU memory by default; set "
                          "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 to use the planned amount")
     return "\n".join(lines)
+
+
+def _phases(phases: Mapping[str, int]) -> str:
+    """', the largest of: layers 1.23 GB, log-prob gather 4.56 GB' (empty without phases)."""
+    if not phases:
+        return ""
+    return ", the largest of: " + ", ".join(f"{name} {n / 1e9:.2f} GB" for name, n in phases.items())
 
 
 def _micro_input_bytes(p: Plan, st: Settings | None, mesh_shape) -> int:

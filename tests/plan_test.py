@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -91,7 +95,12 @@ def test_config_plan_reads_the_experiment_keys():
     gb = lambda text, label: float(next(l for l in text.splitlines()
                                         if l.strip().startswith(label)).split()[len(label.split())])
     assert gb(base, "KV cache") == pytest.approx(8 * gb(bounded, "KV cache"), rel=1e-3)  # 512 → 64 rows
-    assert gb(bounded, "activations") < gb(base, "activations") / 4
+    # the update's phases: the layer backward scales with the micro-batch's tokens (32768 → 16384,
+    # plus one layer's weights either way); the gradient all-reduce does not
+    phase = lambda text, name: float(re.search(rf"{name} ([0-9.]+) GB", next(
+        l for l in text.splitlines() if l.strip().startswith("activations"))).group(1))
+    assert phase(bounded, "layer backward") < phase(base, "layer backward") / 1.8
+    assert phase(bounded, "gradient all-reduce") == phase(base, "gradient all-reduce") > 0
     assert "H100-80G" in bounded and "A100-80G" in bounded
     assert [l for l in bounded.splitlines() if "→" in l and "fits" in l and "NOT" not in l]
 
@@ -106,7 +115,10 @@ def get_config():
     c.model.remat = True
     c.model.attention = "blockwise"
     c.model.attention_block = 256
-    c.mesh.shape = {{"data": -1}}
+    c.mesh.shape = {mesh!r}
+    c.model.param_dtype = {param_dtype!r}
+    c.model.dtype = {dtype!r}
+    c.rollout.dtype = {dtype!r}
     c.data.train_batch_size = 4
     c.rollout.n = 4
     c.rollout.context_length = 1024
@@ -115,32 +127,61 @@ def get_config():
     c.algorithm.scoring_batch_size = 8
     return c
 '''
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_estimate_within_15_percent_of_xla_compiled_memory(tmp_path):
+def _plan_with_compile(config: str, *args: str, timeout: int = 600) -> tuple[dict[str, float], str]:
+    """`plan --config=<config> --compile` in a fresh process (its own simulated devices): the
+    estimate/compiled ratio of each program and of the peak, and the whole output."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-m", "igpo_jax.plan", f"--config={config}", "--compile", "--devices=8",
+                          *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ratios = {l.split()[0]: float(l.rsplit(" ", 1)[-1].rstrip(")")) for l in out.stdout.splitlines()
+              if "estimate/compiled" in l}
+    assert set(ratios) == {"decode", "scoring", "update", "peak"}, out.stdout
+    return ratios, out.stdout
+
+
+@pytest.mark.parametrize("mesh, param_dtype, dtype", [
+    ({"data": -1}, "float32", "float32"),  # data parallel, float32 throughout
+    # fsdp with float32 master weights and bf16 compute (the 7B config's layout): gathered and
+    # hoisted weights, gradients all-reduced in full and combined, float32 upcasts of saved inputs
+    ({"data": 1, "fsdp": -1, "tensor": 1}, "float32", "bfloat16"),
+])
+def test_estimate_within_15_percent_of_xla_compiled_memory(tmp_path, mesh, param_dtype, dtype):
     """--compile on a small config (4 layers, D 256, vocab 4096, 8 simulated devices): every program's
     estimate and the peak within 15% of XLA's memory_analysis."""
-    import os
-    import subprocess
-    import sys
-
     from igpo_jax.model.config import ModelConfig
 
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     cfg = ModelConfig("qwen2", 4096, 256, 768, 4, 8, 2, 32, qkv_bias=True)
     (model_dir / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
-    (tmp_path / "small.py").write_text(SMALL_CONFIG.format(path=str(model_dir)))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-m", "igpo_jax.plan", f"--config={tmp_path / 'small.py'}", "--compile",
-                          "--devices=8", "--device=v5e"], capture_output=True, text=True, timeout=600, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0, out.stderr[-3000:]
-    text = out.stdout
+    (tmp_path / "small.py").write_text(SMALL_CONFIG.format(path=str(model_dir), mesh=mesh, param_dtype=param_dtype,
+                                                           dtype=dtype))
+    ratios, text = _plan_with_compile(str(tmp_path / "small.py"), "--device=v5e")
     assert "compiled whole (4 layers)" in text
-    ratios = {l.split()[0]: float(l.rsplit(" ", 1)[-1].rstrip(")")) for l in text.splitlines()
-              if "estimate/compiled" in l}
-    assert set(ratios) == {"decode", "scoring", "update", "peak"}, text
     for name, ratio in ratios.items():
         assert 0.85 <= ratio <= 1.15, (name, ratio, text)
     assert "fits (compiled" in text and "fits (estimate" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokens", [
+    8192,
+    # At 32768 tokens a micro-batch XLA:CPU's schedule defers the weight-gradient dots of several
+    # layers and keeps their MLP gradients ([T, F] bf16, 1.2 GB each) alive across later layers'
+    # backward: the update program compiles to 68.3 GB against 46.8 GB estimated (0.69). A waste
+    # of the compiled program, not modelled (plan.py's docstring); strict, so that the day the
+    # program stops keeping them this test says so.
+    pytest.param(32768, marks=pytest.mark.xfail(strict=True, reason="XLA:CPU defers weight-gradient dots")),
+])
+def test_qwen2_5_7b_estimate_within_15_percent_of_xla_compiled_memory(tokens):
+    """The 7B config itself (28 layers compiled whole for fsdp=8, about two minutes on 2 cores):
+    decode, scoring, update and the peak within 15% of XLA's memory_analysis."""
+    ratios, text = _plan_with_compile("configs/qwen2_5_7b_igpo.py", "--device=H100-80G",
+                                      f"--set=actor.max_tokens_per_micro_batch={tokens}", timeout=1200)
+    assert "compiled whole (28 layers)" in text
+    for name, ratio in ratios.items():
+        assert 0.85 <= ratio <= 1.15, (name, ratio, text)
