@@ -1,4 +1,4 @@
-"""GPU check: sampler, scoring and train step of a Qwen2.5-1.5B-shaped random model in bf16.
+"""GPU check: sampler, scoring, train step and attention of a Qwen2.5-1.5B-shaped random model in bf16.
 
     bash launch/gpu_check.sh                     # installs jax[cuda12], then runs this
     python -m bench.gpu_check [--tiny] [--batch 64] [--prompt 512] [--new 256] ...
@@ -12,6 +12,12 @@ Random weights (no checkpoint, no tokenizer): the figures depend on shapes only.
   (`update.compute_logprobs`), bf16 compute; tokens/s and MFU.
 - train step: `update.train_step` (forward + backward + AdamW) on float32 master weights with bf16
   compute, the accelerator configs' setting; tokens/s and MFU (3 × forward matmul FLOPs).
+- attention: one attention of the model's head shape, forward + backward, in bf16 over 3 rows of
+  `--attn_length` tokens (full, 3/4 right-padded, empty): cuDNN's fused kernel as the accelerator
+  configs route it (`model.gpu_fused_attention`, model/fused_attention.py) against the blockwise
+  kernel. Seconds, speed-up, each one's largest difference from the fp32 blockwise result (output
+  and q/k/v gradients, relative to their largest entry) and whether all is finite. Off an NVIDIA
+  GPU the same call runs with implementation='xla' (`attn_kernel` says which).
 MFU is against the device's dense bf16 peak and the roofline against its HBM bandwidth, both
 looked up from `device_kind` (H100/H200: 989 TFLOP/s; 3.35 / 4.8 TB/s). Per DESIGN.md a peak from
 one machine can mislead, so the same run also measures a large bf16 matmul and a device copy and
@@ -31,7 +37,10 @@ import numpy as np
 from flax import nnx
 
 from bench.common import forward_flops
+from igpo_jax.model import attention_mask
 from igpo_jax.model import config as model_config
+from igpo_jax.model import fused_attention
+from igpo_jax.model.blockwise_attention import blockwise_attention
 from igpo_jax.model.qwen import Decoder
 from igpo_jax.sampling import Sampler, SamplingParams
 from igpo_jax.update import UpdateBatch, UpdateConfig, compute_logprobs, make_optimizer, train_step
@@ -160,6 +169,44 @@ def check_train(cfg, args) -> dict:
                 train_loss_finite=bool(np.isfinite(float(m["loss"]))), train_skipped=float(m["skipped"]))
 
 
+def check_attention(cfg, args) -> dict:
+    kh, g, h, t = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim, args.attn_length
+    kernel = "cudnn" if fused_attention.platform() == "cuda" else "xla"
+    valid = np.arange(t)[None, :] < np.array([t, 3 * t // 4, 0])[:, None]
+    mask = attention_mask.causal_spec(jnp.asarray(valid), right_padded=True)
+    rng = np.random.default_rng(2)
+    q32 = jnp.asarray(rng.normal(size=(3, t, kh, g, h)), jnp.float32)
+    k32, v32 = (jnp.asarray(rng.normal(size=(3, t, kh, h)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(rng.normal(size=q32.shape), jnp.float32)
+    block = min(512, t)
+
+    def fwd_bwd(attend):
+        loss = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * w)
+        f = jax.jit(lambda q, k, v: (attend(q, k, v), jax.grad(loss, (0, 1, 2))(q, k, v)))
+        return lambda q, k, v: jax.block_until_ready(f(q, k, v))
+
+    fused = fwd_bwd(lambda q, k, v: fused_attention.fused_attention(q, k, v, mask, kernel))
+    blocked = fwd_bwd(lambda q, k, v: blockwise_attention(q, k, v, mask, block, block))
+    bf16 = tuple(x.astype(jnp.bfloat16) for x in (q32, k32, v32))
+    exact = jax.tree.leaves(blocked(q32, k32, v32))
+
+    def error(outs) -> float:  # the largest difference from the fp32 result, relative to its scale
+        return max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))
+                   for a, b in zip(jax.tree.leaves(outs), exact))
+
+    finite = lambda outs: all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in jax.tree.leaves(outs))
+    blocked_out = blocked(*bf16)
+    result = dict(attn_kernel=kernel, attn_length=t, attn_blockwise_s=timed(lambda: blocked(*bf16), args.repeats),
+                  attn_blockwise_err=error(blocked_out), attn_finite=finite(blocked_out))
+    try:  # cuDNN refuses what its checks refuse (e.g. head dim > 128 before Hopper): say so, keep the rest
+        fused_out = fused(*bf16)
+    except Exception as e:  # noqa: BLE001 (any refusal is the figure)
+        return dict(result, attn_fused_error=f"{type(e).__name__}: {e}"[:300])
+    result.update(attn_fused_s=timed(lambda: fused(*bf16), args.repeats), attn_fused_err=error(fused_out),
+                  attn_finite=result["attn_finite"] and finite(fused_out))
+    return dict(result, attn_speedup=result["attn_blockwise_s"] / result["attn_fused_s"])
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny model and shapes (CPU test)")
@@ -170,11 +217,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--score_rows", type=int, default=None)
     parser.add_argument("--train_rows", type=int, default=None)
     parser.add_argument("--micro", type=int, default=None, help="rows per micro-batch")
+    parser.add_argument("--attn_length", type=int, default=None, help="attention check row length")
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
-    defaults = (dict(batch=4, prompt=16, new=16, length=64, score_rows=4, train_rows=4, micro=2, repeats=1)
+    defaults = (dict(batch=4, prompt=16, new=16, length=64, score_rows=4, train_rows=4, micro=2, attn_length=40,
+                     repeats=1)
                 if args.tiny else
-                dict(batch=64, prompt=512, new=256, length=2048, score_rows=16, train_rows=16, micro=4, repeats=3))
+                dict(batch=64, prompt=512, new=256, length=2048, score_rows=16, train_rows=16, micro=4,
+                     attn_length=8192, repeats=3))
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -190,6 +240,7 @@ def main(argv=None) -> dict:
     result.update(check_sampler(cfg, args))
     result.update(check_scoring(cfg, args))
     result.update(check_train(cfg, args))
+    result.update(check_attention(cfg, args))
     mm = measured_matmul_flops(512 if args.tiny else 8192)
     bw = measured_copy_bandwidth((16 if args.tiny else 2048) * 2 ** 20)
     step_bw = result["decode_bytes_per_step"] / (result["decode_step_ms"] / 1e3)

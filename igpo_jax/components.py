@@ -76,7 +76,8 @@ def load_policy(config: ml_collections.ConfigDict, mesh=None, rules=None, path: 
     path = path or model_path(config)
     model = weights.load(path, mesh, rules, param_dtype=config.model.param_dtype, dtype=config.model.dtype,
                          remat=config.model.remat, attention=config.model.attention,
-                         attention_block=config.model.attention_block)
+                         attention_block=config.model.attention_block,
+                         gpu_fused_attention=config.model.gpu_fused_attention)
     return model, tokenizer_lib.load_tokenizer(path)
 
 

@@ -46,6 +46,12 @@ def base_config() -> ml_collections.ConfigDict:
     # activation memory per layer ∝ T·S with 'dense', ∝ T·attention_block with 'blockwise'.)
     c.model.attention = "dense"
     c.model.attention_block = 512
+    # With attention='blockwise', on an NVIDIA GPU: the attentions whose mask cuDNN's fused kernel
+    # takes (the update's and π_old/π_ref forwards over right-padded, unpacked rows without shared
+    # prefixes; bf16/fp16 compute) run jax.nn.dot_product_attention(implementation='cudnn'); packed
+    # segments, caches, the IG copies and every other backend keep the blockwise kernel
+    # (igpo_jax/model/fused_attention.py). Off: blockwise everywhere. CPU and TPU runs ignore it.
+    c.model.gpu_fused_attention = False
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = {"data": -1}  # named axes; one -1 takes the remaining devices
@@ -217,6 +223,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"model.dtype={c.model.param_dtype!r}), or set model.allow_low_precision_params=True to opt in")
     _one_of("model.attention", c.model.attention, ("dense", "blockwise"))
     _positive("model.attention_block", c.model.attention_block)
+    _one_of("model.gpu_fused_attention", c.model.gpu_fused_attention, (False, True))
+    if c.model.gpu_fused_attention and c.model.attention != "blockwise":
+        raise ValueError(f"config.model.gpu_fused_attention=True needs config.model.attention='blockwise': the "
+                         f"masks cuDNN does not take (packed segments, caches, the IG copies) and every backend "
+                         f"but an NVIDIA GPU run that kernel; got config.model.attention={c.model.attention!r}")
     if c.rollout.dtype is not None:
         _one_of("rollout.dtype", c.rollout.dtype, DTYPES)
     if not isinstance(c.rollout.max_concurrent_rows, int) or c.rollout.max_concurrent_rows < 0:

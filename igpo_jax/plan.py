@@ -259,7 +259,7 @@ def model_from_config(c) -> model_config.ModelConfig:
 
     m = c.model
     overrides = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention,
-                     attention_block=m.attention_block)
+                     attention_block=m.attention_block, gpu_fused_attention=m.gpu_fused_attention)
     if m.path and os.path.isfile(os.path.join(m.path, "config.json")):
         return model_config.from_hf_dir(m.path, **overrides)
     name = os.path.basename(m.path.rstrip("/")) or "SmolLM2-135M-Instruct"

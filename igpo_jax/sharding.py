@@ -146,7 +146,8 @@ def sequence_parallel_attention(attend, q_BTKGH, k_BSKH, v_BSKH, mask, split_att
     maps to and keys, values and the mask's key side all-gathered along it; `attend` itself when
     no mesh is active or the length is not split. `mask` is a bool [B, T, S] or a MaskSpec (its
     query vectors split like the queries, its key vectors gathered like the keys). Keys are all
-    the row's tokens (no cache), so T = S."""
+    the row's tokens (no cache), so T = S. A shard runs `split_attend` (default `attend`): its
+    queries do not start at key 0, which a kernel with a top-left causal flag cannot express."""
     from igpo_jax.model.attention_mask import MaskSpec
 
     active = _ACTIVE.get()
@@ -160,15 +161,15 @@ def sequence_parallel_attention(attend, q_BTKGH, k_BSKH, v_BSKH, mask, split_att
         return attend(q_BTKGH, k_BSKH, v_BSKH, mask)
     row_spec = PartitionSpec(q_spec[0], seq)
     if isinstance(mask, MaskSpec):
-        mask_spec = MaskSpec(row_spec, row_spec, row_spec, row_spec, row_spec)
+        mask_spec = MaskSpec(row_spec, row_spec, row_spec, row_spec, row_spec, mask.form)
     else:
         mask_spec = PartitionSpec(q_spec[0], seq, None)
 
     def local(q, k, v, mask):
         gather = lambda x: jax.lax.all_gather(x, seq, axis=1, tiled=True)
-        if isinstance(mask, MaskSpec):  # the keys' side is the whole row
+        if isinstance(mask, MaskSpec):  # the keys' side is the whole row; the queries are a shard of it
             mask = MaskSpec(mask.q_slot_BT, mask.q_seg_BT, mask.q_limit_BT, gather(mask.key_seg_BS),
-                            gather(mask.key_valid_BS))
+                            gather(mask.key_valid_BS), "general")
         return (split_attend or attend)(q, gather(k), gather(v), mask)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_spec), out_specs=q_spec,

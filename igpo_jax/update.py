@@ -140,13 +140,17 @@ def optimiser_steps(cfg: UpdateConfig, num_rows: int) -> int:
 
 
 def token_logprobs(model, tokens_NL, valid_NL, chunk: int, with_entropy: bool = False, needed_NL=None):
-    """(logp_NL, entropy_NL): log π(token j | tokens < j) at column j; column 0 is 0.
+    """(logp_NL, entropy_NL): log π(token j | tokens < j) at column j; column 0 is 0. Rows must be
+    right-padded where cuDNN's kernel may run (model.gpu_fused_attention on an NVIDIA GPU: a row that
+    is not reads NaN); the dense and blockwise kernels take any padding.
 
     `needed_NL` (optional, e.g. the loss mask): only those columns are computed, the rest read 0;
     the vocab projection then costs ∝ the loss tokens (prompts and tool results are skipped)."""
     valid_NL = valid_NL.astype(bool)
-    # blockwise attention reads the O(L) mask per block; the dense path keeps its fused bool mask
-    mask = causal_spec(valid_NL) if model.cfg.attention == "blockwise" else causal_mask(valid_NL)
+    # blockwise attention reads the O(L) mask per block; the dense path keeps its fused bool mask.
+    # The update's rows are right-padded (Trajectories: a row's tokens are its first ones), which
+    # lets a GPU run cuDNN's fused attention on them (fused_attention.py)
+    mask = causal_spec(valid_NL, right_padded=True) if model.cfg.attention == "blockwise" else causal_mask(valid_NL)
     hidden, _ = model.hidden(tokens_NL, positions_from_valid(valid_NL), mask)
     needed = None if needed_NL is None else needed_NL[:, 1:].astype(bool)
     logp, entropy = logprobs_from_hidden(model, hidden[:, :-1], tokens_NL[:, 1:], chunk, with_entropy, needed)

@@ -33,5 +33,9 @@ def test_tiny_run_prints_one_json_line_with_the_figures():
                 "decode_roofline_frac_measured"):
         assert result[key] > 0, key
     assert result["train_loss_finite"] and result["train_skipped"] == 0
+    # the attention check: off a GPU the cuDNN route's call runs by XLA, within bf16 of fp32
+    assert result["attn_kernel"] == "xla" and result["attn_finite"]
+    assert result["attn_fused_s"] > 0 and result["attn_blockwise_s"] > 0 and result["attn_speedup"] > 0
+    assert 0 < result["attn_fused_err"] < 0.02 and 0 < result["attn_blockwise_err"] < 0.02
     # bf16 weights (140k params) + a 2-layer KV window of 4 rows × 32 slots: about 0.3 MB a step
     assert result["params"] * 2 < result["decode_bytes_per_step"] < result["params"] * 2 + 2 ** 20

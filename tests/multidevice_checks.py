@@ -275,6 +275,52 @@ def check_sequence(model_dir: str):
     print("sequence parallelism equals one device")
 
 
+def check_sequence_fused(model_dir: str):
+    """The cuDNN route under meshes (fused_attention.py), with the backend made to read 'cuda',
+    jax.nn.dot_product_attention run by its XLA implementation and fp32 let through the route:
+    rows split over fsdp call it (loss and gradients equal one device); rows split by length over
+    `sequence` keep blockwise in the shards (their queries do not start at key 0) and equal it too."""
+    from flax import nnx
+
+    from igpo_jax.model import attention_mask as am
+    from igpo_jax.model import fused_attention
+
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def on_the_cpu(*args, implementation=None, **kwargs):
+        calls.append(implementation)
+        return real(*args, implementation="xla", **kwargs)
+
+    jax.nn.dot_product_attention = on_the_cpu
+    fused_attention.platform = lambda: "cuda"
+    fused_attention.CUDNN_DTYPES = ("float32",)
+    rules = sharding.DEFAULT_RULES
+    host = update_batch_np(load_hf(model_dir).cfg.vocab_size)
+    tokens, valid = jax.numpy.asarray(host["tokens_NL"]), jax.numpy.asarray(host["valid_NL"])  # right-padded
+    weights = jax.numpy.asarray(host["loss_mask_NL"][:, 1:])
+    kw = dict(attention="blockwise", attention_block=4, gpu_fused_attention=True)
+    mask_of = lambda v: am.causal_spec(v, right_padded=True)
+    graphdef, params_1 = nnx.split(load_hf(model_dir, **kw))
+    value_1, grads_1 = jax.jit(jax.value_and_grad(_logprob_loss(graphdef, mask_of, tokens, valid, weights)))(params_1)
+    layers = load_hf(model_dir).cfg.num_layers
+    assert calls == ["cudnn"] * layers, calls
+    for shape, fused in (({"fsdp": 2}, True), ({"sequence": 2}, False), ({"fsdp": 2, "sequence": 2, "tensor": 2}, False)):
+        calls.clear()
+        mesh = sharding.make_mesh(shape, jax.devices()[:int(np.prod(list(shape.values())))])
+        graphdef, params = nnx.split(load_hf(model_dir, mesh=mesh, rules=rules, **kw))
+        with sharding.activate(mesh, rules):
+            value, grads = jax.jit(jax.value_and_grad(_logprob_loss(graphdef, mask_of, tokens, valid, weights)))(params)
+        assert calls == (["cudnn"] * layers if fused else []), (shape, calls)
+        np.testing.assert_allclose(float(value), float(value_1), rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_1)):
+            scale = float(np.max(np.abs(np.asarray(b))))
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6 * max(scale, 1.0), rtol=0)
+        print(f"mesh {shape}: {'cuDNN route' if fused else 'blockwise in the shards'}, equals one device")
+    print("fused route under meshes equals one device")
+
+
 if __name__ == "__main__":
     {"sampling": check_sampling, "update": check_update, "plan": check_plan,
-     "multiprocess": check_multiprocess, "restore": check_restore, "sequence": check_sequence}[sys.argv[1]](*sys.argv[2:])
+     "multiprocess": check_multiprocess, "restore": check_restore, "sequence": check_sequence,
+     "sequence_fused": check_sequence_fused}[sys.argv[1]](*sys.argv[2:])

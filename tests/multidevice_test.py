@@ -61,6 +61,13 @@ def test_sequence_parallel_loss_and_gradients_equal_one_device(tmp_path):
     assert "sequence parallelism equals one device" in _run_check("sequence", str(tmp_path))
 
 
+def test_fused_attention_route_under_meshes_equals_one_device(tmp_path):
+    """The cuDNN route's call (run by XLA on the CPU) with rows split over fsdp; blockwise in the
+    shards of rows split by length."""
+    write_tiny_hf_model("qwen2", tmp_path)
+    assert "fused route under meshes equals one device" in _run_check("sequence_fused", str(tmp_path))
+
+
 def test_two_processes_update_and_checkpoint(tmp_path):
     """Two processes × 4 CPU devices (gloo) run one update over an 8-device mesh: the loss and
     params equal one process's; their multi-host orbax checkpoint restores in one process."""

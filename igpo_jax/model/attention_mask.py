@@ -12,6 +12,10 @@ Every mask the project uses is one rule over per-query and per-key vectors:
 plain causal with padding (one segment), packed rows (segment ids), a KV cache with holes (q_slot
 = the query's cache slot), and the information-gain copies (context segment −1, copy t segment t,
 a copy sees the context before its turn through q_limit).
+
+`MaskSpec.form` (static: part of the pytree's structure, known while tracing) names the constructor
+and so what the vectors are guaranteed to hold; a kernel that takes only some masks decides from it
+(fused_attention.route: cuDNN takes 'right_padded_causal' alone). `mask_form` gives a bool mask's.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ import jax
 import jax.numpy as jnp
 
 
+# MaskSpec forms, by constructor: 'causal' (one segment, padding anywhere), 'right_padded_causal'
+# (one segment, each row's valid keys are its first n: the caller's guarantee), 'packed' (segment
+# ids), 'cache' (KV-cache slots, holes allowed), 'copies' (the IG scoring mask), 'general' (built
+# by hand, or a shard of a row under sequence parallelism). A materialised bool mask is 'bool'.
+FORMS = ("general", "causal", "right_padded_causal", "packed", "cache", "copies")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
@@ -30,6 +41,11 @@ class MaskSpec:
     q_limit_BT: jax.Array  # int32: keys k < q_limit are visible whatever their segment
     key_seg_BS: jax.Array  # int32
     key_valid_BS: jax.Array  # bool
+    form: str = dataclasses.field(default="general", metadata=dict(static=True))  # one of FORMS
+
+    def __post_init__(self):
+        if self.form not in FORMS:
+            raise ValueError(f"MaskSpec form {self.form!r} is not one of {FORMS}")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -50,13 +66,23 @@ class MaskSpec:
         return self.block(0, t, 0, s)
 
 
-def causal_spec(valid_BT, segment_ids_BT=None) -> MaskSpec:
+def mask_form(mask) -> str:
+    """A MaskSpec's `form`; 'bool' for a materialised bool mask."""
+    return mask.form if isinstance(mask, MaskSpec) else "bool"
+
+
+def causal_spec(valid_BT, segment_ids_BT=None, right_padded: bool = False) -> MaskSpec:
     """`causal_mask` as a MaskSpec; with `segment_ids_BT`, packed rows: a key is visible only from
-    its own segment."""
+    its own segment. `right_padded=True` is the caller's word that each row's valid tokens are its
+    first n (no left padding, no holes), so that a kernel reading only n may take it (form
+    'right_padded_causal'; fused_attention.py makes a row that breaks it read NaN)."""
     b, t = valid_BT.shape
+    if right_padded and segment_ids_BT is not None:
+        raise ValueError("right_padded describes one segment per row; packed rows have segment ids")
     seg = jnp.zeros((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
     slot = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return MaskSpec(slot, seg, jnp.zeros((b, t), jnp.int32), seg, valid_BT.astype(bool))
+    form = "packed" if segment_ids_BT is not None else "right_padded_causal" if right_padded else "causal"
+    return MaskSpec(slot, seg, jnp.zeros((b, t), jnp.int32), seg, valid_BT.astype(bool), form)
 
 
 def cache_spec(slot_valid_BS, first_query_slot, num_queries: int) -> MaskSpec:
@@ -64,7 +90,7 @@ def cache_spec(slot_valid_BS, first_query_slot, num_queries: int) -> MaskSpec:
     b, s = slot_valid_BS.shape
     slot = jnp.broadcast_to(first_query_slot + jnp.arange(num_queries, dtype=jnp.int32), (b, num_queries))
     zeros_T, zeros_S = jnp.zeros((b, num_queries), jnp.int32), jnp.zeros((b, s), jnp.int32)
-    return MaskSpec(slot.astype(jnp.int32), zeros_T, zeros_T, zeros_S, slot_valid_BS.astype(bool))
+    return MaskSpec(slot.astype(jnp.int32), zeros_T, zeros_T, zeros_S, slot_valid_BS.astype(bool), "cache")
 
 
 def copies_spec(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP) -> MaskSpec:
@@ -81,7 +107,7 @@ def copies_spec(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP) -> Ma
     key_valid_BS = jnp.concatenate([ctx_valid_BC.astype(bool), jnp.tile(copy_valid_BP.astype(bool), (1, t))], 1)
     seg_BS = jnp.broadcast_to(seg_S, (b, s))
     slot = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    return MaskSpec(slot, seg_BS, limit_BS, seg_BS, key_valid_BS)
+    return MaskSpec(slot, seg_BS, limit_BS, seg_BS, key_valid_BS, "copies")
 
 
 def positions_from_valid(valid_BT, start_B=None) -> jnp.ndarray:

@@ -51,7 +51,7 @@ def _pad_mask(mask, t: int, s: int):
         return _pad_axis(_pad_axis(mask.astype(bool), 1, t, False), 2, s, False)
     return MaskSpec(_pad_axis(mask.q_slot_BT, 1, t, -1), _pad_axis(mask.q_seg_BT, 1, t),
                     _pad_axis(mask.q_limit_BT, 1, t), _pad_axis(mask.key_seg_BS, 1, s),
-                    _pad_axis(mask.key_valid_BS, 1, s, False))
+                    _pad_axis(mask.key_valid_BS, 1, s, False))  # (padded queries see nothing: no named form)
 
 
 def blockwise_attention(q_BTKGH, k_BSKH, v_BSKH, mask, block_q: int = 512, block_k: int = 512):

@@ -68,6 +68,9 @@ class ModelConfig:
     # forward and the backward; blocks of `attention_block` queries × keys): blockwise_attention.py
     attention: str = "dense"
     attention_block: int = 512
+    # with attention='blockwise': on an NVIDIA GPU, the masks cuDNN's fused attention takes
+    # (right-padded causal rows, bf16/fp16) run through it instead (fused_attention.py)
+    gpu_fused_attention: bool = False
 
     def __post_init__(self):
         if self.model_type not in _ARCHITECTURES:
@@ -81,6 +84,9 @@ class ModelConfig:
         if self.attention not in ("dense", "blockwise") or self.attention_block < 1:
             raise ValueError(f"attention must be 'dense' or 'blockwise' with attention_block ≥ 1, got "
                              f"{self.attention!r}, {self.attention_block}")
+        if self.gpu_fused_attention and self.attention != "blockwise":
+            raise ValueError(f"gpu_fused_attention needs attention='blockwise' (the kernel for the masks cuDNN "
+                             f"does not take), got attention={self.attention!r}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")

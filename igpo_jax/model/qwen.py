@@ -9,7 +9,9 @@ compact `attention_mask.MaskSpec` (O(T + S) vectors; the dense path materialises
 path computes each block from it). Callers build it inside their jitted function (`causal_mask`,
 the KV cache, the scoring block mask), so one decoder serves training, sampling and scoring.
 `cfg.attention` picks the kernel: 'dense' (`_attend`, chunked over queries) or 'blockwise'
-(blockwise_attention.py: O(length) memory in forward and backward).
+(blockwise_attention.py: O(length) memory in forward and backward). With `cfg.gpu_fused_attention`,
+a cache-free attention whose mask cuDNN takes (fused_attention.route: right-padded causal rows,
+bf16/fp16, an NVIDIA GPU) runs cuDNN's fused kernel instead, the blockwise one staying for the rest.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from igpo_jax.model import fused_attention
 from igpo_jax.model.attention_mask import MaskSpec, causal_mask, positions_from_valid
 from igpo_jax.model.blockwise_attention import blockwise_attention
 from igpo_jax.model.config import ModelConfig
@@ -173,8 +176,12 @@ class Attention(nnx.Module):
                 out = _attend(q, k_BKSH.astype(dt), v_BKSH.astype(dt), mask_BTS, kv_layout="bksh")
         elif blockwise:
             block = cfg.attention_block
-            out = sequence_parallel_attention(lambda *a: blockwise_attention(*a, block, block),
-                                              q, k.astype(dt), v.astype(dt), mask_BTS)
+            blocked = lambda *a: blockwise_attention(*a, block, block)
+            attend = blocked
+            if fused_attention.kernel(mask_BTS, dt, h, cfg.gpu_fused_attention) == "cudnn":
+                attend = fused_attention.fused_attention
+            # (a shard of a sequence-split row: blockwise, its queries do not start at key 0)
+            out = sequence_parallel_attention(attend, q, k.astype(dt), v.astype(dt), mask_BTS, split_attend=blocked)
         else:
             # (split over a `sequence` mesh axis, a shard's queries are not the row's first: plain
             # dense attention there)
