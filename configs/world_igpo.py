@@ -35,16 +35,24 @@ held-out questions, val no-format F1 (± se 0.046-0.05) at steps 0 / 5 / 10:
   igpo seed 1: 0.281 / 0.302 / 0.177 (format error 0 / 0.01 / 0.05), 1139 s
   grpo seed 0: 0.281 / 0.479 / 0.562 (format error 0 throughout), 1051 s, collapse 0.75
   grpo seed 1: 0.281 / 0.302 / 0.333, 949 s, collapse 0.85
-Means: IGPO 0.281 → 0.284, GRPO 0.281 → 0.448. GRPO learns faster here, IGPO does NOT beat it
-(seed 2 not yet run). Why, as far as measured: with one search result and the entity forced
-as the query, every rollout of a group retrieves the same document, so the IG of a group's
-search turns is nearly equal and says nothing about which rollout did better; joint
-normalisation (IGPO_SPEC §3) then puts those positive IGs and the answers' F1 in one pool, so in
-a group whose answers are all wrong (GRPO: no gradient, collapse 0.75-0.85) every answer turn
-gets a negative advantage of about one std: the policy is pushed off whatever it answered,
-which showed as unclosed, rambling answers (format error 0.27 at step 5, seed 0). Next to try:
-`algorithm.info_gain_norm_mode="separate"`, two results (top_k 2) or two-hop questions, where
-searches differ within a group.
+Means: IGPO 0.281 → 0.284, GRPO 0.281 → 0.448 (those IGPO runs: joint normalisation). Why,
+as far as measured: joint normalisation (IGPO_SPEC §3) puts the search turns' positive IGs and the
+answers' F1 in one pool, so in a group whose answers are all wrong (GRPO: no gradient, collapse
+0.75-0.85) every answer turn gets a negative advantage of about one std: the policy was pushed
+off whatever it answered (unclosed, rambling answers: format error 0.27 at step 5, seed 0).
+Now `info_gain_norm_mode="separate"` (answer tokens get exactly GRPO's advantage; the search
+turn adds its group-normalised IG). MEASURED (2026-12-05, with helper jobs sharing the 2 cores,
+so wall times are inflated): igpo seed 0: 0.281 / 0.307 / 0.375 (format error 0 / 0.07 / 0.03),
+collapse 0.2, 2053 s. The IG does teach the search: the fraction of rollouts whose search found
+the answer's document went 0.56 → 1.0 by step 3 (diag/answer_doc_found_frac), diag/ig_answer_doc
+0.39-0.66 vs ig_other_doc 0.0. What limits F1 is the answer, not the search: the validation
+episodes (samples/val_step_*.jsonl) show the model copying the wrong field of the right document,
+and which field it prefers swings as a whole: it answered with a year on 84 of the 96 questions
+at step 0 (right on 20 of the 26 year questions, 7 of the 70 others), on 9 at step 5 (6 and 23
+right) and on 76 at step 10 (25 and 11 right): a bias that flips, not a reading of the question. With 2
+questions a step the update sees one or two field types at a time; the next experiment is 4
+questions × 4 rollouts (same 16 rows): field types mixed within a step, and smaller groups,
+where GRPO collapses more often and the IG still ranks the searches.
 """
 
 from igpo_jax.agent.prompts import SEARCH_TAGS_FEW_SHOT_PROMPT
