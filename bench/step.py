@@ -10,14 +10,15 @@ The savings (issue 17), each a config switch that is on by default:
 - π_old: none for a one-step update (ρ = 1 exactly), else the IG scoring pass's log-probs
   (`actor.recompute_old_logp=False`); off: a forward of the policy over every row;
 - update and π_ref: each group's prompt computed once for its G rows (`actor.share_prompt_prefix`);
-- start-up: the persistent compilation cache (compilation_cache.py).
+- start-up: the persistent compilation cache (compilation_cache.py) and the GGUF weights cache
+  (model/gguf_file.py).
 A step is what train.py does (its `old_logp_source` and `prefix_layout` decide), on SmolLM2-135M
 with the embedded world's questions and mock search (deterministic results), overlap off so both
 sides roll out the same tokens. Every measured step starts from the same params (restored), so
 on and off see the same trajectories and must give the same loss (printed, and checked).
 
-Start-up: a fresh process (imports, model, world, one step, then a second step) with a new,
-empty cache directory, then again with the same directory; start-up = time to the end of the
+Start-up: a fresh process (imports, model, world, one step, then a second step) with new,
+empty cache directories, then again with the same directories; start-up = time to the end of the
 first step − the second step's time (what a run pays before it reaches its steady pace).
 The last line is one JSON object: per shape on_s, off_s, ratio (off / on) and the phases; the
 start-up seconds cold and warm and their ratio.
@@ -251,7 +252,7 @@ def startup(tmp: str) -> dict:
     cache = os.path.join(tmp, "xla")
     out = {}
     for label in ("cold", "warm"):
-        env = dict(os.environ, IGPO_JAX_COMPILATION_CACHE=cache)
+        env = dict(os.environ, IGPO_JAX_COMPILATION_CACHE=cache, IGPO_JAX_WEIGHTS_CACHE=os.path.join(tmp, "weights"))
         proc = subprocess.run([sys.executable, "-m", "bench.step", "--startup-child", os.path.join(tmp, f"run_{label}")],
                               env=env, capture_output=True, text=True, timeout=1800,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
