@@ -10,14 +10,15 @@ The savings (issue 17), each a config switch that is on by default:
 - π_old: none for a one-step update (ρ = 1 exactly), else the IG scoring pass's log-probs
   (`actor.recompute_old_logp=False`); off: a forward of the policy over every row;
 - update and π_ref: each group's prompt computed once for its G rows (`actor.share_prompt_prefix`);
-- start-up: the persistent compilation cache (compilation_cache.py).
+- start-up: the persistent compilation cache (compilation_cache.py) and the GGUF weights cache
+  (model/gguf_file.py).
 A step is what train.py does (its `old_logp_source` and `prefix_layout` decide), on SmolLM2-135M
 with the embedded world's questions and mock search (deterministic results), overlap off so both
 sides roll out the same tokens. Every measured step starts from the same params (restored), so
 on and off see the same trajectories and must give the same loss (printed, and checked).
 
-Start-up: a fresh process (imports, model, world, one step, then a second step) with a new,
-empty cache directory, then again with the same directory; start-up = time to the end of the
+Start-up: a fresh process (imports, model, world, one step, then a second step) with new,
+empty cache directories, then again with the same directories; start-up = time to the end of the
 first step − the second step's time (what a run pays before it reaches its steady pace).
 The last line is one JSON object: per shape on_s, off_s, ratio (off / on) and the phases; the
 start-up seconds cold and warm and their ratio.
@@ -184,28 +185,74 @@ def bench_shape(name: str, step: Step, repeats: int) -> dict:
                 phases_off={p: round(t, 3) for p, t in t_off.items()})
 
 
+class _Phases:
+    """Wall and CPU seconds (this process, all threads) per phase of a start-up, and JAX's own
+    tracing, lowering, compile-or-load and cache-read seconds inside them (jax.monitoring)."""
+
+    JAX_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+                  "/jax/core/compile/backend_compile_duration": "compile_or_load",
+                  "/jax/compilation_cache/cache_retrieval_time_sec": "cache_read"}
+
+    def __init__(self):
+        import jax
+
+        self.rows, self.jax = {}, {name: 0.0 for name in self.JAX_EVENTS.values()}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+
+    def _on_duration(self, event: str, duration_secs: float, **kwargs) -> None:
+        if event in self.JAX_EVENTS:  # nested jits trace inside their caller: trace sums overlap a little
+            self.jax[self.JAX_EVENTS[event]] += duration_secs
+
+    def mark(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.rows[name] = dict(wall_s=round(wall - self._wall, 3), cpu_s=round(cpu - self._cpu, 3),
+                               **{k: round(v, 3) for k, v in self.jax.items()})
+        self._wall, self._cpu = wall, cpu
+        self.jax = dict.fromkeys(self.jax, 0.0)
+
+
 def startup_child(run_dir: str) -> None:
-    """A fresh program's start-up: cache from the environment, model, world, two steps (demo shape, on)."""
-    from igpo_jax import compilation_cache
+    """A fresh program's start-up: cache from the environment, model, world, two steps (demo shape, on).
+    Prints the wall and CPU seconds of each phase (CPU seconds hold up better on a shared machine),
+    the sub-phases of both steps, then the STARTUP line (start-up in wall and in CPU seconds)."""
+    from igpo_jax import compilation_cache, components
 
     compilation_cache.enable()
     compilation_cache.counts()
-    step = Step(SHAPES["demo"], run_dir)
-    step.run(True)
-    first_end = time.perf_counter() - _T0
-    tic = time.perf_counter()
-    step.run(True)
-    second = time.perf_counter() - tic
+    phases = _Phases()
+    phases.rows["imports"] = dict(wall_s=round(time.perf_counter() - _T0, 3), cpu_s=round(time.process_time(), 3))
+    shape, base = SHAPES["demo"], make_config(SHAPES["demo"], True, run_dir)
+    files = components.data_files(base)
+    phases.mark("world")
+    policy, tokenizer = components.load_policy(base)
+    phases.mark("model+tokenizer")
+    step = Step(shape, run_dir, policy, tokenizer)
+    phases.mark("reference+initial copy")
+    assert step.files == files
+    first_times, _ = step.run(True)
+    phases.mark("first step")
+    first_end, first_end_cpu = time.perf_counter() - _T0, time.process_time()
+    tic, tic_cpu = time.perf_counter(), time.process_time()
+    second_times, _ = step.run(True)
+    second, second_cpu = time.perf_counter() - tic, time.process_time() - tic_cpu
+    phases.mark("second step")
+    for p in PHASES:
+        print(f"STEP {p:9s} first {first_times[p]:7.2f} s   second {second_times[p]:7.2f} s")
     counts = compilation_cache.counts()
+    for name, row in phases.rows.items():
+        print(f"PHASE {name:24s} " + " ".join(f"{k} {v:7.2f}" for k, v in row.items()))
     print("STARTUP", json.dumps(dict(first_end_s=first_end, second_step_s=second, startup_s=first_end - second,
-                                     compiled=counts.compiled, cache_hits=counts.hits)))
+                                     startup_cpu_s=first_end_cpu - second_cpu, compiled=counts.compiled,
+                                     cache_hits=counts.hits, phases=phases.rows)))
 
 
 def startup(tmp: str) -> dict:
     cache = os.path.join(tmp, "xla")
     out = {}
     for label in ("cold", "warm"):
-        env = dict(os.environ, IGPO_JAX_COMPILATION_CACHE=cache)
+        env = dict(os.environ, IGPO_JAX_COMPILATION_CACHE=cache, IGPO_JAX_WEIGHTS_CACHE=os.path.join(tmp, "weights"))
         proc = subprocess.run([sys.executable, "-m", "bench.step", "--startup-child", os.path.join(tmp, f"run_{label}")],
                               env=env, capture_output=True, text=True, timeout=1800,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -215,6 +262,9 @@ def startup(tmp: str) -> dict:
         print(f"[startup {label}] {out[label]}")
     return dict(startup_cold_s=round(out["cold"]["startup_s"], 3), startup_warm_s=round(out["warm"]["startup_s"], 3),
                 startup_ratio=round(out["warm"]["startup_s"] / out["cold"]["startup_s"], 3),
+                startup_cold_cpu_s=round(out["cold"]["startup_cpu_s"], 3),
+                startup_warm_cpu_s=round(out["warm"]["startup_cpu_s"], 3),
+                startup_cpu_ratio=round(out["warm"]["startup_cpu_s"] / out["cold"]["startup_cpu_s"], 3),
                 warm_compiled=out["warm"]["compiled"], warm_cache_hits=out["warm"]["cache_hits"])
 
 

@@ -30,10 +30,15 @@ _HITS = "/jax/compilation_cache/cache_hits"
 _COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
-def default_dir(environ=None) -> str:
+def user_cache_root(environ=None) -> str:
+    """$XDG_CACHE_HOME/igpo_jax (~/.cache/igpo_jax): this cache's default home, and the weights cache's."""
     environ = os.environ if environ is None else environ
     base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "igpo_jax", "xla")
+    return os.path.join(base, "igpo_jax")
+
+
+def default_dir(environ=None) -> str:
+    return os.path.join(user_cache_root(environ), "xla")
 
 
 def cache_dir(environ=None) -> str | None:

@@ -135,7 +135,7 @@ def compile_update(cfg, st: Settings, mesh, rules, loss_agg_mode: str = "seq-mea
     batch = UpdateBatch(arr(jnp.int32), arr(jnp.bool_), arr(jnp.float32), arr(jnp.float32), arr(jnp.float32),
                         arr(jnp.float32))
     ucfg = UpdateConfig(use_kl_loss=st.with_reference, loss_agg_mode=loss_agg_mode)
-    fn = jax.jit(_summed_gradients, static_argnums=(0, 3, 4, 5, 6))
+    fn = jax.jit(_summed_gradients, static_argnums=(0, 3, 4, 6))  # as update._gradients_fp32
     with sharding.activate(mesh, rules):
         return program_bytes(fn.lower(graphdef, state, batch, ucfg, 1, False, None).compile())
 

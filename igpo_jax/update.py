@@ -234,7 +234,10 @@ def _loss_of_logprobs(logp, entropy, micro, mask_NL, cfg: UpdateConfig, use_curr
     """The policy loss of a micro-batch's log-probs (padded or packed rows alike)."""
     if cfg.entropy_coeff == 0:
         entropy = jax.lax.stop_gradient(entropy)  # a metric only: no backward pass through it
-    old = jax.lax.stop_gradient(logp) if use_current_as_old else micro.old_logp_NL
+    if micro.old_logp_NL is None:  # only valid where use_current_as_old (Updater checks)
+        old = jax.lax.stop_gradient(logp)
+    else:  # a traced flag, not a static one: the first mini-batch and the others share one program
+        old = jnp.where(use_current_as_old, jax.lax.stop_gradient(logp), micro.old_logp_NL)
     return policy_loss(
         logp, old, micro.advantage_NL, mask_NL,
         ref_logp_BL=micro.ref_logp_NL if cfg.use_kl_loss else None,
@@ -295,10 +298,13 @@ def _summed_gradients(graphdef, params, batch: UpdateBatch, cfg: UpdateConfig, n
     return _scan_gradients(loss_of_micro, params, micro, counts)
 
 
-# the CPU compiler option sped up the fp32 train step and slowed the bf16 one (xla_flags.py)
-_gradients_fp32 = jax.jit(_summed_gradients, static_argnums=(0, 3, 4, 5, 6),
+# the CPU compiler option sped up the fp32 train step and slowed the bf16 one (xla_flags.py).
+# use_current_as_old (argument 5) is traced: one program for every mini-batch, where a static flag
+# built, loaded and traced the largest program of a run twice (a warm start-up spent ~7 s CPU
+# deserialising each copy, and as long again tracing it)
+_gradients_fp32 = jax.jit(_summed_gradients, static_argnums=(0, 3, 4, 6),
                           compiler_options=FP32_TRAIN_STEP_COMPILER_OPTIONS)
-_gradients_other = jax.jit(_summed_gradients, static_argnums=(0, 3, 4, 5, 6))
+_gradients_other = jax.jit(_summed_gradients, static_argnums=(0, 3, 4, 6))
 
 
 def _gradient_program(graphdef, params):
@@ -350,7 +356,7 @@ def _packed_micro_loss(params, graphdef, micro: PackedBatch, cfg: UpdateConfig, 
                              loss_agg_mode="token-mean", num_tokens=jnp.float32(1.0))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+@functools.partial(jax.jit, static_argnums=(0, 4))  # use_current_as_old traced, as in _gradients_fp32
 def _summed_packed_gradients(graphdef, params, micro: PackedBatch, counts, cfg: UpdateConfig,
                              use_current_as_old: bool):
     """`_summed_gradients` over packed micro-batches (already split: [num_micro, R, W])."""

@@ -7,6 +7,8 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tests leave nothing in ~/.cache: the weights cache is on only where a test turns it on (gguf_file_test)
+os.environ.setdefault("IGPO_JAX_WEIGHTS_CACHE", "off")
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

@@ -115,6 +115,37 @@ def test_remat_gives_same_gradients(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_remat_layers_share_one_trace(tmp_path, monkeypatch):
+    """The remat body is traced once for all (identical) layers, in the plain forward and in the
+    shared-prefix one: a start-up traces the update programs num_layers times faster."""
+    from flax import nnx
+
+    from igpo_jax.model import qwen, shared_prefix
+
+    calls = {"block": 0, "layer": 0}
+    real_block, real_layer = qwen._pure_block, shared_prefix._pure_layer
+
+    def block(*args):
+        calls["block"] += 1
+        return real_block(*args)
+
+    def layer(*args):
+        calls["layer"] += 1
+        return real_layer(*args)
+
+    monkeypatch.setattr(qwen, "_pure_block", block)
+    monkeypatch.setattr(shared_prefix, "_pure_layer", layer)
+    write_tiny_hf_model("llama", tmp_path)
+    model = load_hf(str(tmp_path), remat=True)
+    assert model.cfg.num_layers == 2
+    tokens, valid = _left_padded_batch(model.cfg.vocab_size)
+    nnx.grad(lambda m: forward_padded(m, tokens, valid).mean())(model)
+    split = np.full((tokens.shape[0],), 2, np.int32)
+    layout = shared_prefix.PrefixLayout(1, 2, tokens.shape[1])
+    nnx.grad(lambda m: shared_prefix.hidden_states(m, tokens, valid, split, layout)[1].mean())(model)
+    assert calls == {"block": 1, "layer": 1}
+
+
 def test_a_remat_model_also_samples_over_its_kv_cache(tmp_path):
     # the configs that train with remat sample with the same model: the cached path must not remat
     from igpo_jax.sampling import Sampler, SamplingParams

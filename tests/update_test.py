@@ -105,6 +105,27 @@ def test_nan_loss_skips_the_update_and_leaves_params_unchanged(model):
     assert float(updater.update(b)[0]["skipped"]) == 0.0
 
 
+@pytest.mark.parametrize("budget", [0, 16])  # padded and packed micro-batches
+def test_every_mini_batch_shares_one_gradient_program(model, budget):
+    """The first mini-batch (π_old = π_θ, ρ = 1) and the later ones (π_old given) are one program,
+    traced once: a start-up pays for the largest program once (cache load, trace and lowering)."""
+    b = jax.tree.map(lambda x: x[:, :11], _batch(model))  # a length no other test traces
+    traced = []
+
+    def on_duration(event, duration_secs, fun_name="", **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration" and fun_name.startswith("_summed"):
+            traced.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        metrics = Updater(model, UpdateConfig(lr=1e-3, ppo_mini_batch_size=2, micro_batch_size=1,
+                                              max_tokens_per_micro_batch=budget)).update(b)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+    assert traced == ["_summed_packed_gradients" if budget else "_summed_gradients"]
+    assert float(metrics[0]["approx_kl"]) == 0.0 and float(metrics[1]["approx_kl"]) != 0.0  # ρ = 1, then not
+
+
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
 def test_micro_batch_accumulation_equals_one_big_batch(model, mode):
     b = _batch(model)

@@ -228,16 +228,22 @@ def _block_call(block: Block, x, positions, mask, cache, layer):
     return block(x, positions, mask, cache, layer)
 
 
+def _pure_block(graphdef, state, x, positions, mask):
+    return nnx.merge(graphdef, state)(x, positions, mask)[0]
+
+
 def _remat_block_call(block: Block, x, positions, mask, cache, layer):
     """`_block_call` whose activations are recomputed in the backward pass (cache-free path only).
 
     A pure function of the block's state under `jax.checkpoint`, not `nnx.remat`: the latter
     writes the Params back and fails when the module was merged outside an enclosing
-    lax.map/scan (a different trace level)."""
+    lax.map/scan (a different trace level). One module-level function with the graphdef static,
+    not a closure per layer: JAX caches a checkpoint's trace by function, static arguments and
+    shapes, so the layers (equal graphdefs) share one trace (and one partial evaluation and
+    transpose under a gradient) instead of tracing the same block num_layers times."""
     del cache, layer  # no cache here
     graphdef, state = nnx.split(block)
-    pure = lambda state, x, positions, mask: nnx.merge(graphdef, state)(x, positions, mask)[0]
-    return jax.checkpoint(pure)(state, x, positions, mask), None
+    return jax.checkpoint(_pure_block, static_argnums=(0,))(graphdef, state, x, positions, mask), None
 
 
 class Decoder(nnx.Module):

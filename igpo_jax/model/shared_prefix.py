@@ -96,11 +96,15 @@ def _layer(block, x_QPD, x_NRD, pos_QP, pos_NR, mask_QPP, mask_NRS, group_size: 
     return x_QPD, x_NRD
 
 
+def _pure_layer(graphdef, group_size: int, state, *args):
+    return _layer(nnx.merge(graphdef, state), *args, group_size)
+
+
 def _remat_layer(block, *args, group_size: int):
-    """`_layer` whose activations are recomputed in the backward pass (as `Decoder`'s remat)."""
+    """`_layer` whose activations are recomputed in the backward pass (as `Decoder`'s remat; one
+    function with static graphdef and group size, so that the layers share one trace, as there)."""
     graphdef, state = nnx.split(block)
-    pure = lambda state, *args: _layer(nnx.merge(graphdef, state), *args, group_size)
-    return jax.checkpoint(pure)(state, *args)
+    return jax.checkpoint(_pure_layer, static_argnums=(0, 1))(graphdef, group_size, state, *args)
 
 
 def hidden_states(model, tokens_NL, valid_NL, split_N, layout: PrefixLayout):

@@ -38,9 +38,9 @@ def _gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from igpo_jax.model.weights import gguf_file
+    from igpo_jax.model.gguf_file import open_gguf
 
-    _, meta = gguf_file(path)
+    meta = open_gguf(path).metadata  # the weights cache's copy when it has one: no parse
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise TokenizerError(f"{path}: GGUF tokenizer type {kind!r} is not supported (only byte-level BPE 'gpt2')")

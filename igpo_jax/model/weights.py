@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from igpo_jax import sharding as sharding_lib
-from igpo_jax.model import config as config_lib
+from igpo_jax.model import config as config_lib, gguf_file
 from igpo_jax.model.config import ModelConfig
 from igpo_jax.model.qwen import Decoder
 
@@ -228,52 +228,28 @@ _GGUF_SUPPORTED = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
-def gguf_file(path: str):
-    """(reader, metadata) of the GGUF file at `path`, parsed once per process while the file is
-    unchanged: the weights and the tokenizer both read it, and parsing a 49k-token vocabulary's
-    fields takes seconds (measured: ~8 s of a warm run's ~55 s start-up went to parsing it twice)."""
-    stat = os.stat(path)
-    return _parsed_gguf(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=2)
-def _parsed_gguf(path: str, mtime_ns: int, size: int):
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    return reader, gguf_metadata(reader)
-
-
-def gguf_metadata(reader) -> dict[str, object]:
-    """Key/values of a GGUF file as plain Python values."""
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        meta[key] = field.contents()
-    return meta
-
-
 def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter reorders q/k rows of Llama checkpoints (interleaved RoPE); undo it."""
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def load_gguf(path: str, mesh: Mesh | None = None, rules=None, **config_overrides) -> Decoder:
-    """Decoder from a GGUF file, dequantised to `param_dtype` tensor by tensor."""
-    import gguf
-
+    """Decoder from a GGUF file, dequantised to `param_dtype` tensor by tensor (or read back from
+    the weights cache, gguf_file.py: the same bits)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"GGUF file not found: {path!r}")
-    reader, meta = gguf_file(path)
-    tensors = {t.name: t for t in reader.tensors}
-    cfg = config_lib.from_gguf_metadata(meta, has_output_tensor="output.weight" in tensors,
+    file = gguf_file.open_gguf(path)
+    cfg = config_lib.from_gguf_metadata(file.metadata, has_output_tensor="output.weight" in file.tensor_shapes,
                                         **config_overrides)
 
-    def read(tmap: TensorMap) -> np.ndarray:
-        if tmap.name not in tensors:
-            raise CheckpointError(f"missing tensor {tmap.name!r} in {path}")
-        t = tensors[tmap.name]
+    @functools.cache
+    def tensors():  # the file is parsed only for a tensor the cache does not hold
+        return {t.name: t for t in gguf_file.parsed(path).tensors}
+
+    def dequantise(tmap: TensorMap) -> np.ndarray:
+        import gguf
+
+        t = tensors()[tmap.name]
         qtype = t.tensor_type.name
         if qtype not in _GGUF_SUPPORTED:
             raise CheckpointError(
@@ -284,7 +260,13 @@ def load_gguf(path: str, mesh: Mesh | None = None, rules=None, **config_override
             w = _unpermute_rope(w, cfg.num_heads if tmap.path[-1] == "q_proj" else cfg.num_kv_heads)
         return w
 
-    return _build(cfg, path, read, _tensor_maps(cfg, GGUF_NAMES), mesh, rules or sharding_lib.DEFAULT_RULES)
+    with gguf_file.dequantised(file, cfg.jnp_param_dtype) as get:
+        def read(tmap: TensorMap) -> np.ndarray:
+            if tmap.name not in file.tensor_shapes:
+                raise CheckpointError(f"missing tensor {tmap.name!r} in {path}")
+            return get(tmap.name, lambda: dequantise(tmap))
+
+        return _build(cfg, path, read, _tensor_maps(cfg, GGUF_NAMES), mesh, rules or sharding_lib.DEFAULT_RULES)
 
 
 def load(path: str, mesh: Mesh | None = None, rules=None, **config_overrides) -> Decoder:
