@@ -70,12 +70,12 @@ def get_config():
     c.data.world_questions = 448
     c.data.world_two_hop_fraction = 0.0  # one-hop first
     c.data.world_test_fraction = 192 / 448  # 192 held-out test questions, 256 training questions
-    c.data.train_batch_size = 2
+    c.data.train_batch_size = 4  # 4 questions × 4 rollouts: field types mixed within a step
     c.data.val_batch_size = 96  # one batch: the KV cache of 96 rows × 1024 slots is 2.2 GB
     c.data.val_max_questions = 96  # the first 96 of the 192 held-out questions (see the docstring)
     c.search.engine = "local"
     c.search.top_k = 1  # as in the prompt's examples: the first result is the entity searched for
-    c.rollout.n = 8
+    c.rollout.n = 4
     c.rollout.today = "2026-01-01"  # the system prompt's {today}, pinned: the same prompts on any day
     c.rollout.dialect = "search_tags"
     c.rollout.system_prompt = SEARCH_TAGS_FEW_SHOT_PROMPT
@@ -96,7 +96,7 @@ def get_config():
     c.algorithm.pseudo_turn_template = " {answer} </answer><|im_end|>"
     c.actor.lr = 3e-5
     c.actor.warmup_steps = 2  # Adam's first steps move every weight by ~lr at once
-    c.actor.ppo_mini_batch_size = 8  # two optimiser steps per RL step (π_old: the scoring pass)
+    c.actor.ppo_mini_batch_size = 8  # two groups; two optimiser steps per RL step (π_old: the scoring pass)
     c.actor.micro_batch_size = 8
     c.trainer.total_training_steps = 10
     c.trainer.val_before_train = True
