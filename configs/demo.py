@@ -36,6 +36,9 @@ from igpo_jax.config_base import sibling_config
 def get_config():
     c = sibling_config(__file__, "world_igpo")
     c.run_dir = "runs/demo"
+    # the shape its figures were measured at (world_igpo has since moved to 4 questions × 4)
+    c.data.train_batch_size = 2
+    c.rollout.n = 8
     c.data.world_questions = 200
     c.data.world_test_fraction = 0.24  # 48 held-out questions
     c.data.val_batch_size = 24  # two batches: the KV cache of 24 rows is 0.56 GB (6 GiB target)

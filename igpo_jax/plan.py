@@ -345,16 +345,19 @@ def _layer_params(cfg, mesh_shape: Mapping[str, int], rules) -> tuple[int, int]:
     return per_device_bytes(layer, unsharded, rules) // 4, len(arrays)
 
 
+def _shapes(cfg, mesh_shape: Mapping[str, int], rules):
+    """(compute itemsize, hidden size, per-device (heads, kv heads, head dim, mlp, vocab), whether
+    fsdp splits the weights, `_layer_params`): what the phase estimates are made of."""
+    dims = _dims(cfg, abstract_mesh(mesh_shape), rules)
+    return (cfg.jnp_dtype.itemsize, cfg.hidden_size, dims, mesh_shape.get("fsdp", 1) > 1,
+            _layer_params(cfg, mesh_shape, rules))
+
+
 def update_phases(cfg, rows: int, t: int, global_rows: int, mesh_shape: Mapping[str, int], rules) -> dict[str, int]:
     """The update program's temporaries per device in each of its phases, for `rows` rows of t
     tokens a device (a packed micro-batch: one row of its token budget) of `global_rows` rows in
     all; the program needs the largest (module docstring)."""
-    mesh = abstract_mesh(mesh_shape)
-    b = cfg.jnp_dtype.itemsize
-    n, k, h, f, _ = _dims(cfg, mesh, rules)
-    d = cfg.hidden_size
-    fsdp = mesh_shape.get("fsdp", 1) > 1
-    layer_elements, layer_arrays = _layer_params(cfg, mesh_shape, rules)
+    b, d, (n, k, h, f, _), fsdp, (layer_elements, layer_arrays) = _shapes(cfg, mesh_shape, rules)
     # remat keeps each layer's input for the backward; XLA:CPU drops the remat's optimisation
     # barriers before its last CSE pass, which then shares rms_norm's float32 upcast of the input
     # between the forward and the recompute: the upcast lives until the backward too
@@ -394,12 +397,7 @@ def scoring_phases(cfg, rows: int, s: int, context: int, global_rows: int, mesh_
     tokens' log-probs select their positions over the whole batch as the update does
     (`update_phases`), next to the final hidden state in float32. (The vocab projection runs
     after, over chunks of the selected positions: smaller than either.)"""
-    mesh = abstract_mesh(mesh_shape)
-    b = cfg.jnp_dtype.itemsize
-    n, k, h, f, _ = _dims(cfg, mesh, rules)
-    d = cfg.hidden_size
-    fsdp = mesh_shape.get("fsdp", 1) > 1
-    layer_elements, _ = _layer_params(cfg, mesh_shape, rules)
+    b, d, (n, k, h, f, _), fsdp, (layer_elements, _) = _shapes(cfg, mesh_shape, rules)
     stream = 2 * rows * s * d * b
     layer = rows * s * _LIVE_PER_TOKEN(d, n, k, h, f) * b
     mask = 0 if cfg.attention == "blockwise" else rows * s * s
