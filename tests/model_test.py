@@ -167,3 +167,20 @@ def test_a_remat_model_computes_micro_batched_logprobs(tmp_path):
     plain = compute_logprobs(load_hf(str(tmp_path)), tokens, valid, micro_batch_size=1)
     remat = compute_logprobs(load_hf(str(tmp_path), remat=True), tokens, valid, micro_batch_size=1)
     np.testing.assert_allclose(np.asarray(remat), np.asarray(plain), atol=1e-6)
+
+
+def test_abstract_decoder_is_the_random_decoder_without_its_rng():
+    """Loaders fill `abstract_decoder` (built without an RNG, 10x faster to trace): the same
+    graph, shapes, dtypes and logical axes as an abstract random-init Decoder."""
+    from flax import nnx
+
+    from igpo_jax.model import config as config_lib
+    from igpo_jax.model.qwen import Decoder, abstract_decoder
+
+    cfg = config_lib.preset("SmolLM2-135M-Instruct")
+    ours = nnx.split(abstract_decoder(cfg))
+    random = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
+    assert ours[0] == random[0]
+    describe = lambda state: [(path, v.get_value().shape, v.get_value().dtype, v.get_metadata().get("axes"))
+                              for path, v in nnx.to_flat_state(state)]
+    assert describe(ours[1]) == describe(random[1])
