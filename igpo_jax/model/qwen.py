@@ -224,6 +224,22 @@ def _block_call(block: Block, x, positions, mask, cache, layer):
     return block(x, positions, mask, cache, layer)
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _one_layer_of_cache(graphdef, state, x, positions, mask, cache):
+    return nnx.merge(graphdef, state)(x, positions, mask, cache, 0)
+
+
+def _cached_block_call(block: Block, x, positions, mask, cache, layer):
+    """`_block_call` over a cache, as one jitted function of the block's state and its layer of
+    the cache: every layer of a sampling program then shares one trace and one lowered function
+    (XLA inlines it; the program computes what `_block_call` does), not one per layer."""
+    graphdef, state = nnx.split(block)
+    one = cache.replace(k_layers=(cache.k_layers[layer],), v_layers=(cache.v_layers[layer],))
+    x, one = _one_layer_of_cache(graphdef, state, x, positions, mask, one)
+    put = lambda layers, new: layers[:layer] + new + layers[layer + 1:]
+    return x, cache.replace(k_layers=put(cache.k_layers, one.k_layers), v_layers=put(cache.v_layers, one.v_layers))
+
+
 def _pure_block(graphdef, state, x, positions, mask):
     return nnx.merge(graphdef, state)(x, positions, mask)[0]
 
@@ -269,7 +285,7 @@ class Decoder(nnx.Module):
         x = constrain(x, ("batch", "length", "embed"))
         # remat only pays off under a gradient, which never flows through the cached (sampling) path
         remat = cfg.remat and cache is None
-        block_call = _remat_block_call if remat else _block_call
+        block_call = _remat_block_call if remat else _block_call if cache is None else _cached_block_call
         for i, block in enumerate(self.layers):
             x, cache = block_call(block, x, positions_BT, mask_BTS, cache, i)
         return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), cache
