@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
@@ -156,7 +157,7 @@ class Step:
                     layout=None if layout is None else dataclasses.astuple(layout), rows=num_rows,
                     tokens=int(traj.valid_NL.sum()), prompt_tokens=None if split_N is None else int(split_N[0]),
                     prefill_shared=prefill_shared,
-                    tokens_hash=hash(traj.tokens_NL.tobytes()))
+                    tokens_hash=hashlib.sha1(traj.tokens_NL.tobytes()).hexdigest()[:16])
         return times, info
 
 
@@ -231,11 +232,11 @@ def startup_child(run_dir: str) -> None:
     step = Step(shape, run_dir, policy, tokenizer)
     phases.mark("reference+initial copy")
     assert step.files == files
-    first_times, _ = step.run(True)
+    first_times, first_info = step.run(True)
     phases.mark("first step")
     first_end, first_end_cpu = time.perf_counter() - _T0, time.process_time()
     tic, tic_cpu = time.perf_counter(), time.process_time()
-    second_times, _ = step.run(True)
+    second_times, second_info = step.run(True)
     second, second_cpu = time.perf_counter() - tic, time.process_time() - tic_cpu
     phases.mark("second step")
     for p in PHASES:
@@ -245,7 +246,10 @@ def startup_child(run_dir: str) -> None:
         print(f"PHASE {name:24s} " + " ".join(f"{k} {v:7.2f}" for k, v in row.items()))
     print("STARTUP", json.dumps(dict(first_end_s=first_end, second_step_s=second, startup_s=first_end - second,
                                      startup_cpu_s=first_end_cpu - second_cpu, compiled=counts.compiled,
-                                     cache_hits=counts.hits, phases=phases.rows)))
+                                     cache_hits=counts.hits, phases=phases.rows,
+                                     tokens_hash=first_info["tokens_hash"], loss=first_info["loss"],
+                                     same_second_step=(first_info["tokens_hash"], first_info["loss"])
+                                     == (second_info["tokens_hash"], second_info["loss"]))))
 
 
 def startup(tmp: str) -> dict:

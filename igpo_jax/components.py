@@ -20,7 +20,7 @@ from flax import nnx
 from igpo_jax import compilation_cache, data, distributed, host_memory, sharding, world, xla_flags
 from igpo_jax.agent.rollout import RolloutConfig
 from igpo_jax.model import embedded, tokenizer as tokenizer_lib, weights
-from igpo_jax.model.qwen import Decoder
+from igpo_jax.model.qwen import abstract_decoder
 from igpo_jax.sampling import SamplingParams
 from igpo_jax.search.clients import BlockingSearchClient, make_search_client
 
@@ -106,7 +106,7 @@ def in_dtype(model, dtype: str | None, view=None):
     if dtype is None or cfg.param_dtype == cfg.dtype == dtype:
         return model
     if view is None:
-        view = nnx.eval_shape(lambda: Decoder(cfg.replace(param_dtype=dtype, dtype=dtype), nnx.Rngs(0)))
+        view = abstract_decoder(cfg.replace(param_dtype=dtype, dtype=dtype))
     state = nnx.state(model)
     nnx.update(view, jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                   state))

@@ -77,7 +77,7 @@ from jax.sharding import AbstractMesh
 from igpo_jax import sharding
 from igpo_jax.model import config as model_config
 from igpo_jax.model.kv_cache import KV_AXES
-from igpo_jax.model.qwen import Decoder
+from igpo_jax.model.qwen import abstract_decoder
 
 GiB = 1024 ** 3
 # Memory per device, bytes. GPUs list their nominal HBM; nvidia-smi shows slightly less
@@ -131,7 +131,7 @@ def per_device_bytes(tree, mesh: AbstractMesh, rules: sharding.Rules) -> int:
 
 def abstract_params(cfg: model_config.ModelConfig):
     """nnx.State of the decoder's params as ShapeDtypeStructs, with their `axes` metadata."""
-    return nnx.state(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))), nnx.Param)
+    return nnx.state(abstract_decoder(cfg), nnx.Param)
 
 
 def abstract_opt_state(params):

@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from igpo_jax import sharding
 from igpo_jax.igpo.scoring import one_pass_mean_logp
 from igpo_jax.model.kv_cache import KVCache
-from igpo_jax.model.qwen import Decoder
+from igpo_jax.model.qwen import abstract_decoder
 from igpo_jax.plan import PSEUDO_TURN_TOKENS, Plan, Settings
 from igpo_jax.sampling import SamplingParams, _decode_loop, _Rows
 from igpo_jax.update import UpdateBatch, UpdateConfig, _summed_gradients
@@ -67,7 +67,7 @@ def program_bytes(compiled) -> int:
 
 def _abstract_state(cfg, mesh, rules):
     """(graphdef, nnx.State of ShapeDtypeStructs with their NamedShardings)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
+    graphdef, state = nnx.split(abstract_decoder(cfg))
 
     def place(var):
         value = var.get_value()

@@ -167,3 +167,49 @@ def test_a_remat_model_computes_micro_batched_logprobs(tmp_path):
     plain = compute_logprobs(load_hf(str(tmp_path)), tokens, valid, micro_batch_size=1)
     remat = compute_logprobs(load_hf(str(tmp_path), remat=True), tokens, valid, micro_batch_size=1)
     np.testing.assert_allclose(np.asarray(remat), np.asarray(plain), atol=1e-6)
+
+
+def test_abstract_decoder_is_the_random_decoder_without_its_rng():
+    """Loaders fill `abstract_decoder` (built without an RNG, 10x faster to trace): the same
+    graph, shapes, dtypes and logical axes as an abstract random-init Decoder."""
+    from flax import nnx
+
+    from igpo_jax.model import config as config_lib
+    from igpo_jax.model.qwen import Decoder, abstract_decoder
+
+    cfg = config_lib.preset("SmolLM2-135M-Instruct")
+    ours = nnx.split(abstract_decoder(cfg))
+    random = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
+    assert ours[0] == random[0]
+    describe = lambda state: [(path, v.get_value().shape, v.get_value().dtype, v.get_metadata().get("axes"))
+                              for path, v in nnx.to_flat_state(state)]
+    assert describe(ours[1]) == describe(random[1])
+
+
+def test_the_cached_path_traces_one_layer_for_all_layers(tmp_path, monkeypatch):
+    """Sampling programs trace and lower their (identical) layers once, and compute what the
+    per-layer loop computes: the same hidden states and cache, bit for bit."""
+    from igpo_jax.model import qwen
+
+    write_tiny_hf_model("llama", tmp_path)
+    model = load_hf(str(tmp_path))
+    assert model.cfg.num_layers == 2
+    tokens, valid = _left_padded_batch(model.cfg.vocab_size, lengths=(9, 4, 6))
+    calls, real_call = [], qwen.Block.__call__
+    monkeypatch.setattr(qwen.Block, "__call__", lambda self, *a: calls.append(1) or real_call(self, *a))
+    step = lambda m, c: extend(m, c, tokens, valid)
+    size = 19  # a cache no other test traces
+
+    hidden, cache = jax.jit(step)(model, KVCache.init(model.cfg, batch=3, size=size))
+    assert len(calls) == 1
+
+    def per_layer(block, x, positions, mask, cache, layer):  # every layer traced on its own
+        return block(x, positions, mask, cache, layer)
+
+    monkeypatch.setattr(qwen, "_cached_block_call", per_layer)
+    step_apart = lambda m, c: extend(m, c, tokens, valid)  # a new function: traced again
+    hidden_apart, cache_apart = jax.jit(step_apart)(model, KVCache.init(model.cfg, batch=3, size=size))
+    assert len(calls) == 1 + 2
+    np.testing.assert_array_equal(np.asarray(hidden), np.asarray(hidden_apart))
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(cache_apart)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

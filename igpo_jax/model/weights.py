@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from igpo_jax import sharding as sharding_lib
 from igpo_jax.model import config as config_lib, gguf_file
 from igpo_jax.model.config import ModelConfig
-from igpo_jax.model.qwen import Decoder
+from igpo_jax.model.qwen import Decoder, abstract_decoder
 
 
 class CheckpointError(ValueError):
@@ -153,7 +153,7 @@ GGUF_NAMES = {
 
 
 def _abstract_model(cfg: ModelConfig):
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))
+    abstract = abstract_decoder(cfg)
     return nnx.split(abstract)
 
 
