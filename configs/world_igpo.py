@@ -8,9 +8,10 @@ SmolLM2-135M-Instruct (embedded GGUF), the synthetic world with one-hop question
 rung of difficulty: one search finds the document that states the answer), the embedded BM25
 retriever. configs/world_grpo.py is this file with `algorithm.use_info_gain=False`.
 
-Validation: 192 held-out questions (their entities are never asked about in training), greedy,
-before the first update (step 0) and every `test_freq` steps; `val/no_format_f1_se` says how
-large a change is noise (≈ 0.02 at F1 ≈ 0.06, ≈ 0.03 at 0.3).
+Validation: the first 96 of 192 held-out questions (their entities are never asked about in
+training), greedy, before the first update (step 0) and every `test_freq` steps;
+`val/no_format_f1_se` says how large a change is noise (0.046-0.051 at F1 0.28-0.58; a change
+measured per question, bench.sweep_summary's paired se, 0.04-0.07).
 
 What a researcher would tune, tuned (the algorithm, IGPO_SPEC §2–§4, is untouched):
 - a two-shot system prompt (prompts.SEARCH_TAGS_FEW_SHOT_PROMPT): search for the entity, then
@@ -26,35 +27,41 @@ What a researcher would tune, tuned (the algorithm, IGPO_SPEC §2–§4, is unto
   step 0 and room to rise: pick the asked-for words from the document it found.
 - the pseudo answer turn continues the forced `<answer>` prefix (" {answer} </answer>"), so the
   final context's P(gold) is the probability that the policy's next turn answers with the gold;
-- lr 2e-5 (a 135M model, 16 steps), 2 questions × 8 rollouts per step, temperature 0.7;
-  turns of ≤ 32 tokens, a 1024-slot context (the KV cache of a 64-row validation batch: 1.5 GB).
+- lr 3e-5 with 2 warm-up steps (a 135M model, 10 steps), 4 questions × 4 rollouts per step
+  (field types mixed within a step; with 2 × 8 the answer bias flipped as a whole: a year for
+  84 / 9 / 76 of the 96 validation questions at steps 0 / 5 / 10, IGPO seed 0 of 2026-12-05),
+  temperature 0.7; turns of ≤ 32 tokens, a 1024-slot context.
 
-MEASURED (2026-12-02, 2-core machine, one run at a time; bench.learning JSON per run), 96
-held-out questions, val no-format F1 (± se 0.046-0.05) at steps 0 / 5 / 10:
-  igpo seed 0: 0.281 / 0.401 / 0.392 (format error 0 / 0.27 / 0.04), 1165 s, peak RSS 15.2 GB
-  igpo seed 1: 0.281 / 0.302 / 0.177 (format error 0 / 0.01 / 0.05), 1139 s
-  grpo seed 0: 0.281 / 0.479 / 0.562 (format error 0 throughout), 1051 s, collapse 0.75
-  grpo seed 1: 0.281 / 0.302 / 0.333, 949 s, collapse 0.85
-Means: IGPO 0.281 → 0.284, GRPO 0.281 → 0.448 (those IGPO runs: joint normalisation). Why,
-as far as measured: joint normalisation (IGPO_SPEC §3) puts the search turns' positive IGs and the
-answers' F1 in one pool, so in a group whose answers are all wrong (GRPO: no gradient, collapse
-0.75-0.85) every answer turn gets a negative advantage of about one std: the policy was pushed
-off whatever it answered (unclosed, rambling answers: format error 0.27 at step 5, seed 0).
-Now `info_gain_norm_mode="separate"` (answer tokens get exactly GRPO's advantage; the search
-turn adds its group-normalised IG). MEASURED (2026-12-05, with helper jobs sharing the 2 cores,
-so wall times are inflated): igpo seed 0: 0.281 / 0.307 / 0.375 (format error 0 / 0.07 / 0.03),
-collapse 0.2, 2053 s. The IG does teach the search: the fraction of rollouts whose search found
-the answer's document went 0.56 → 1.0 by step 3 (diag/answer_doc_found_frac), diag/ig_answer_doc
-0.39-0.66 vs ig_other_doc 0.0. What limits F1 is the answer, not the search: the validation
-episodes (samples/val_step_*.jsonl) show the model copying the wrong field of the right document,
-and which field it prefers swings as a whole: it answered with a year on 84 of the 96 questions
-at step 0 (right on 20 of the 26 year questions, 7 of the 70 others), on 9 at step 5 (6 and 23
-right) and on 76 at step 10 (25 and 11 right): a bias that flips, not a reading of the question. With 2
-questions a step the update sees one or two field types at a time; the next experiment is 4
-questions × 4 rollouts (same 16 rows): field types mixed within a step, and smaller groups,
-where GRPO collapses more often and the IG still ranks the searches. One such run (igpo seed 0,
---config.data.train_batch_size=4 --config.rollout.n=4) reached 0.521 at step 5 (format error 0)
-before the OOM killer stopped it at step 9 (other jobs shared the machine): the lead to follow.
+MEASURED (2026-12-05, 2-core machine, the sweep configs/sweeps/world_igpo_vs_grpo.py one run at
+a time, `bench.learning` JSON per run; a niced test suite or compile ran beside them, so wall
+times are high by a few percent): 96 held-out questions, val no-format F1 (se 0.046-0.051; the
+per-question paired se of a change ≈ 0.045-0.07) at steps 0 / 5 / 10, format error ≤ 0.01 at
+every validation of every run:
+  igpo seed 0: 0.281 / 0.521 / 0.349   1510 s     grpo seed 0: 0.281 / 0.494 / 0.391   1544 s
+  igpo seed 1: 0.281 / 0.451 / 0.583   1515 s     grpo seed 1: 0.281 / 0.351 / 0.325   1470 s
+  igpo seed 2: 0.281 / 0.323 / 0.323   1489 s     grpo seed 2: 0.281 / 0.312 / 0.339   1374 s
+  mean IGPO:   0.281 / 0.431 / 0.418              mean GRPO:   0.281 / 0.386 / 0.351
+Steps take 60-100 s (rollout 16-40 s, scoring 11-16 s, update 22-48 s: two optimiser steps),
+each 96-question validation about 4 min; a run 22.9-25.7 min. The curves:
+bench/results/world_igpo_vs_grpo.png (`python -m igpo_jax.plot`, command in the sweep file).
+Both arms learn (every run is above step 0 at step 5), and IGPO is above GRPO at equal steps:
+per question, seeds averaged (bench.sweep_summary), IGPO − GRPO +0.046 ± 0.028 at step 5 and
++0.067 ± 0.034 at step 10. But the target (+0.25 over step 0, mean of 3 seeds, at the end) is
+NOT met: IGPO +0.137 ± 0.042 (GRPO +0.070 ± 0.049). Why, from the validation episodes
+(samples/val_step_*.jsonl): the search is
+learnt at once (diag/answer_doc_found_frac 0.56 → 1.0 by step 3; the IG of searches that found
+the answer's document 0.23-0.87, of the others ≈ 0), and what moves F1 is which words of the found
+document the policy answers with. At step 0 it answers 84 of the 96 questions with a year (26 of
+them ask for one). Three outcomes follow, per run: it learns to tell the year questions from the
+others (igpo seed 1 at step 10: a year for 26 of the 26 year questions, text for 70 of the 70
+others; igpo seed 0 likewise, 26/26 and 65/70, but for 44 of its 70 other questions its text is
+the entity it searched for, F1 0), or the bias flips as a whole (never a year: igpo seed 2 and
+grpo seeds 1 and 2 from step 5 on), or it stays half-way (grpo seed 0: a year for 30 of the 70
+others). Which one a run takes varies with the seed (the questions it draws, its samples); once
+the 4 answers of a group agree, its answer tokens get no advantage (diag/collapse_frac
+0.5-0.85 in every run), so the policy stays where it is. Next: more questions per step at the
+same rows (8 × 2), or a learning-rate decay after step 5 (every run that fell from step 5 to 10
+fell on the non-year questions).
 """
 
 from igpo_jax.agent.prompts import SEARCH_TAGS_FEW_SHOT_PROMPT

@@ -2,12 +2,14 @@
 the same config with algorithm.use_info_gain=False, i.e. configs/world_grpo.py):
 
     python -m igpo_jax.sweep configs/sweeps/world_igpo_vs_grpo.py [--launch]   # one after another
-    python -m igpo_jax.plot runs/world_igpo_vs_grpo/* --by_arm --out world_igpo_vs_grpo.png \
-        --keys val/no_format_f1,val/f1,val/format_error,diag/collapse_frac,ig/mean,diag/ig_answer_doc
+    python -m bench.sweep_summary runs/world_igpo_vs_grpo          # means, per seed, paired changes
+    python -m igpo_jax.plot runs/world_igpo_vs_grpo/* --by_arm --out bench/results/world_igpo_vs_grpo.png \
+        --keys val/no_format_f1,val/format_error,diag/collapse_frac,ig/mean,diag/ig_answer_doc
     python -m bench.learning --config=configs/world_igpo.py -- --config.seed=1   # one arm, one seed, JSON
 
 On the 2-core development machine run them one at a time (--launch): each is one full
-world_igpo run (see its docstring for the time per run). The seed changes the rollouts' sampling
+world_igpo run, about 25 minutes, so the six take 2.5 hours (world_igpo's docstring has the
+measured curves; bench/results/world_igpo_vs_grpo.png draws them). The seed changes the rollouts' sampling
 and the question order, not the world (data.world_seed) nor the held-out validation questions.
 """
 
