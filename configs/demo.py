@@ -20,7 +20,9 @@ held-out questions (entities no training question asks about; greedy): `val/f1`,
 step 0 → 0.458 ± 0.073 after 6 steps (F1 the same: format error 0 at both), ig/mean 0.35 at step 1
 → 0.60-0.86 at steps 4-6 (the searches it learns raise P(gold) more), wall 783 s (≤ 15 min: model
 and world ~10 s, step-0 validation ~2 min, steps 1-6 ~85 s each warm, step 1 ~160 s with
-compilation, final validation ~2.5 min), peak RSS 7.5 GiB: OVER the 6 GiB target. Where it goes
+compilation, final validation ~2.5 min), peak RSS 7.5 GiB: OVER the 6 GiB target. Re-measured
+2026-12-05 (bench.demo, same machine, alone; the rollout's KV cache now freed after each
+rollout): the same F1 0.354 → 0.458, wall 726 s, peak RSS 6.39 GiB, still over 6 GiB. Where it goes
 (memory/peak_rss_after_* and a probe): policy, frozen reference and AdamW moments 2.7 GB before
 anything runs; a greedy validation batch of 24 rows × 1024 slots +2.5 GB (its KV cache is 1.1 GB,
 the decode's row gather holds a second copy); the first update (compilation included) brings the
