@@ -145,6 +145,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.actor.weight_decay = 0.01
     c.actor.grad_clip = 1.0
     c.actor.warmup_steps = 0
+    # 'constant' or 'cosine': after the warm-up, cosine decays to 0 at the run's last optimiser step
+    c.actor.lr_schedule = "constant"
     c.actor.ppo_mini_batch_size = 0  # rollouts per optimiser step; 0 → all of a step's rollouts
     c.actor.micro_batch_size = 0  # rollouts per forward/backward; 0 → the mini-batch
     # token budget per device of a packed micro-batch (the reference's ppo_max_token_len_per_gpu

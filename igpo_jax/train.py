@@ -18,6 +18,7 @@ Host-side metrics are combined across processes (host_metrics.py); process 0 wri
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -47,12 +48,16 @@ LENGTH_BUCKET = 128  # token rows are padded to a multiple of this, so the updat
 
 def update_config(config: ml_collections.ConfigDict) -> UpdateConfig:
     a = config.actor
-    return UpdateConfig(lr=a.lr, weight_decay=a.weight_decay, grad_clip=a.grad_clip, warmup_steps=a.warmup_steps,
+    # the schedule counts optimiser steps, several per RL step (mini-batches × epochs)
+    rows = config.data.train_batch_size * config.rollout.n
+    ucfg = UpdateConfig(lr=a.lr, weight_decay=a.weight_decay, grad_clip=a.grad_clip, warmup_steps=a.warmup_steps,
+                        schedule=a.lr_schedule, total_steps=1,
                         ppo_mini_batch_size=a.ppo_mini_batch_size, micro_batch_size=a.micro_batch_size,
                         max_tokens_per_micro_batch=a.max_tokens_per_micro_batch,
                         ppo_epochs=a.ppo_epochs, clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
                         clip_ratio_c=a.clip_ratio_c, use_kl_loss=a.use_kl_loss, kl_coef=a.kl_coef,
                         kl_estimator=a.kl_loss_type, entropy_coeff=a.entropy_coeff, loss_agg_mode=a.loss_agg_mode)
+    return dataclasses.replace(ucfg, total_steps=config.trainer.total_training_steps * optimiser_steps(ucfg, rows))
 
 
 def old_logp_source(config: ml_collections.ConfigDict, ucfg: UpdateConfig, num_rows: int) -> str:

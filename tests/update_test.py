@@ -213,3 +213,22 @@ def test_old_logp_source_follows_the_config():
     assert old_logp_source(c, update_config(c), 8) == "recompute"  # GRPO, two steps: a forward
     c.actor.ppo_mini_batch_size, c.algorithm.use_info_gain, c.actor.recompute_old_logp = 0, True, True
     assert old_logp_source(c, update_config(c), 8) == "recompute"
+
+
+def test_cosine_schedule_decays_to_zero_at_the_runs_last_optimiser_step():
+    from igpo_jax.config_base import base_config
+    from igpo_jax.train import update_config
+    from igpo_jax.update import learning_rate_schedule
+
+    c = base_config()
+    c.data.train_batch_size, c.rollout.n, c.actor.ppo_mini_batch_size = 4, 4, 8  # 2 optimiser steps per RL step
+    c.trainer.total_training_steps, c.actor.lr, c.actor.warmup_steps = 10, 3e-5, 2
+    c.actor.lr_schedule = "cosine"
+    ucfg = update_config(c)
+    assert ucfg.total_steps == 20
+    lr = learning_rate_schedule(ucfg)
+    assert float(lr(0)) == 0.0 and float(lr(2)) == pytest.approx(3e-5)
+    assert float(lr(11)) == pytest.approx(1.5e-5, rel=1e-5)  # half-way through the decay
+    assert float(lr(20)) == pytest.approx(0.0, abs=1e-12)
+    c.actor.lr_schedule = "constant"
+    assert float(learning_rate_schedule(update_config(c))(20)) == pytest.approx(3e-5)
