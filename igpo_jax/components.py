@@ -75,7 +75,7 @@ def load_policy(config: ml_collections.ConfigDict, mesh=None, rules=None, path: 
     """(model, tokenizer) from the config's checkpoint, created directly in its shardings."""
     path = path or model_path(config)
     model = weights.load(path, mesh, rules, param_dtype=config.model.param_dtype, dtype=config.model.dtype,
-                         remat=config.model.remat, attention=config.model.attention,
+                         remat=config.model.remat, scan_layers=config.model.scan_layers, attention=config.model.attention,
                          attention_block=config.model.attention_block,
                          gpu_fused_attention=config.model.gpu_fused_attention)
     return model, tokenizer_lib.load_tokenizer(path)

@@ -32,6 +32,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"
     c.model.remat = False
+    # the update's, scoring's and π_ref's forwards run the layers as one lax.scan over their stacked
+    # weights (model/qwen.py, _scanned_layers): one layer body per program, and each layer's weight
+    # gradients finished inside its own iteration (XLA then cannot hold many layers' MLP operands)
+    c.model.scan_layers = False
     # bf16/fp16 param_dtype is refused for training (see validate): AdamW moves a weight by ~lr per
     # step, far below a bf16 weight's rounding step, so the updates round away. True opts in anyway.
     c.model.allow_low_precision_params = False
@@ -226,6 +230,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _one_of("model.attention", c.model.attention, ("dense", "blockwise"))
     _positive("model.attention_block", c.model.attention_block)
     _one_of("model.gpu_fused_attention", c.model.gpu_fused_attention, (False, True))
+    _one_of("model.scan_layers", c.model.scan_layers, (False, True))
+    _one_of("actor.lr_schedule", c.actor.lr_schedule, ("constant", "cosine"))
     if c.model.gpu_fused_attention and c.model.attention != "blockwise":
         raise ValueError(f"config.model.gpu_fused_attention=True needs config.model.attention='blockwise': the "
                          f"masks cuDNN does not take (packed segments, caches, the IG copies) and every backend "

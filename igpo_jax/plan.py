@@ -56,9 +56,13 @@ The log-prob gather is the code's own: token_logprobs sorts the loss positions o
 batch-sharded [rows·T] axis to the front, and the SPMD partitioner cannot split that gather, so
 every device assembles all devices' positions (a masked local gather summed by an all-reduce: two
 global [R·(T−1), D] copies) in the forward and again in the backward's scatter.
-Not modelled: at long micro-batches XLA:CPU's schedule defers the weight-gradient dots of several
-layers, keeping their MLP gradients ([T, F] each) alive across later layers' backward (7B, 32768
-tokens: update program 68.3 GB compiled, 46.8 GB estimated); see tests/plan_test.py.
+With `model.scan_layers` (qwen.scan_layers, the 7B config's layout) the layers' weights are
+stacked (a copy in the param dtype; the loop's stacked weight gradients take as many bytes), the
+saved layer inputs are the float32 upcast alone, and each iteration all-reduces one layer's
+gradients (nothing to combine). Unrolled, at long micro-batches XLA:CPU's schedule defers the
+weight-gradient dots of several layers and keeps their MLP gradients ([T, F] each) alive across
+later layers' backward, which is not modelled (7B, 32768 tokens: update 68.3 GB compiled, 46.8 GB
+estimated; scanned: 38.8 GB compiled); see tests/plan_test.py.
 """
 
 from __future__ import annotations
@@ -258,7 +262,7 @@ def model_from_config(c) -> model_config.ModelConfig:
     import os
 
     m = c.model
-    overrides = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention,
+    overrides = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, attention=m.attention,
                      attention_block=m.attention_block, gpu_fused_attention=m.gpu_fused_attention)
     if m.path and os.path.isfile(os.path.join(m.path, "config.json")):
         return model_config.from_hf_dir(m.path, **overrides)
@@ -345,6 +349,15 @@ def _layer_params(cfg, mesh_shape: Mapping[str, int], rules) -> tuple[int, int]:
     return per_device_bytes(layer, unsharded, rules) // 4, len(arrays)
 
 
+def _stacked_layers(cfg, mesh_shape: Mapping[str, int], rules) -> int:
+    """Per-device bytes of the layer weights stacked for `model.scan_layers` (qwen.scan_layers: a
+    copy in the param dtype, sharded as the params; 0 without the scan)."""
+    if not cfg.scan_layers:
+        return 0
+    layer = abstract_params(cfg.replace(num_layers=1))["layers"][0]
+    return cfg.num_layers * per_device_bytes(layer, abstract_mesh(mesh_shape), rules)
+
+
 def _shapes(cfg, mesh_shape: Mapping[str, int], rules):
     """(compute itemsize, hidden size, per-device (heads, kv heads, head dim, mlp, vocab), whether
     fsdp splits the weights, `_layer_params`): what the phase estimates are made of."""
@@ -361,7 +374,8 @@ def update_phases(cfg, rows: int, t: int, global_rows: int, mesh_shape: Mapping[
     # remat keeps each layer's input for the backward; XLA:CPU drops the remat's optimisation
     # barriers before its last CSE pass, which then shares rms_norm's float32 upcast of the input
     # between the forward and the recompute: the upcast lives until the backward too
-    saved = cfg.num_layers * rows * t * d * (b + (4 if b < 4 else 0))
+    # (scanned layers keep only that float32 upcast: the scan's stacked residual)
+    saved = cfg.num_layers * rows * t * d * (4 if cfg.scan_layers else b + (4 if b < 4 else 0))
     # one layer's backward: its recomputed activations and their gradients; under fsdp its weights
     # all-gathered (in float32 on CPU, then cast to the compute dtype) and its float32 weight
     # gradient in full, before the all-reduce that reduces it over the fsdp shards
@@ -377,14 +391,20 @@ def update_phases(cfg, rows: int, t: int, global_rows: int, mesh_shape: Mapping[
     # product ([F] a token each), the normed input, residual and o-projection ([D]), q and the
     # attention output ([N·H]), and the norm's float32 upcast
     gather = 2 * global_rows * (t - 1) * d * CPU_COLLECTIVE_ITEMSIZE
-    recompute = rows * t * ((3 * f + 3 * d + 2 * n * h) * b + (4 * d if b < 4 else 0))
+    # (scanned, the last layer's recompute is inside the loop, after the log-prob backward)
+    recompute = 0 if cfg.scan_layers else rows * t * ((3 * f + 3 * d + 2 * n * h) * b + (4 * d if b < 4 else 0))
     logprob = gather + rows * t * d * 4 + recompute
     # the fsdp weight gradients are all-reduced in full (XLA:CPU has no reduce-scatter) and then
     # sliced; the combiner merges the layers' all-reduces, up to 256 arrays each, so the float32
     # gradients of that many layers are live at once, as operands and as results
-    group = min(cfg.num_layers, max(1, CPU_COMBINED_ALL_REDUCE_OPERANDS // layer_arrays))
+    # (scanned layers reduce one layer's gradients an iteration: nothing to combine across layers)
+    group = 1 if cfg.scan_layers else min(cfg.num_layers, max(1, CPU_COMBINED_ALL_REDUCE_OPERANDS // layer_arrays))
     all_reduce = 2 * group * layer_elements * 4 if fsdp else 0
-    return {"layer backward": saved + layer, "log-prob gather": saved + logprob, "gradient all-reduce": all_reduce}
+    # scanned: the stacked weights and the loop's stacked weight gradients (as many bytes) live
+    # through the whole program
+    stacked = 2 * _stacked_layers(cfg, mesh_shape, rules)
+    return {"layer backward": stacked + saved + layer, "log-prob gather": stacked + saved + logprob,
+            "gradient all-reduce": stacked + all_reduce}
 
 
 def scoring_phases(cfg, rows: int, s: int, context: int, global_rows: int, mesh_shape: Mapping[str, int],
@@ -406,7 +426,8 @@ def scoring_phases(cfg, rows: int, s: int, context: int, global_rows: int, mesh_
     weights = layer_elements * (CPU_COLLECTIVE_ITEMSIZE + b) if fsdp else 0
     gather = 2 * global_rows * (context - 1) * d * CPU_COLLECTIVE_ITEMSIZE
     logprob = gather + rows * s * d * 4
-    return {"layers": stream + layer + mask + attention + weights, "log-prob gather": logprob}
+    stacked = _stacked_layers(cfg, mesh_shape, rules)
+    return {"layers": stacked + stream + layer + mask + attention + weights, "log-prob gather": logprob}
 
 
 def decode_bytes(cfg, rows: int, span: int, mesh, rules) -> int:

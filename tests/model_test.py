@@ -115,6 +115,27 @@ def test_remat_gives_same_gradients(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("remat,param_dtype,dtype,rtol", [(False, "float32", "float32", 1e-5),
+                                                          (True, "float32", "bfloat16", 2e-2)])
+def test_scanned_layers_equal_the_unrolled_layers(remat, param_dtype, dtype, rtol, tmp_path):
+    """Logits and every gradient (in the params' own dtype) of the scanned layers equal the layer loop's."""
+    from flax import nnx
+
+    write_tiny_hf_model("qwen2", tmp_path)
+    kw = dict(remat=remat, param_dtype=param_dtype, dtype=dtype)
+    loop, scan = load_hf(str(tmp_path), **kw), load_hf(str(tmp_path), scan_layers=True, **kw)
+    tokens, valid = _left_padded_batch(loop.cfg.vocab_size)
+    _assert_close_on_valid(forward_padded(scan, tokens, valid), forward_padded(loop, tokens, valid), valid, rtol)
+
+    def loss(model):
+        return jnp.where(valid[..., None], forward_padded(model, tokens, valid), 0.0).mean()
+
+    grads = [jax.tree.leaves(nnx.grad(loss)(m)) for m in (loop, scan)]
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype == jnp.dtype(param_dtype)
+        np.testing.assert_allclose(b, a, rtol=rtol, atol=rtol * float(np.abs(a).max()) + 1e-9)
+
+
 def test_remat_layers_share_one_trace(tmp_path, monkeypatch):
     """The remat body is traced once for all (identical) layers, in the plain forward and in the
     shared-prefix one: a start-up traces the update programs num_layers times faster."""

@@ -49,7 +49,8 @@ def test_make_mesh_errors():
 
 
 def test_sharded_update_equals_one_device(tmp_path):
-    """fsdp=4 × tensor=2: loss to rtol 1e-5 and params to atol 1e-6 of the 1-device step."""
+    """fsdp=4 × tensor=2, layers unrolled and scanned: loss to rtol 1e-5 and params to atol 1e-6 of
+    the 1-device step."""
     write_tiny_hf_model("qwen2", tmp_path)
     assert "equals one device" in _run_check("update", str(tmp_path))
 

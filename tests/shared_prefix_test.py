@@ -72,15 +72,26 @@ def test_group_prefix_lengths_by_hand():
     assert shared_prefix.group_prefix_lengths(tokens, valid, loss, 2) is None  # nothing shared
 
 
-def test_shared_logprobs_and_gradients_equal_the_unshared_forward(model):
+@pytest.fixture(scope="module")
+def scanned_model(model):
+    """The same weights, its layers run as one lax.scan (with remat, as the accelerator configs)."""
+    from igpo_jax.model.qwen import abstract_decoder
+
+    return nnx.merge(nnx.graphdef(abstract_decoder(model.cfg.replace(scan_layers=True, remat=True))), nnx.state(model))
+
+
+@pytest.mark.parametrize("scanned", [False, True])
+def test_shared_logprobs_and_gradients_equal_the_unshared_forward(model, scanned_model, scanned):
+    """Through the shared prefix (with the layers unrolled, or scanned with remat) as without it (unrolled)."""
     tokens, valid, loss, _ = ragged_groups(model.cfg.vocab_size)
     split, layout = _layout(tokens, valid, loss)
     np.testing.assert_array_equal(split[::G], [9, 14, 5])
     graphdef, params = nnx.split(model)
+    shared_graphdef = nnx.graphdef(scanned_model) if scanned else graphdef
     weights = jnp.asarray(np.random.default_rng(1).normal(size=tokens.shape), jnp.float32) * loss
 
     def objective(params, shared):
-        m = nnx.merge(graphdef, params)
+        m = nnx.merge(shared_graphdef if shared else graphdef, params)
         if shared:
             lp, ent = shared_prefix.token_logprobs(m, tokens, valid, jnp.asarray(split), layout, 8, True, loss > 0)
         else:

@@ -265,6 +265,33 @@ def _remat_block_call(block: Block, x, positions, mask, cache, layer):
     return jax.checkpoint(_pure_block, static_argnums=(0,))(graphdef, state, x, positions, mask), None
 
 
+def scan_layers(layers, layer_step, carry, invariants: tuple, remat: bool):
+    """`carry = layer_step(graphdef, state, carry, *invariants)` for each layer in turn, as one
+    `lax.scan` over the layers' states stacked along a new leading axis (cache-free forwards only).
+
+    One layer body in the program instead of num_layers copies (smaller programs: faster to
+    compile and to load from the compilation cache), and under a gradient each layer's backward,
+    its weight gradients included, is done inside its own loop iteration: unrolled, XLA may defer
+    the weight-gradient dots of many layers past later layers' backward and hold their [T, F]
+    operands meanwhile (plan.py). The stack copies the layer weights in their own dtype, so the
+    gradients stay in it (float32 masters get float32 gradients, as unscanned).
+
+    `invariants` (positions, masks: the same for every layer) ride in the carry behind an
+    optimisation barrier. Closed over, or carried through unchanged, they are loop invariants, and
+    the scan's partial evaluation then computes everything that depends on them alone (every
+    attention block's mask, broadcast to [B, K, G, tq, tk]) once, before the loop, and keeps it for
+    the backward: 120 GB a device for one 32k-token row of the 7B update."""
+    graphdef = nnx.graphdef(layers[0])
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(nnx.state(block) for block in layers))
+
+    def body(c, state):
+        c, inv = c
+        inv = jax.lax.optimization_barrier(inv)
+        return (layer_step(graphdef, state, c, *inv), inv), None
+
+    return jax.lax.scan(jax.checkpoint(body) if remat else body, (carry, invariants), stacked)[0][0]
+
+
 class Decoder(nnx.Module):
     """Causal LM. `__call__` → logits; `hidden` + `logits_from_hidden` let callers chunk the vocab
     projection (the largest activation for small models)."""
@@ -292,6 +319,13 @@ class Decoder(nnx.Module):
         x = constrain(x, ("batch", "length", "embed"))
         # remat only pays off under a gradient, which never flows through the cached (sampling) path
         remat = cfg.remat and cache is None
+        if cfg.scan_layers and cache is None:
+            # (the carry constrained as the layer's output is: the loop state, and the stacked
+            # residuals autodiff saves from it, otherwise take no sharding and are replicated)
+            step = lambda graphdef, state, x, positions, mask: _pure_block(
+                graphdef, state, constrain(x, ("batch", "length", "embed")), positions, mask)
+            x = scan_layers(self.layers, step, x, (positions_BT, mask_BTS), remat)
+            return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), cache
         block_call = _remat_block_call if remat else _block_call if cache is None else _cached_block_call
         for i, block in enumerate(self.layers):
             x, cache = block_call(block, x, positions_BT, mask_BTS, cache, i)

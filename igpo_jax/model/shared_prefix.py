@@ -31,7 +31,7 @@ from flax import nnx
 
 from igpo_jax.model.attention_mask import causal_mask, positions_from_valid
 from igpo_jax.model.kv_cache import KVCache
-from igpo_jax.model.qwen import rms_norm
+from igpo_jax.model.qwen import rms_norm, scan_layers
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
 
 
@@ -123,7 +123,10 @@ def hidden_states(model, tokens_NL, valid_NL, split_N, layout: PrefixLayout):
                                 causal_mask(valid_NR)], axis=2)
     embed = model.embed[...].astype(cfg.jnp_dtype)
     x_QPD, x_NRD = embed[tok_QP], embed[tok_NR]
-    for block in model.layers:
+    if cfg.scan_layers:
+        step = lambda graphdef, state, xs, *invariants: _pure_layer(graphdef, g, state, *xs, *invariants)
+        x_QPD, x_NRD = scan_layers(model.layers, step, (x_QPD, x_NRD), (pos_QP, pos_NR, mask_QPP, mask_NRS), cfg.remat)
+    for block in (() if cfg.scan_layers else model.layers):
         if cfg.remat:
             x_QPD, x_NRD = _remat_layer(block, x_QPD, x_NRD, pos_QP, pos_NR, mask_QPP, mask_NRS, group_size=g)
         else:
