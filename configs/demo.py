@@ -15,18 +15,17 @@ held-out questions (entities no training question asks about; greedy): `val/f1`,
 `val/no_format_f1` ± `val/no_format_f1_se`, `val/format_error`. Then one metrics line per step:
 `ig/mean` > 0 (the search turn raises the policy's probability of the gold answer),
 `diag/ig_answer_doc` (searches that found the answer's document) above `diag/ig_other_doc`,
-`diag/collapse_frac` (groups without a gradient). MEASURED (bench.demo, 2-core machine,
-2026-12-05, separate IG/F1 normalisation as in world_igpo): val no-format F1 0.354 ± 0.070 at
-step 0 → 0.458 ± 0.073 after 6 steps (F1 the same: format error 0 at both), ig/mean 0.35 at step 1
-→ 0.60-0.86 at steps 4-6 (the searches it learns raise P(gold) more), wall 783 s (≤ 15 min: model
-and world ~10 s, step-0 validation ~2 min, steps 1-6 ~85 s each warm, step 1 ~160 s with
-compilation, final validation ~2.5 min), peak RSS 7.5 GiB: OVER the 6 GiB target. Re-measured
-2026-12-05 (bench.demo, same machine, alone; the rollout's KV cache now freed after each
-rollout): the same F1 0.354 → 0.458, wall 726 s, peak RSS 6.39 GiB, still over 6 GiB. Where it goes
-(memory/peak_rss_after_* and a probe): policy, frozen reference and AdamW moments 2.7 GB before
-anything runs; a greedy validation batch of 24 rows × 1024 slots +2.5 GB (its KV cache is 1.1 GB,
-the decode's row gather holds a second copy); the first update (compilation included) brings the
-peak to 6.7 GB, later steps creep to 7.05, the final validation to 7.5.
+`diag/collapse_frac` (groups without a gradient). MEASURED (bench.demo, 2-core machine, alone,
+2026-12-06, layers scanned, micro-batches of 2 rows): val no-format F1 0.354 ± 0.070 at step 0 →
+0.458 ± 0.073 after 6 steps (F1 the same: format error 0 at both), ig/mean 0.35 at step 1 →
+0.55-0.86 at steps 2-6 (the searches it learns raise P(gold) more), wall 712 s (≤ 15 min: step-0
+validation ~2 min, steps 1-6 ~80 s each warm (update ~55 s), final validation ~2.5 min), peak RSS
+5.75 GiB (≤ 6 GiB: memory/peak_rss_after_* 4.83 after the step-0 validation, 5.64 after the first
+update, 5.73 from step 4, 5.75 after the final validation). Before (2026-12-05): micro-batches of
+4, peak 6.39 GiB (5.78 after the first update, 6.12 from step 4, 6.39 at the end), wall 726 s.
+Where the memory goes: policy, frozen reference and AdamW moments 2.7 GB before anything runs; a
+greedy validation batch of 24 rows × 1024 slots (its KV cache 1.1 GB, the decode's row gather a
+second copy); the update's activations, micro-batch by micro-batch.
 Written: runs/demo/metrics.jsonl, TensorBoard events, checkpoints in runs/demo/checkpoints (a
 second run resumes, then stops at once), the validation episodes in runs/demo/samples, and
 `python -m igpo_jax.plot runs/demo` draws the curves.
@@ -46,7 +45,9 @@ def get_config():
     c.data.val_batch_size = 24  # two batches: the KV cache of 24 rows is 0.56 GB (6 GiB target)
     c.data.val_max_questions = 0  # all 48
     c.model.remat = True  # the update's activations would otherwise push the peak past 6 GiB
-    c.actor.micro_batch_size = 4  # (world_igpo, 8 rows a micro-batch, no remat: 15 GB peak RSS)
+    # 2 rows a micro-batch: peak RSS 5.75 GiB (4 rows: 6.39 GiB; world_igpo's 8 rows without remat:
+    # 15 GB), the update no slower (~55 s a step either way)
+    c.actor.micro_batch_size = 2
     c.trainer.total_training_steps = 6
     c.trainer.test_freq = 6
     c.trainer.save_freq = 3

@@ -320,8 +320,7 @@ class Decoder(nnx.Module):
         # remat only pays off under a gradient, which never flows through the cached (sampling) path
         remat = cfg.remat and cache is None
         if cfg.scan_layers and cache is None:
-            # (the carry constrained as the layer's output is: the loop state, and the stacked
-            # residuals autodiff saves from it, otherwise take no sharding and are replicated)
+            # (the loop's carry pinned to the activations' sharding, as each layer's output is)
             step = lambda graphdef, state, x, positions, mask: _pure_block(
                 graphdef, state, constrain(x, ("batch", "length", "embed")), positions, mask)
             x = scan_layers(self.layers, step, x, (positions_BT, mask_BTS), remat)

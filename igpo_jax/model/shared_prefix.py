@@ -126,11 +126,12 @@ def hidden_states(model, tokens_NL, valid_NL, split_N, layout: PrefixLayout):
     if cfg.scan_layers:
         step = lambda graphdef, state, xs, *invariants: _pure_layer(graphdef, g, state, *xs, *invariants)
         x_QPD, x_NRD = scan_layers(model.layers, step, (x_QPD, x_NRD), (pos_QP, pos_NR, mask_QPP, mask_NRS), cfg.remat)
-    for block in (() if cfg.scan_layers else model.layers):
-        if cfg.remat:
-            x_QPD, x_NRD = _remat_layer(block, x_QPD, x_NRD, pos_QP, pos_NR, mask_QPP, mask_NRS, group_size=g)
-        else:
-            x_QPD, x_NRD = _layer(block, x_QPD, x_NRD, pos_QP, pos_NR, mask_QPP, mask_NRS, g)
+    else:
+        for block in model.layers:
+            if cfg.remat:
+                x_QPD, x_NRD = _remat_layer(block, x_QPD, x_NRD, pos_QP, pos_NR, mask_QPP, mask_NRS, group_size=g)
+            else:
+                x_QPD, x_NRD = _layer(block, x_QPD, x_NRD, pos_QP, pos_NR, mask_QPP, mask_NRS, g)
     norm = lambda x: rms_norm(x, model.final_norm[...], cfg.rms_norm_eps)
     return norm(x_QPD), norm(x_NRD)
 
