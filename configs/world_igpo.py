@@ -59,9 +59,15 @@ the entity it searched for, F1 0), or the bias flips as a whole (never a year: i
 grpo seeds 1 and 2 from step 5 on), or it stays half-way (grpo seed 0: a year for 30 of the 70
 others). Which one a run takes varies with the seed (the questions it draws, its samples); once
 the 4 answers of a group agree, its answer tokens get no advantage (diag/collapse_frac
-0.5-0.85 in every run), so the policy stays where it is. Next: more questions per step at the
-same rows (8 × 2), or a learning-rate decay after step 5 (every run that fell from step 5 to 10
-fell on the non-year questions).
+0.5-0.85 in every run), so the policy stays where it is. Probes of 2026-12-06 (IGPO seed 0):
+the policy's entropy falls 1.06 → 0.9 → 0.3 over steps 1-3, after which the 4 rollouts of a group
+are identical and `actor/pg_loss` is exactly 0 (collapse 1.0 at step 3): a run learns in its
+first two or three steps, then freezes. Temperature 1.0 (top-p 1) removes the collapse (mean
+0.175) but not the limit: 0.281 / 0.432 / 0.380 at steps 0 / 5 / 10 (noisier samples, noisier
+gradient); an entropy bonus (actor.entropy_coeff 0.01) lets it fall too (0.37 at step 3, collapse
+1.0 at steps 3 and 5) but brings it back (0.93-1.54 at steps 6-8, collapse 0.25-0.5): 0.281 /
+0.490 / 0.411 (+0.130 ± 0.045, the best end point of seed 0 so far, still short of +0.25).
+Next: a larger entropy bonus over 3 seeds, or more rollouts per step at the same cost.
 """
 
 from igpo_jax.agent.prompts import SEARCH_TAGS_FEW_SHOT_PROMPT
