@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.remat = False
     # the update's, scoring's and π_ref's forwards run the layers as one lax.scan over their stacked
-    # weights (model/qwen.py, _scanned_layers): one layer body per program, and each layer's weight
+    # weights (model/qwen.py, scan_layers): one layer body per program, and each layer's weight
     # gradients finished inside its own iteration (XLA then cannot hold many layers' MLP operands)
     c.model.scan_layers = False
     # bf16/fp16 param_dtype is refused for training (see validate): AdamW moves a weight by ~lr per

@@ -48,7 +48,8 @@ LENGTH_BUCKET = 128  # token rows are padded to a multiple of this, so the updat
 
 def update_config(config: ml_collections.ConfigDict) -> UpdateConfig:
     a = config.actor
-    # the schedule counts optimiser steps, several per RL step (mini-batches × epochs)
+    # the schedule counts optimiser steps, several per RL step (mini-batches × epochs): built with a
+    # placeholder length first, since `optimiser_steps` reads the mini-batch settings from it
     rows = config.data.train_batch_size * config.rollout.n
     ucfg = UpdateConfig(lr=a.lr, weight_decay=a.weight_decay, grad_clip=a.grad_clip, warmup_steps=a.warmup_steps,
                         schedule=a.lr_schedule, total_steps=1,

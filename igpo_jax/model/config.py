@@ -61,7 +61,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False  # rematerialise each layer in the backward pass
-    # cache-free forwards (update, scoring, π_ref) run the layers as one lax.scan (qwen._scanned_layers)
+    # cache-free forwards (update, scoring, π_ref) run the layers as one lax.scan (qwen.scan_layers)
     scan_layers: bool = False
     # query block of the cache-free causal attention (0: one block); 64 measured fastest for
     # forward + backward on the CPU
