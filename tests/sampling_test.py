@@ -167,12 +167,14 @@ def test_stop_strings_cut_at_the_token_that_completes_them(smollm2, smollm2_toke
 
 
 @pytest.mark.parametrize("min_span", [1024, 8])  # attend over the whole cache / over growing spans
-def test_append_and_continue_matches_prefilling_the_concatenation(tiny, min_span):
+def test_append_and_continue_matches_prefilling_the_concatenation(tiny, min_span, monkeypatch):
     _, model = tiny
     s = Sampler(model, None, batch_size=4, cache_size=128, params=GREEDY, steps_per_call=4, min_span=min_span)
     first = s.generate(PROMPTS, seeds=[0, 1, 2], max_new_tokens=[5, 3, 6])
     tool = {0: [11, 12, 13], 2: [70, 71, 72, 73, 74, 75, 76]}  # ragged appends, row 1 stays done
+    calls = _count_calls(monkeypatch, "_extend_rows_call", "_extend_call")
     s.append(list(tool), list(tool.values()), max_new_tokens=6)
+    assert calls == {"_extend_rows_call": [2], "_extend_call": []}  # 2 of 4 rows: extended as a 2-row batch
     cont = {}
     while s.decoding_rows():
         cont.update(s.decode())
@@ -210,6 +212,21 @@ def test_attention_span_is_the_smallest_power_of_two_that_holds_the_call(tiny):
     s = Sampler(model, None, batch_size=2, cache_size=128, min_span=8)
     assert [s._span(n) for n in (1, 8, 9, 33, 100, 128, 500)] == [8, 8, 16, 64, 128, 128, 128]
     assert Sampler(model, None, batch_size=2, cache_size=100)._span(3) == 100  # min_span > the cache
+
+
+def _count_calls(monkeypatch, *names):
+    """Record the batch size of every call to the sampler's device functions `names`."""
+    from igpo_jax import sampling
+
+    calls = {name: [] for name in names}
+    for name in names:
+        real = getattr(sampling, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name].append(args[4].shape[0])  # [rows in the call, width] in both signatures
+            return _real(*args)
+        monkeypatch.setattr(sampling, name, counted)
+    return calls
 
 
 def _decode_cache_size():
