@@ -12,7 +12,8 @@ Paired statistics, from the greedy validation episodes (RUN_DIR/samples/val_step
 run validates the same held-out questions, so a change is measured per question and its
 standard error is that of the per-question differences, far below the se of either mean (most
 questions do not change): per arm, the change of no-format F1 since step 0 (`change`), and
-between two arms at each step (`paired`: first arm − second, per question averaged over seeds).
+between two arms at each step (`paired`: "igpo-grpo" is IGPO − GRPO; other arms in name order,
+per question averaged over seeds).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def paired_statistics(sweep_dir: str, arm_runs: dict[str, list[str]], steps: lis
     at = {(arm, step): per_question(d, step) for arm, d in dirs.items() for step in steps}
     out = {"change": {arm: {str(step): pack(paired_difference(at[arm, step], at[arm, 0]))
                             for step in steps if step and at[arm, step]} for arm in dirs}}
-    names = sorted(dirs)
+    names = sorted(dirs, key=lambda arm: (arm != "igpo", arm))  # IGPO first: the pair reads "igpo-grpo"
     out["paired"] = {f"{a}-{b}": {str(step): pack(paired_difference(at[a, step], at[b, step]))
                                   for step in steps if at[a, step] and at[b, step]}
                      for i, a in enumerate(names) for b in names[i + 1:]}

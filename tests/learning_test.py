@@ -180,6 +180,7 @@ def test_sweep_summary_pairs_validation_episodes_by_question(tmp_path, capsys):
     change = out["change"]["igpo"]["5"]
     assert change["mean"] == pytest.approx(0.5) and change["se"] == pytest.approx(round(0.5 / math.sqrt(3), 4))
     assert out["change"]["grpo"]["5"]["mean"] == 0.0 and out["change"]["grpo"]["5"]["se"] == 0.0
-    # grpo − igpo (arms in name order) at step 5: [0, 0, 1] − [1, 0.5, 1] = [−1, −0.5, 0]
-    paired = out["paired"]["grpo-igpo"]
-    assert paired["5"]["mean"] == pytest.approx(-0.5) and paired["0"]["mean"] == 0.0
+    # igpo − grpo (IGPO first) at step 5: [1, 0.5, 1] − [0, 0, 1] = [1, 0.5, 0]
+    assert set(out["paired"]) == {"igpo-grpo"}
+    paired = out["paired"]["igpo-grpo"]
+    assert paired["5"]["mean"] == pytest.approx(0.5) and paired["0"]["mean"] == 0.0
