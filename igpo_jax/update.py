@@ -35,6 +35,7 @@ from igpo_jax.igpo.loss import policy_loss
 from igpo_jax.model import shared_prefix
 from igpo_jax.model.attention_mask import causal_mask, causal_spec, positions_from_valid
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
+from igpo_jax.optim import leafwise
 from igpo_jax.sharding import constrain
 from igpo_jax.xla_flags import FP32_TRAIN_STEP_COMPILER_OPTIONS
 
@@ -111,11 +112,22 @@ def in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformat
 def make_optimizer(cfg: UpdateConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with the schedule (the reference's optimiser), whose
     moments are float32 whatever the param dtype."""
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        in_float32(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                               weight_decay=cfg.weight_decay)),
-    )
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), _adamw(cfg))
+
+
+def _adamw(cfg: UpdateConfig) -> optax.GradientTransformation:
+    return in_float32(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay))
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _optimiser_leaf_step(grad, leaf_state, param, grad_norm, cfg: UpdateConfig):
+    """One parameter leaf's share of `make_optimizer(cfg).update` and `optax.apply_updates`, given
+    the gradients' global norm (optax's clip_by_global_norm, then AdamW, then the update added)."""
+    clip_state, adamw_state = leaf_state
+    clipped = jax.lax.select(grad_norm < cfg.grad_clip, grad, (grad / grad_norm.astype(grad.dtype)) * cfg.grad_clip)
+    step, adamw_state = _adamw(cfg).update(clipped, adamw_state, param)
+    return optax.apply_updates(param, step), (clip_state, adamw_state)
 
 
 @jax.tree_util.register_dataclass
@@ -380,10 +392,9 @@ def _apply_gradients(params, opt_state, grads, loss, cfg: UpdateConfig):
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def apply(state):
+    def apply(state):  # make_optimizer(cfg).update and apply_updates, one leaf at a time (optim/leafwise.py)
         params, opt_state = state
-        updates, opt_state = make_optimizer(cfg).update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return leafwise.update(_optimiser_leaf_step, grads, opt_state, params, grad_norm, cfg)
 
     # a branch, not where(finite, new, old) over every leaf: the select would hold a second
     # copy of params and both Adam moments at once (~1 GB of temporaries for SmolLM2)

@@ -232,3 +232,35 @@ def test_cosine_schedule_decays_to_zero_at_the_runs_last_optimiser_step():
     assert float(lr(20)) == pytest.approx(0.0, abs=1e-12)
     c.actor.lr_schedule = "constant"
     assert float(learning_rate_schedule(update_config(c))(20)) == pytest.approx(3e-5)
+
+
+@pytest.mark.parametrize("grad_clip", [1e-3, 1e3])  # clipped / not clipped
+def test_the_leafwise_optimiser_step_equals_optax_over_the_whole_tree(grad_clip):
+    """_apply_gradients runs make_optimizer's update one leaf at a time (optim/leafwise.py): the
+    same params and optimiser state, bit for bit, over several steps, bf16 leaves included."""
+    from igpo_jax.update import _apply_gradients, make_optimizer
+    import optax
+
+    cfg = UpdateConfig(lr=1e-2, warmup_steps=2, grad_clip=grad_clip, weight_decay=0.1)
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 32))
+    like = {"a": [jnp.zeros((3, 4)), jnp.zeros((3, 4))], "b": jnp.zeros((5,), jnp.bfloat16), "c": {"d": jnp.zeros((2, 3))}}
+    random = lambda: jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape).astype(x.dtype), like)
+    params = random()
+    state = make_optimizer(cfg).init(params)
+
+    @jax.jit
+    def whole_tree(params, state, grads):
+        updates, state = make_optimizer(cfg).update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    ours_params, ours_state = params, jax.tree.map(jnp.copy, state)
+    for _ in range(3):
+        grads = random()
+        params, state = whole_tree(params, state, grads)
+        ours_params, ours_state, metrics = _apply_gradients(ours_params, ours_state, grads, jnp.float32(1.0), cfg)
+        assert float(metrics["skipped"]) == 0.0
+    assert jax.tree.structure(ours_state) == jax.tree.structure(state)
+    for ours, theirs in zip(jax.tree.leaves((ours_params, ours_state)), jax.tree.leaves((params, state))):
+        assert ours.dtype == theirs.dtype
+        np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
+    assert int(ours_state[1][0].count) == 3  # Adam's counter advanced once per step, not per leaf

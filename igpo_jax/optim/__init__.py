@@ -1,0 +1,1 @@
+"""Optimiser plumbing: how an optax transformation is applied to the policy's parameters."""
