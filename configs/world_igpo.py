@@ -113,9 +113,9 @@ def get_config():
     c.algorithm.pseudo_turn_template = " {answer} </answer><|im_end|>"
     c.actor.lr = 3e-5
     c.actor.warmup_steps = 2  # Adam's first steps move every weight by ~lr at once
-    # without it the 4 rollouts of a group agree by step 3 (entropy 1.06 -> 0.3) and the run freezes
-    # (pg_loss exactly 0); with it the entropy comes back from step 6 (probe of 2026-12-06, docstring)
-    c.actor.entropy_coeff = 0.01
+    # no entropy bonus: 0.01 kept the groups apart after step 5, but the entropy kept rising
+    # (1.1-1.9) and the answer format broke (IGPO seed 1: format error 0.22 at step 10; docstring)
+    c.actor.entropy_coeff = 0.0
     c.actor.ppo_mini_batch_size = 8  # two groups; two optimiser steps per RL step (π_old: the scoring pass)
     c.actor.micro_batch_size = 8
     c.trainer.total_training_steps = 10
