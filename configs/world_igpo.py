@@ -41,8 +41,11 @@ every validation of every run:
   igpo seed 1: 0.281 / 0.451 / 0.583   1515 s     grpo seed 1: 0.281 / 0.351 / 0.325   1470 s
   igpo seed 2: 0.281 / 0.323 / 0.323   1489 s     grpo seed 2: 0.281 / 0.312 / 0.339   1374 s
   mean IGPO:   0.281 / 0.431 / 0.418              mean GRPO:   0.281 / 0.386 / 0.351
-Steps take 60-100 s (rollout 16-40 s, scoring 11-16 s, update 22-48 s: two optimiser steps),
-each 96-question validation about 4 min; a run 22.9-25.7 min. The curves:
+Steps then took 60-100 s (rollout 16-40 s, scoring 11-16 s, update 22-48 s: two optimiser steps),
+each 96-question validation about 4 min; a run 22.9-25.7 min. Since 2026-12-06 an append extends
+only the rows it feeds (sampling.py), the same tokens: a validation takes 76 s (245 s before,
+measured alone), rollouts 11-30 s, a step 55-98 s, a run 1068-1077 s (≈ 18 min; three runs of
+2026-12-06, a niced test suite beside them). The curves:
 bench/results/world_igpo_vs_grpo.png (`python -m igpo_jax.plot`, command in the sweep file).
 Both arms learn (every run is above step 0 at step 5), and IGPO is above GRPO at equal steps:
 per question, seeds averaged (bench.sweep_summary), IGPO − GRPO +0.046 ± 0.028 at step 5 and
@@ -67,7 +70,21 @@ first two or three steps, then freezes. Temperature 1.0 (top-p 1) removes the co
 gradient); an entropy bonus (actor.entropy_coeff 0.01) lets it fall too (0.37 at step 3, collapse
 1.0 at steps 3 and 5) but brings it back (0.93-1.54 at steps 6-8, collapse 0.25-0.5): 0.281 /
 0.490 / 0.411 (+0.130 ± 0.045, the best end point of seed 0 so far, still short of +0.25).
-Next: a larger entropy bonus over 3 seeds, or more rollouts per step at the same cost.
+That bonus over more seeds (2026-12-06, `bench.learning`, steps 0 / 5 / 10, format error at 10):
+  igpo seed 0: 0.281 / 0.490 / 0.411  0.01     grpo seed 0: 0.281 / 0.484 / 0.484  0.135
+  igpo seed 1: 0.281 / 0.217 / 0.362  0.219    (stopped there: the bonus is no fix)
+The entropy does not settle once it is back: it climbs to 1.1-1.9 by step 8-10, and the answer
+format breaks (IGPO seed 1: 22% of validation episodes malformed, no-format F1 +0.08 where the
+bonus-free run reached +0.30). So this config keeps entropy_coeff 0.
+What bounds F1 here (validation episodes by the kind of answer asked, igpo seed 1 at step 10, the
+best run, 0.583): years 0.96 (26 questions), places and the like 0.61 (49), companies 0.09 (11),
+colleges 0.00 (10): the policy answers every non-year question with a place. So ≈ 0.6 is what
+"year or place" reaches, and +0.25 needs most seeds to get there. A four-shot prompt (the shipped
+two examples plus a company and a college answer; probe of 2026-12-06, greedy, step 0) lifts step
+0 to 0.427 but still answers no company or college question right (F1 0.00 on both): the base
+model does not pick those fields, so a group rarely samples them and RL has nothing to reinforce.
+Next: a smaller learning rate (seed 0 rose to 0.52 by step 5, then overshot to 0.35), more
+rollouts per question for the rare fields, or two-hop questions where searching matters more.
 """
 
 from igpo_jax.agent.prompts import SEARCH_TAGS_FEW_SHOT_PROMPT
