@@ -24,9 +24,9 @@ Done rows: each call gathers the rows that are decoding into the smallest power-
 bucket that holds them, decodes that sub-batch, and scatters its cache rows back. So rows that
 are finished or waiting for a search cost nothing per step; the price is one gather/scatter of
 the active rows' cache (their first `span` slots) per call, paid only when the bucket is smaller
-than the full batch. Appends do the same: the searches of a batch return apart, so most appends
-feed a few rows, and extending the whole batch for them cost a 96-row validation 16 s per 131
-tokens (world_igpo's validation, 2026-12-06: 245 → 76 s warm, the same episodes).
+than the full batch. Appends feeding at most 1/8 of the batch do the same: the searches of a batch
+return apart, so most appends feed a few rows, and extending the whole batch for them cost a
+96-row validation 16 s per 131 tokens (world_igpo's validation, 2026-12-06: 245 s warm before).
 
 Refilling (continuous batching): `restart` gives a row whose sequence is over a new prompt while
 the others keep their caches; the row's old slots become holes. With `compact_cache=True` the
@@ -237,6 +237,10 @@ def _extend_call(graphdef, state, cache, tokens_BW, valid_BW, span):
     model = nnx.merge(graphdef, state)
     _, window = extend(model, cache.window(span), tokens_BW, valid_BW)
     return cache.put_window(window)
+
+
+# an append gathers its rows into a sub-batch when their power-of-two bucket is ≤ batch / this
+APPEND_GATHER_DIVISOR = 8
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
@@ -569,7 +573,10 @@ class Sampler:
             return
         span = self._span(length + width)
         bucket = power_of_two(len(feeds))
-        gather = bucket < self.batch_size  # the fed rows only, as a small batch (as decode does)
+        # the fed rows only, as a small batch (as decode does), when they are few: the gathered rows'
+        # cache is copied for the call, and at half the batch that copy outweighed the activations
+        # it saved (demo: 465 against 189 MiB of temporaries; its peak RSS 5.85 -> 6.55 GiB)
+        gather = bucket * APPEND_GATHER_DIVISOR <= self.batch_size
         row_index = list(feeds) + [self.batch_size] * (bucket - len(feeds)) if gather else range(self.batch_size)
         tokens = np.zeros((len(row_index), width), np.int32)
         valid = np.zeros((len(row_index), width), bool)

@@ -169,12 +169,13 @@ def test_stop_strings_cut_at_the_token_that_completes_them(smollm2, smollm2_toke
 @pytest.mark.parametrize("min_span", [1024, 8])  # attend over the whole cache / over growing spans
 def test_append_and_continue_matches_prefilling_the_concatenation(tiny, min_span, monkeypatch):
     _, model = tiny
-    s = Sampler(model, None, batch_size=4, cache_size=128, params=GREEDY, steps_per_call=4, min_span=min_span)
+    # 16 rows, 3 used: an append to 2 of them is gathered (a bucket of 2 ≤ 16 / APPEND_GATHER_DIVISOR)
+    s = Sampler(model, None, batch_size=16, cache_size=128, params=GREEDY, steps_per_call=4, min_span=min_span)
     first = s.generate(PROMPTS, seeds=[0, 1, 2], max_new_tokens=[5, 3, 6])
     tool = {0: [11, 12, 13], 2: [70, 71, 72, 73, 74, 75, 76]}  # ragged appends, row 1 stays done
     calls = _count_calls(monkeypatch, "_extend_rows_call", "_extend_call")
     s.append(list(tool), list(tool.values()), max_new_tokens=6)
-    assert calls == {"_extend_rows_call": [2], "_extend_call": []}  # 2 of 4 rows: extended as a 2-row batch
+    assert calls == {"_extend_rows_call": [2], "_extend_call": []}  # 2 of 16 rows: extended as a 2-row batch
     cont = {}
     while s.decoding_rows():
         cont.update(s.decode())
