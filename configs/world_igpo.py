@@ -42,10 +42,12 @@ every validation of every run:
   igpo seed 2: 0.281 / 0.323 / 0.323   1489 s     grpo seed 2: 0.281 / 0.312 / 0.339   1374 s
   mean IGPO:   0.281 / 0.431 / 0.418              mean GRPO:   0.281 / 0.386 / 0.351
 Steps then took 60-100 s (rollout 16-40 s, scoring 11-16 s, update 22-48 s: two optimiser steps),
-each 96-question validation about 4 min; a run 22.9-25.7 min. Since 2026-12-06 an append extends
-only the rows it feeds (sampling.py), the same tokens: a validation takes 76 s (245 s before,
-measured alone), rollouts 11-30 s, a step 55-98 s, a run 1068-1077 s (≈ 18 min; three runs of
-2026-12-06, a niced test suite beside them). The curves:
+each 96-question validation about 4 min; a run 22.9-25.7 min. With appends that extend only the
+rows they feed (sampling.py, up to half the batch; the same tokens) a validation took 76 s (245 s
+before, alone), a step 55-98 s, a run 1068-1077 s (three runs of 2026-12-06, a niced test suite
+beside them); the sampler now gathers only appends of ≤ 1/8 of the batch (the half-batch copies
+cost the demo 0.7 GiB of peak memory), and the validation takes 226 s again (measured alone, cold
+programs), so expect ≈ 22-25 min a run. The curves:
 bench/results/world_igpo_vs_grpo.png (`python -m igpo_jax.plot`, command in the sweep file).
 Both arms learn (every run is above step 0 at step 5), and IGPO is above GRPO at equal steps:
 per question, seeds averaged (bench.sweep_summary), IGPO − GRPO +0.046 ± 0.028 at step 5 and
