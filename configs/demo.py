@@ -23,6 +23,10 @@ validation ~2 min, steps 1-6 ~80 s each warm (update ~55 s), final validation ~2
 5.75 GiB (≤ 6 GiB: memory/peak_rss_after_* 4.83 after the step-0 validation, 5.64 after the first
 update, 5.73 from step 4, 5.75 after the final validation). Before (2026-12-05): micro-batches of
 4, peak 6.39 GiB (5.78 after the first update, 6.12 from step 4, 6.39 at the end), wall 726 s.
+Again after the sampler's gathered appends and the leaf-by-leaf optimiser step (2026-12-06, a
+niced test run beside it for 10 of its 13 minutes): val no-format F1 0.354 → 0.438, wall 784 s,
+peak RSS 5.99 GiB (5.59 after the first update, 5.96 from step 4); gathering appends of up to half
+the batch had taken it to 6.69 GiB (wall 572 s alone), hence the sampler's 1/8 rule.
 Where the memory goes: policy, frozen reference and AdamW moments 2.7 GB before anything runs; a
 greedy validation batch of 24 rows × 1024 slots (its KV cache 1.1 GB, the decode's row gather a
 second copy); the update's activations, micro-batch by micro-batch.
