@@ -5,8 +5,9 @@ caches per argument shapes: SmolLM2's 272 parameter leaves take 11 distinct shap
 clipping is traced 11 times instead of once per leaf. Tracing is paid at every start of a run,
 even when every compiled program comes from the persistent cache: traced whole (optax over the
 tree, ~9,700 operations, each jnp ufunc a nested jit of its own), the optimiser step was the
-largest single trace of a warm start (4.4-4.6 s on this machine, beside a learning run; 0.9 s now). The arithmetic per leaf is
-the whole-tree update's, so the results are the same bit for bit (tests/update_test.py).
+largest single trace of a warm start (4.4-4.6 s on this machine, beside a learning run; 0.9 s
+now). The arithmetic per leaf is the whole-tree update's, so the results are the same bit for bit
+(tests/update_test.py).
 
 The optimiser state is split the same way: each part shaped like the parameters (Adam's moments)
 is cut into its leaves; the rest (step counters) is handed to every leaf whole, and since every
