@@ -197,6 +197,11 @@ def _decode_loop(graphdef, state, cache: KVCache, rows: _Rows, stop_ids, may_end
     return cache, rows, tokens, logps, n_steps
 
 
+def _real_rows(cache: KVCache, idx):
+    """(idx with its out-of-range padding pointed at a real row, the number of real rows first)."""
+    return jnp.minimum(idx, cache.valid_BS.shape[0] - 1), jnp.sum(idx < cache.valid_BS.shape[0])
+
+
 def _gather_rows(cache: KVCache, idx, span: int):
     """Rows `idx`, slots [0, span) only: a cache of `span` slots (no written slot lies beyond)."""
     rows_of = lambda layers: tuple(x[idx, :, :span] for x in layers)
@@ -225,8 +230,7 @@ def _decode_call(graphdef, state, cache, idx, rows, stop_ids_and_table, params, 
         sub, rows, tokens, logps, n_steps = _decode_loop(graphdef, state, cache.window(span), rows, stop_ids,
                                                          may_end, params, steps)
         return cache.put_window(sub), rows, tokens, logps, n_steps
-    n_real = jnp.sum(idx < cache.valid_BS.shape[0])
-    safe_idx = jnp.minimum(idx, cache.valid_BS.shape[0] - 1)
+    safe_idx, n_real = _real_rows(cache, idx)
     sub, rows, tokens, logps, n_steps = _decode_loop(
         graphdef, state, _gather_rows(cache, safe_idx, span), rows, stop_ids, may_end, params, steps)
     return _scatter_rows(cache, safe_idx, sub, n_real), rows, tokens, logps, n_steps
@@ -250,8 +254,7 @@ def _extend_rows_call(graphdef, state, cache, idx, tokens_UW, valid_UW, span):
     the whole batch's (a 96-row validation extend of 131 tokens took 16 s). A row's keys and
     values depend on its own cache and tokens only; the other rows' new slots stay holes."""
     model = nnx.merge(graphdef, state)
-    n_real = jnp.sum(idx < cache.valid_BS.shape[0])
-    safe_idx = jnp.minimum(idx, cache.valid_BS.shape[0] - 1)
+    safe_idx, n_real = _real_rows(cache, idx)
     _, sub = extend(model, _gather_rows(cache, safe_idx, span), tokens_UW, valid_UW)
     return _scatter_rows(cache, safe_idx, sub, n_real)
 
