@@ -294,6 +294,8 @@ def main():
     parser.add_argument("--startup-pairs", type=int, default=2, help="cold/warm start-up pairs (medians)")
     parser.add_argument("--startup-child", default="")
     args = parser.parse_args()
+    if args.startup_pairs < 1:
+        parser.error(f"--startup-pairs must be at least 1, got {args.startup_pairs}")
     os.environ.setdefault("IGPO_PROGRESS", "0")
     if args.startup_child:
         return startup_child(args.startup_child)
