@@ -120,6 +120,9 @@ def get_config():
     c.rollout.max_turns = 2
     c.rollout.max_new_tokens = 32  # a query or an answer: a few words (and the closing tag)
     c.rollout.max_tool_tokens = 128
+    # a search result fed to ≤ half the batch extends only its rows: the 96-row validation's
+    # appends 226 -> 76 s (2026-12-06, alone); the gathered cache copy fits easily here
+    c.rollout.append_gather_divisor = 2
     # the batch shares one slot cursor: the prompt (266 tokens) is prefilled at a power-of-two width
     # (512), then every append advances it for all rows; 512 slots cut every episode short
     c.rollout.context_length = 1024

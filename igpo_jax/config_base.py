@@ -119,6 +119,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.min_span = 1024
     # prefill a group's prompt once and copy its KV entries into the G rows (off: one prefill per row)
     c.rollout.share_prompt_prefill = True
+    # an append (a search result) fed to ≤ rows / this rows extends only those rows (a gathered
+    # sub-batch) instead of the whole batch: faster, but the gathered rows' cache is copied for
+    # the call; 2 suits a wide validation batch with memory to spare, 8 keeps the demo under 6 GiB
+    c.rollout.append_gather_divisor = 8
     # at most this many rollouts decode at once (the KV cache's rows, hence its bytes with
     # context_length); a finished episode's row goes to the next waiting one. 0 → all at once
     c.rollout.max_concurrent_rows = 0

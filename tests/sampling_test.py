@@ -166,16 +166,24 @@ def test_stop_strings_cut_at_the_token_that_completes_them(smollm2, smollm2_toke
     assert out.tokens == free[:end_token] and out.finish_reason == FINISH_STOP
 
 
+# (rows, append_gather_divisor, the call an append to 2 rows makes): 2 rows gathered when their
+# bucket (2) is ≤ rows / divisor, else the whole batch extended
 @pytest.mark.parametrize("min_span", [1024, 8])  # attend over the whole cache / over growing spans
-def test_append_and_continue_matches_prefilling_the_concatenation(tiny, min_span, monkeypatch):
+@pytest.mark.parametrize("rows,divisor,expected", [
+    (16, 8, {"_extend_rows_call": [2], "_extend_call": []}),
+    (4, 2, {"_extend_rows_call": [2], "_extend_call": []}),
+    (4, 8, {"_extend_rows_call": [], "_extend_call": [4]}),
+])
+def test_append_and_continue_matches_prefilling_the_concatenation(tiny, min_span, rows, divisor, expected,
+                                                                 monkeypatch):
     _, model = tiny
-    # 16 rows, 3 used: an append to 2 of them is gathered (a bucket of 2 ≤ 16 / APPEND_GATHER_DIVISOR)
-    s = Sampler(model, None, batch_size=16, cache_size=128, params=GREEDY, steps_per_call=4, min_span=min_span)
+    s = Sampler(model, None, batch_size=rows, cache_size=128, params=GREEDY, steps_per_call=4, min_span=min_span,
+                append_gather_divisor=divisor)
     first = s.generate(PROMPTS, seeds=[0, 1, 2], max_new_tokens=[5, 3, 6])
     tool = {0: [11, 12, 13], 2: [70, 71, 72, 73, 74, 75, 76]}  # ragged appends, row 1 stays done
     calls = _count_calls(monkeypatch, "_extend_rows_call", "_extend_call")
     s.append(list(tool), list(tool.values()), max_new_tokens=6)
-    assert calls == {"_extend_rows_call": [2], "_extend_call": []}  # 2 of 16 rows: extended as a 2-row batch
+    assert calls == expected
     cont = {}
     while s.decoding_rows():
         cont.update(s.decode())
@@ -189,6 +197,11 @@ def test_append_and_continue_matches_prefilling_the_concatenation(tiny, min_span
         np.testing.assert_allclose(cont[r].logprobs, expected, atol=1e-5)
         greedy_next = logits[start - 1:start - 1 + len(cont[r].tokens)].argmax(-1).tolist()
         assert cont[r].tokens == greedy_next
+
+
+def test_an_append_gather_divisor_below_one_is_refused(tiny):
+    with pytest.raises(ValueError, match="append_gather_divisor must be ≥ 1"):
+        Sampler(tiny[1], None, batch_size=4, cache_size=64, append_gather_divisor=0)
 
 
 @pytest.mark.parametrize("min_span", [1024, 8])

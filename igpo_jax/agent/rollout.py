@@ -62,7 +62,7 @@ from igpo_jax.agent.prompts import format_error_feedback, information_block, ren
 from igpo_jax.agent.trajectories import Episode, Trajectories
 from igpo_jax.data import Example
 from igpo_jax.model.tokenizer import render_chat, stop_token_ids
-from igpo_jax.sampling import FINISH_CONTEXT, FINISH_LENGTH, RowOutput, Sampler, SamplingParams
+from igpo_jax.sampling import APPEND_GATHER_DIVISOR, FINISH_CONTEXT, FINISH_LENGTH, RowOutput, Sampler, SamplingParams
 from igpo_jax.search.clients import SearchResult, format_results
 
 STOP_STRINGS = {"qwen_tool_call": ("</tool_call>", "</answer>"), "search_tags": ("</search>", "</answer>")}
@@ -90,6 +90,7 @@ class RolloutConfig:
     min_span: int = 1024  # smallest cache window that decoding attends over (sampling.py)
     share_prompt_prefill: bool = True  # prefill a group's prompt once for its G rows
     max_concurrent_rows: int = 0  # episodes decoding at once (the cache's rows); 0 → all of them
+    append_gather_divisor: int = APPEND_GATHER_DIVISOR  # appends of ≤ rows / this extend only their rows
 
     def __post_init__(self):
         if self.dialect not in STOP_STRINGS:
@@ -148,7 +149,8 @@ def make_sampler(model, tokenizer, config: RolloutConfig, num_rows: int, **sampl
                    cache_size=config.cache_size, params=config.sampling,
                    stop_token_ids=stop_token_ids(tokenizer), stop_strings=config.stop_strings,
                    steps_per_call=config.steps_per_call, min_span=config.min_span,
-                   share_prompt_prefill=config.share_prompt_prefill, compact_cache=True, **sampler_kwargs)
+                   share_prompt_prefill=config.share_prompt_prefill, compact_cache=True,
+                   append_gather_divisor=config.append_gather_divisor, **sampler_kwargs)
 
 
 # ----------------------------------------------------------------------------- chat rendering
