@@ -120,14 +120,18 @@ def _adamw(cfg: UpdateConfig) -> optax.GradientTransformation:
                                   weight_decay=cfg.weight_decay))
 
 
-@functools.partial(jax.jit, static_argnums=(4,))
-def _optimiser_leaf_step(grad, leaf_state, param, grad_norm, cfg: UpdateConfig):
+def _optimiser_leaf_step(grad, leaf_state, param, grad_norm, finite, cfg: UpdateConfig):
     """One parameter leaf's share of `make_optimizer(cfg).update` and `optax.apply_updates`, given
-    the gradients' global norm (optax's clip_by_global_norm, then AdamW, then the update added)."""
-    clip_state, adamw_state = leaf_state
-    clipped = jax.lax.select(grad_norm < cfg.grad_clip, grad, (grad / grad_norm.astype(grad.dtype)) * cfg.grad_clip)
-    step, adamw_state = _adamw(cfg).update(clipped, adamw_state, param)
-    return optax.apply_updates(param, step), (clip_state, adamw_state)
+    the gradients' global norm (optax's clip_by_global_norm, then AdamW, then the update added);
+    the leaf unchanged when the loss or the norm is not finite."""
+    def step(state):
+        param, (clip_state, adamw_state) = state
+        clipped = jax.lax.select(grad_norm < cfg.grad_clip, grad,
+                                 (grad / grad_norm.astype(grad.dtype)) * cfg.grad_clip)
+        update, adamw_state = _adamw(cfg).update(clipped, adamw_state, param)
+        return optax.apply_updates(param, update), (clip_state, adamw_state)
+
+    return jax.lax.cond(finite, step, lambda state: state, (param, leaf_state))
 
 
 @jax.tree_util.register_dataclass
@@ -386,22 +390,23 @@ def packed_train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: Upda
     return params, opt_state, {**metrics, **step_metrics}
 
 
-@functools.partial(jax.jit, static_argnums=(4,), donate_argnums=(0, 1))
-def _apply_gradients(params, opt_state, grads, loss, cfg: UpdateConfig):
-    """AdamW step with clipping, or nothing when the loss or the gradient norm is not finite."""
-    grad_norm = optax.tree.norm(grads)
+@functools.partial(jax.jit, static_argnums=(3,))
+def _finite_and_lr(loss, grad_norm, count, cfg: UpdateConfig):
+    """(whether the step applies, 1.0 where it is skipped, its learning rate): a skipped step
+    leaves every leaf as it was."""
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    return finite, (~finite).astype(jnp.float32), learning_rate_schedule(cfg)(count)
 
-    def apply(state):  # make_optimizer(cfg).update and apply_updates, one leaf at a time (optim/leafwise.py)
-        params, opt_state = state
-        return leafwise.update(_optimiser_leaf_step, grads, opt_state, params, grad_norm, cfg)
 
-    # a branch, not where(finite, new, old) over every leaf: the select would hold a second
-    # copy of params and both Adam moments at once (~1 GB of temporaries for SmolLM2)
-    params_out, opt_out = jax.lax.cond(finite, apply, lambda state: state, (params, opt_state))
-    metrics = dict(grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32),
-                   lr=learning_rate_schedule(cfg)(opt_state[1][0].count))  # Adam's step counter
-    return params_out, opt_out, metrics
+def _apply_gradients(params, opt_state, grads, loss, cfg: UpdateConfig):
+    """AdamW step with clipping, or nothing when the loss or the gradient norm is not finite;
+    `params` and `opt_state` are donated. Leaf by leaf, each a small program (optim/leafwise.py):
+    one program for the whole tree was the slowest of a warm start to load."""
+    grad_norm = leafwise.global_norm(grads)
+    finite, skipped, lr = _finite_and_lr(loss, grad_norm, opt_state[1][0].count, cfg)  # Adam's step counter
+    params, opt_state = leafwise.update(_optimiser_leaf_step, grads, opt_state, params, grad_norm, finite,
+                                        static=cfg)
+    return params, opt_state, dict(grad_norm=grad_norm, skipped=skipped, lr=lr)
 
 
 def train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: UpdateConfig, num_micro: int,

@@ -264,3 +264,23 @@ def test_the_leafwise_optimiser_step_equals_optax_over_the_whole_tree(grad_clip)
         assert ours.dtype == theirs.dtype
         np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
     assert int(ours_state[1][0].count) == 3  # Adam's counter advanced once per step, not per leaf
+
+
+@pytest.mark.parametrize("loss,bad_grad", [(float("nan"), False), (1.0, True)])
+def test_a_step_with_a_non_finite_loss_or_gradient_changes_nothing(loss, bad_grad):
+    """A NaN loss or an infinite gradient skips the step: every leaf (params, both Adam moments,
+    the step counter) stays as it was, and the step reports skipped = 1."""
+    from igpo_jax.update import _apply_gradients, make_optimizer
+
+    cfg = UpdateConfig(lr=1e-2, warmup_steps=0, grad_clip=1.0)
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((3,), jnp.bfloat16)}
+    state = make_optimizer(cfg).init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    if bad_grad:
+        grads["w"] = grads["w"].at[0, 0].set(jnp.inf)
+    before = [np.asarray(x, np.float32) for x in jax.tree.leaves((params, state))]
+    params, state, metrics = _apply_gradients(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state), grads,
+                                              jnp.float32(loss), cfg)
+    assert float(metrics["skipped"]) == 1.0
+    for ours, old in zip(jax.tree.leaves((params, state)), before):
+        np.testing.assert_array_equal(np.asarray(ours, np.float32), old)

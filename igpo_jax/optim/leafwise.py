@@ -1,13 +1,17 @@
-"""An optimiser step applied one parameter leaf at a time, through a jitted function per leaf.
+"""An optimiser step applied one parameter leaf at a time, each leaf a call of a small program.
 
-Inside the update's program each leaf's step is a call of one jitted `leaf_step`, whose trace JAX
-caches per argument shapes: SmolLM2's 272 parameter leaves take 11 distinct shapes, so AdamW with
-clipping is traced 11 times instead of once per leaf. Tracing is paid at every start of a run,
-even when every compiled program comes from the persistent cache: traced whole (optax over the
-tree, ~9,700 operations, each jnp ufunc a nested jit of its own), the optimiser step was the
-largest single trace of a warm start (4.4-4.6 s on this machine, beside a learning run; 0.9 s
-now). The arithmetic per leaf is the whole-tree update's, so the results are the same bit for bit
-(tests/update_test.py).
+Why not one program for the whole tree: its size is paid at every start of a run, even when every
+compiled program comes from the persistent cache. Traced whole (optax over SmolLM2's 272 leaves,
+~9,700 operations) the optimiser step was the largest trace of a warm start (4.4-4.6 s); with each
+leaf a nested jit in one outer program the trace fell to 0.9 s, but that program's executable, a
+few kernels per leaf, still took the longest of all to load from the cache (7.9 of the 10.7 s of
+cache reads of bench.step's warm start, beside a learning run). Here each leaf's step is its own
+jitted call, dispatched from Python: the 272 leaves take 11 distinct shapes, so a start traces,
+compiles or loads 11 small programs (and 11 for the squared sums of the global norm), and a step
+pays ~270 dispatches (milliseconds against a step of seconds). The parameter leaf and its
+optimiser state are donated, so a step holds one leaf's old and new copies at a time, not two
+trees. The arithmetic per leaf is the whole-tree update's, so the results are the same bit for
+bit (tests/update_test.py).
 
 The optimiser state is split the same way: each part shaped like the parameters (Adam's moments)
 is cut into its leaves; the rest (step counters) is handed to every leaf whole, and since every
@@ -16,26 +20,58 @@ leaf advances it alike, the first leaf's copy is kept.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+import operator
+from typing import Any, Callable, Hashable
 
 import jax
+import jax.numpy as jnp
 
 
-def update(leaf_step: Callable, grads, state, params, *extra) -> tuple[Any, Any]:
-    """(new params, new state): `leaf_step(grad, leaf_state, param, *extra)` → (new param, new
-    leaf state) for every parameter leaf, where a leaf state is `state` with each params-shaped
-    part replaced by that part's leaf."""
+@jax.jit
+def _squared_sum(x):
+    return jnp.sum(jnp.square(x))  # optax.tree.norm's per-leaf term
+
+
+@jax.jit
+def _norm_of(squared_sums):
+    return jnp.sqrt(functools.reduce(operator.add, squared_sums, 0))  # optax.tree.norm's order
+
+
+def global_norm(tree) -> jax.Array:
+    """optax.tree.norm(tree), leaf by leaf: one small program per leaf shape and one for the sum."""
+    return _norm_of([_squared_sum(x) for x in jax.tree.leaves(tree)])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 7))
+def _leaf_call(leaf_step, parts_def, own_mask, static, grad, own, shared, param, *extra):
+    own, shared = iter(own), iter(shared)
+    leaf_state = parts_def.unflatten([next(own) if mine else next(shared) for mine in own_mask])
+    param, leaf_state = leaf_step(grad, leaf_state, param, *extra, static)
+    parts = parts_def.flatten_up_to(leaf_state)
+    return param, [p for p, mine in zip(parts, own_mask) if mine], [p for p, mine in zip(parts, own_mask) if not mine]
+
+
+def update(leaf_step: Callable, grads, state, params, *extra, static: Hashable = None) -> tuple[Any, Any]:
+    """(new params, new state): `leaf_step(grad, leaf_state, param, *extra, static)` → (new param,
+    new leaf state) for every parameter leaf, where a leaf state is `state` with each params-shaped
+    part replaced by that part's leaf. `leaf_step` is traced (once per leaf shape), `static` is
+    hashable and fixed; `params` and the params-shaped parts of `state` are donated."""
     param_leaves, params_def = jax.tree.flatten(params)
     grad_leaves = params_def.flatten_up_to(grads)
     shaped_like_params = lambda x: params_def.num_leaves > 1 and jax.tree.structure(x) == params_def
     parts, parts_def = jax.tree.flatten(state, is_leaf=shaped_like_params)
-    split = [params_def.flatten_up_to(p) if shaped_like_params(p) else None for p in parts]
-    new_params, new_states = [], []
+    own_mask = tuple(shaped_like_params(p) for p in parts)
+    split = [params_def.flatten_up_to(p) for p, mine in zip(parts, own_mask) if mine]
+    shared = [p for p, mine in zip(parts, own_mask) if not mine]
+    new_params, new_own, new_shared = [], [], None
     for i, (grad, param) in enumerate(zip(grad_leaves, param_leaves)):
-        leaf_state = parts_def.unflatten([p if s is None else s[i] for p, s in zip(parts, split)])
-        param, leaf_state = leaf_step(grad, leaf_state, param, *extra)
+        param, own, leaf_shared = _leaf_call(leaf_step, parts_def, own_mask, static, grad,
+                                             [s[i] for s in split], shared, param, *extra)
         new_params.append(param)
-        new_states.append(parts_def.flatten_up_to(leaf_state))
-    new_parts = [new_states[0][j] if s is None else params_def.unflatten([leaf[j] for leaf in new_states])
-                 for j, s in enumerate(split)]
+        new_own.append(own)
+        new_shared = leaf_shared if new_shared is None else new_shared
+    own_parts = iter([params_def.unflatten([leaf[j] for leaf in new_own]) for j in range(len(split))])
+    shared_parts = iter(new_shared or [])
+    new_parts = [next(own_parts) if mine else next(shared_parts) for mine in own_mask]
     return params_def.unflatten(new_params), parts_def.unflatten(new_parts)
