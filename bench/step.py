@@ -20,7 +20,10 @@ on and off see the same trajectories and must give the same loss (printed, and c
 Start-up: a fresh process (imports, model, world, one step, then a second step) with new,
 empty cache directories, then again with the same directories; start-up = time to the end of the
 first step − the second step's time (what a run pays before it reaches its steady pace); two
-such cold/warm pairs by default, each with its own caches, and the ratio of their medians.
+such cold/warm pairs by default, each with its own caches, and the ratio of their medians. That
+difference of two ~25 s steps carries their noise (±2 s here); `startup_phases_*` is the same
+start-up summed from its phases (imports, model, reference, then the first step's tracing,
+lowering and compiling or loading), which leaves out the steps' compute and its noise.
 The last line is one JSON object: per shape on_s, off_s, ratio (off / on) and the phases; the
 start-up seconds cold and warm and their ratio.
 """
@@ -246,7 +249,12 @@ def startup_child(run_dir: str) -> None:
     counts = compilation_cache.counts()
     for name, row in phases.rows.items():
         print(f"PHASE {name:24s} " + " ".join(f"{k} {v:7.2f}" for k, v in row.items()))
+    # the same start-up as the sum of its own phases (before the first step, then the first step's
+    # tracing, lowering and compiling or loading): no step's compute in it, so none of its noise
+    before_step = sum(row["wall_s"] for name, row in phases.rows.items() if name not in ("first step", "second step"))
+    compiling = sum(phases.rows["first step"][k] for k in ("trace", "lower", "compile_or_load"))
     print("STARTUP", json.dumps(dict(first_end_s=first_end, second_step_s=second, startup_s=first_end - second,
+                                     startup_phases_s=before_step + compiling,
                                      startup_cpu_s=first_end_cpu - second_cpu, compiled=counts.compiled,
                                      cache_hits=counts.hits, phases=phases.rows,
                                      tokens_hash=first_info["tokens_hash"], loss=first_info["loss"],
@@ -277,9 +285,12 @@ def startup(tmp: str, pairs: int = 2) -> dict:
     median = lambda label, key: statistics.median(r[label][key] for r in runs)
     cold, warm = median("cold", "startup_s"), median("warm", "startup_s")
     cold_cpu, warm_cpu = median("cold", "startup_cpu_s"), median("warm", "startup_cpu_s")
+    cold_phases, warm_phases = median("cold", "startup_phases_s"), median("warm", "startup_phases_s")
     return dict(startup_cold_s=round(cold, 3), startup_warm_s=round(warm, 3), startup_ratio=round(warm / cold, 3),
                 startup_cold_cpu_s=round(cold_cpu, 3), startup_warm_cpu_s=round(warm_cpu, 3),
-                startup_cpu_ratio=round(warm_cpu / cold_cpu, 3), startup_pairs=pairs,
+                startup_cpu_ratio=round(warm_cpu / cold_cpu, 3), startup_phases_cold_s=round(cold_phases, 3),
+                startup_phases_warm_s=round(warm_phases, 3), startup_phases_ratio=round(warm_phases / cold_phases, 3),
+                startup_pairs=pairs,
                 startup_readings=[dict(cold_s=round(r["cold"]["startup_s"], 3), warm_s=round(r["warm"]["startup_s"], 3))
                                   for r in runs],
                 warm_compiled=max(r["warm"]["compiled"] for r in runs),
