@@ -2,7 +2,7 @@
 saving off, for configs/demo.py's shape and a G = 16 shape, in one process; then the start-up
 time of a run with the persistent compilation cache cold and warm.
 
-    python -m bench.step [--shapes demo,g16] [--repeats 1] [--no-startup] [--startup-pairs 2]
+    python -m bench.step [--shapes demo,g16] [--repeats 1] [--no-startup] [--startup-pairs 3]
 
 The savings (issue 17), each a config switch that is on by default:
 - rollout: the G rollouts of a question prefill their shared prompt once (sampler
@@ -19,8 +19,9 @@ on and off see the same trajectories and must give the same loss (printed, and c
 
 Start-up: a fresh process (imports, model, world, one step, then a second step) with new,
 empty cache directories, then again with the same directories; start-up = time to the end of the
-first step − the second step's time (what a run pays before it reaches its steady pace); two
-such cold/warm pairs by default, each with its own caches, and the ratio of their medians. That
+first step − the second step's time (what a run pays before it reaches its steady pace); three
+such cold/warm pairs by default, each with its own caches, and the ratio of their medians (of two
+pairs the median is the mean: one cold start of 64 s against 31-36 s moved it to 0.25). That
 difference of two ~25 s steps carries their noise (±2 s here); `startup_phases_*` is the same
 start-up summed from its phases (imports, model, reference, then the first step's tracing,
 lowering and compiling or loading), which leaves out the steps' compute and its noise.
@@ -278,7 +279,7 @@ def startup_pair(tmp: str) -> dict:
     return out
 
 
-def startup(tmp: str, pairs: int = 2) -> dict:
+def startup(tmp: str, pairs: int = 3) -> dict:
     """Start-up cold and warm, `pairs` times over (each pair its own fresh caches): one reading of
     each moved the ratio between 0.27 and 0.39 on this machine, so the ratio is of the medians."""
     runs = [startup_pair(os.path.join(tmp, f"startup_{i}")) for i in range(pairs)]
@@ -302,7 +303,7 @@ def main():
     parser.add_argument("--shapes", default="demo,g16")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-startup", action="store_true")
-    parser.add_argument("--startup-pairs", type=int, default=2, help="cold/warm start-up pairs (medians)")
+    parser.add_argument("--startup-pairs", type=int, default=3, help="cold/warm start-up pairs (medians)")
     parser.add_argument("--startup-child", default="")
     args = parser.parse_args()
     if args.startup_pairs < 1:
