@@ -92,8 +92,14 @@ steps 0 / 4 / 8 / 12, `bench.learning`): igpo seed 0 0.281 / 0.469 / 0.443 / 0.4
 alone): seed 0 no longer overshoots, but seed 1 flips to "never a year" (0 of 26 year questions
 from step 8 on) and stays there; the entropy still falls to ≈ 0.3 by step 3 (seed 0: 1.06 ->
 0.92 -> 0.31). Stopped after two seeds (mean 0.394 at the end against 0.418 at 3e-5).
-Next: more rollouts per question for the rare fields, or two-hop questions where searching
-matters more.
+Nor is a stronger anchor to the base model (2026-12-06, actor.kl_coef 0.1 instead of 0.001,
+this config otherwise, steps 0 / 5 / 10): igpo seed 0 0.281 / 0.458 / 0.516, seed 1 0.281 /
+0.427 / 0.406, seed 2 0.281 / 0.417 / 0.260 (format error ≤ 0.01; 1453 s and 1163 s with a demo
+beside them, 766 s alone), mean +0.113 (0.418 without it). The KL term is the one gradient left in
+a group whose answers agree, and it pulls toward the base model's answer, a year: it keeps seed 0
+from overshooting, but pulls seeds 1 and 2 back to a year for 51 and 59 of the 70 non-year
+questions at step 10. Next: more rollouts per question for the rare fields, or two-hop questions
+where searching matters more.
 """
 
 from igpo_jax.agent.prompts import SEARCH_TAGS_FEW_SHOT_PROMPT
