@@ -26,7 +26,13 @@ update, 5.73 from step 4, 5.75 after the final validation). Before (2026-12-05):
 Again after the sampler's gathered appends and the leaf-by-leaf optimiser step (2026-12-06, a
 niced test run beside it for 10 of its 13 minutes): val no-format F1 0.354 → 0.438, wall 784 s,
 peak RSS 5.99 GiB (5.59 after the first update, 5.96 from step 4); gathering appends of up to half
-the batch had taken it to 6.69 GiB (wall 572 s alone), hence the sampler's 1/8 rule.
+the batch had taken it to 6.69 GiB (wall 572 s alone), hence the sampler's 1/8 rule. With the
+optimiser step as one program per leaf (2026-12-06, same F1s and IGs): alone, wall 570 s but
+peak RSS 6.47 GiB, over the 6 GiB target (5.45 after the first update, 5.59 after step 3, 6.17
+from step 4's rollout, 6.47 after the final validation); beside a learning run 6.26 GiB, where
+the code before that change peaked at 6.75 GiB under the same load. The peak moves by tenths of a
+GiB with what else runs, and its jumps come at step 4's rollout and the final validation, not in
+the update.
 Where the memory goes: policy, frozen reference and AdamW moments 2.7 GB before anything runs; a
 greedy validation batch of 24 rows × 1024 slots (its KV cache 1.1 GB, the decode's row gather a
 second copy); the update's activations, micro-batch by micro-batch.
