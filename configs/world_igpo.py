@@ -47,8 +47,9 @@ rows they feed (sampling.py, up to half the batch; the same tokens) a validation
 before, alone), a step 55-98 s, a run 1068-1077 s (three runs of 2026-12-06, a niced test suite
 beside them); the sampler's default gathers only appends of ≤ 1/8 of the batch (the half-batch
 copies cost the demo 0.7 GiB of peak memory: 226 s a validation), so this config sets
-rollout.append_gather_divisor = 2: a validation 95-110 s, a step 55-75 s, a run ≈ 17-19 min
-(the 12-step lr 2e-5 run below: 1127 s alone). The curves:
+rollout.append_gather_divisor = 2: a validation 95-110 s, a step 55-75 s, a run of this config
+766 s alone (the kl_coef 0.1 probe's seed 2 below; 1127 s for the 12-step lr 2e-5 variant with
+niced probes beside it). The curves:
 bench/results/world_igpo_vs_grpo.png (`python -m igpo_jax.plot`, command in the sweep file).
 Both arms learn (every run is above step 0 at step 5), and IGPO is above GRPO at equal steps:
 per question, seeds averaged (bench.sweep_summary), IGPO − GRPO +0.046 ± 0.028 at step 5 and
@@ -88,8 +89,8 @@ two examples plus a company and a college answer; probe of 2026-12-06, greedy, s
 model does not pick those fields, so a group rarely samples them and RL has nothing to reinforce.
 A smaller learning rate is no cure either (2026-12-06, lr 2e-5 for 12 steps, validation at
 steps 0 / 4 / 8 / 12, `bench.learning`): igpo seed 0 0.281 / 0.469 / 0.443 / 0.476 (format error
-0.06 at 12; 1447 s, a test run beside it for 8 min), seed 1 0.281 / 0.434 / 0.313 / 0.313 (1127 s
-alone): seed 0 no longer overshoots, but seed 1 flips to "never a year" (0 of 26 year questions
+0.06 at 12; 1447 s, a test run beside it for 8 min), seed 1 0.281 / 0.434 / 0.313 / 0.313 (1127 s,
+niced probes beside it for ~6 min): seed 0 no longer overshoots, but seed 1 flips to "never a year" (0 of 26 year questions
 from step 8 on) and stays there; the entropy still falls to ≈ 0.3 by step 3 (seed 0: 1.06 ->
 0.92 -> 0.31). Stopped after two seeds (mean 0.394 at the end against 0.418 at 3e-5).
 Nor is a stronger anchor to the base model (2026-12-06, actor.kl_coef 0.1 instead of 0.001,
