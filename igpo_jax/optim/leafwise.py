@@ -6,8 +6,9 @@ compiled program comes from the persistent cache. Traced whole (optax over SmolL
 leaf a nested jit in one outer program the trace fell to 0.9 s, but that program's executable, a
 few kernels per leaf, still took the longest of all to load from the cache (7.9 of the 10.7 s of
 cache reads of bench.step's warm start, beside a learning run). Here each leaf's step is its own
-jitted call, dispatched from Python: the 272 leaves take 11 distinct shapes, so a start traces,
-compiles or loads 11 small programs (and 11 for the squared sums of the global norm), and a step
+jitted call, dispatched from Python: the 272 leaves take a handful of distinct shapes (7 in the
+demo's layout), so a start traces, compiles or loads that many small programs (and as many for the
+squared sums of the global norm), and a step
 pays ~270 dispatches (milliseconds against a step of seconds). The parameter leaf and its
 optimiser state are donated, so a step holds one leaf's old and new copies at a time, not two
 trees. The arithmetic per leaf is the whole-tree update's, so the results are the same bit for
@@ -43,13 +44,22 @@ def global_norm(tree) -> jax.Array:
     return _norm_of([_squared_sum(x) for x in jax.tree.leaves(tree)])
 
 
+def _split(parts, own_mask):
+    """(the parts shaped like the parameters, the others), in order."""
+    return [p for p, mine in zip(parts, own_mask) if mine], [p for p, mine in zip(parts, own_mask) if not mine]
+
+
+def _join(own, shared, own_mask):
+    """`_split`'s inverse: the parts in their original order."""
+    own, shared = iter(own), iter(shared)
+    return [next(own) if mine else next(shared) for mine in own_mask]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 7))
 def _leaf_call(leaf_step, parts_def, own_mask, static, grad, own, shared, param, *extra):
-    own, shared = iter(own), iter(shared)
-    leaf_state = parts_def.unflatten([next(own) if mine else next(shared) for mine in own_mask])
+    leaf_state = parts_def.unflatten(_join(own, shared, own_mask))
     param, leaf_state = leaf_step(grad, leaf_state, param, *extra, static)
-    parts = parts_def.flatten_up_to(leaf_state)
-    return param, [p for p, mine in zip(parts, own_mask) if mine], [p for p, mine in zip(parts, own_mask) if not mine]
+    return (param, *_split(parts_def.flatten_up_to(leaf_state), own_mask))
 
 
 def update(leaf_step: Callable, grads, state, params, *extra, static: Hashable = None) -> tuple[Any, Any]:
@@ -62,16 +72,14 @@ def update(leaf_step: Callable, grads, state, params, *extra, static: Hashable =
     shaped_like_params = lambda x: params_def.num_leaves > 1 and jax.tree.structure(x) == params_def
     parts, parts_def = jax.tree.flatten(state, is_leaf=shaped_like_params)
     own_mask = tuple(shaped_like_params(p) for p in parts)
-    split = [params_def.flatten_up_to(p) for p, mine in zip(parts, own_mask) if mine]
-    shared = [p for p, mine in zip(parts, own_mask) if not mine]
+    own, shared = _split(parts, own_mask)
+    split = [params_def.flatten_up_to(p) for p in own]
     new_params, new_own, new_shared = [], [], None
     for i, (grad, param) in enumerate(zip(grad_leaves, param_leaves)):
-        param, own, leaf_shared = _leaf_call(leaf_step, parts_def, own_mask, static, grad,
+        param, leaf_own, leaf_shared = _leaf_call(leaf_step, parts_def, own_mask, static, grad,
                                              [s[i] for s in split], shared, param, *extra)
         new_params.append(param)
-        new_own.append(own)
+        new_own.append(leaf_own)
         new_shared = leaf_shared if new_shared is None else new_shared
-    own_parts = iter([params_def.unflatten([leaf[j] for leaf in new_own]) for j in range(len(split))])
-    shared_parts = iter(new_shared or [])
-    new_parts = [next(own_parts) if mine else next(shared_parts) for mine in own_mask]
-    return params_def.unflatten(new_params), parts_def.unflatten(new_parts)
+    own_parts = [params_def.unflatten([leaf[j] for leaf in new_own]) for j in range(len(split))]
+    return params_def.unflatten(new_params), parts_def.unflatten(_join(own_parts, new_shared or [], own_mask))
