@@ -242,6 +242,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                          f"but an NVIDIA GPU run that kernel; got config.model.attention={c.model.attention!r}")
     if c.rollout.dtype is not None:
         _one_of("rollout.dtype", c.rollout.dtype, DTYPES)
+    _positive("rollout.append_gather_divisor", c.rollout.append_gather_divisor)
     if not isinstance(c.rollout.max_concurrent_rows, int) or c.rollout.max_concurrent_rows < 0:
         raise ValueError(f"config.rollout.max_concurrent_rows={c.rollout.max_concurrent_rows!r} must be an integer "
                          f"≥ 0: the most rollouts decoding at once (0 → all train_batch_size × n of them)")

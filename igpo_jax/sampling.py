@@ -24,7 +24,7 @@ Done rows: each call gathers the rows that are decoding into the smallest power-
 bucket that holds them, decodes that sub-batch, and scatters its cache rows back. So rows that
 are finished or waiting for a search cost nothing per step; the price is one gather/scatter of
 the active rows' cache (their first `span` slots) per call, paid only when the bucket is smaller
-than the full batch. Appends feeding at most 1/8 of the batch do the same: the searches of a batch
+than the full batch. Appends feeding at most 1/`append_gather_divisor` (8) of the batch do the same: the searches of a batch
 return apart, so most appends feed a few rows, and extending the whole batch for them cost a
 96-row validation 16 s per 131 tokens (world_igpo's validation, 2026-12-06: 245 s warm before).
 

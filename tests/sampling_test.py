@@ -202,6 +202,12 @@ def test_append_and_continue_matches_prefilling_the_concatenation(tiny, min_span
 def test_an_append_gather_divisor_below_one_is_refused(tiny):
     with pytest.raises(ValueError, match="append_gather_divisor must be ≥ 1"):
         Sampler(tiny[1], None, batch_size=4, cache_size=64, append_gather_divisor=0)
+    from igpo_jax import config_base
+
+    c = config_base.base_config()
+    c.rollout.append_gather_divisor = 0  # refused with the config, before any model loads
+    with pytest.raises(ValueError, match=r"config.rollout.append_gather_divisor=0 must be > 0"):
+        config_base.validate(c)
 
 
 @pytest.mark.parametrize("min_span", [1024, 8])
