@@ -77,8 +77,16 @@ def load_policy(config: ml_collections.ConfigDict, mesh=None, rules=None, path: 
     model = weights.load(path, mesh, rules, param_dtype=config.model.param_dtype, dtype=config.model.dtype,
                          remat=config.model.remat, scan_layers=config.model.scan_layers, attention=config.model.attention,
                          attention_block=config.model.attention_block,
-                         gpu_fused_attention=config.model.gpu_fused_attention)
+                         gpu_fused_attention=config.model.gpu_fused_attention,
+                         logprob_temperature=logprob_temperature(config))
     return model, tokenizer_lib.load_tokenizer(path)
+
+
+def logprob_temperature(config: ml_collections.ConfigDict) -> float:
+    """The temperature of the policy's log-probs: the rollouts' sampling temperature when
+    `actor.temper_logprobs` (greedy rollouts, temperature 0, have none: 1)."""
+    t = config.rollout.temperature
+    return t if config.actor.temper_logprobs and t > 0 else 1.0
 
 
 def frozen_copy(model):

@@ -176,6 +176,9 @@ def base_config() -> ml_collections.ConfigDict:
     # the update's forwards and backward compute each group's prompt once for its rollout.n rows
     # (its keys/values shared by them); needs mini- and micro-batches of whole groups, else off
     c.actor.share_prompt_prefix = True
+    # π's log-probs of logits / rollout.temperature (veRL's actor): the policy the rollouts sampled
+    # from, so the policy gradient is that policy's; False: of the raw logits (temperature 1)
+    c.actor.temper_logprobs = True
 
     c.trainer = ml_collections.ConfigDict()
     c.trainer.total_training_steps = 60

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,3 +127,62 @@ def test_bf16_compute_keeps_a_float32_weight_gradient_close_to_the_float32_one(m
     assert grads["bf16"].dtype == jnp.float32
     scale = np.abs(np.asarray(grads["fp32"])).max()
     np.testing.assert_allclose(np.asarray(grads["bf16"]), np.asarray(grads["fp32"]), atol=0.02 * scale)
+
+
+@pytest.fixture(scope="module")
+def tempered_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_tempered")
+    write_tiny_hf_model("llama", path)
+    return load_hf(str(path), logprob_temperature=0.7)
+
+
+@pytest.mark.parametrize("needed_kind", ["none_given", "ragged"])
+def test_a_tempered_model_gives_the_log_probs_entropy_and_gradient_of_logits_over_the_temperature(
+        model, tempered_model, needed_kind):
+    """veRL's actor: log_softmax(logits / T). The same weights at T = 0.7 against the plain model's
+    logits divided by hand, values and the gradient through the custom backward."""
+    nnx.update(tempered_model, nnx.state(model))  # the same weights
+    hidden, targets = _inputs(model, seed=5)
+    needed = None if needed_kind == "none_given" else jnp.asarray(np.random.default_rng(6).random((B, T)) < 0.5)
+    keep = np.ones((B, T), bool) if needed is None else np.asarray(needed)
+    logp, entropy = logprobs_from_hidden(tempered_model, hidden, targets, 4, True, needed)
+    ref_logp, ref_entropy = _reference(model, hidden / 0.7, targets)  # logits / T = (hidden / T) · W
+    np.testing.assert_allclose(np.asarray(logp)[keep], ref_logp[keep], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(entropy)[keep], ref_entropy[keep], atol=2e-5)
+    untempered = logprobs_from_hidden(model, hidden, targets, 4, False, needed)[0]
+    assert np.max(np.abs(np.asarray(logp - untempered))[keep]) > 0.1  # it did change them
+
+    weights = jnp.asarray(np.random.default_rng(7).normal(size=(B, T)), jnp.float32)
+
+    def loss(h):
+        return jnp.sum(weights * logprobs_from_hidden(tempered_model, h, targets, 4, True, needed)[0])
+
+    def plain_loss(h):
+        logits = model.logits_from_hidden(h) / 0.7
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+        return jnp.sum(jnp.where(keep, weights * lp, 0.0))
+
+    np.testing.assert_allclose(np.asarray(jax.grad(loss)(hidden)), np.asarray(jax.grad(plain_loss)(hidden)),
+                               atol=2e-5)
+
+
+def test_the_policy_is_tempered_at_the_rollout_temperature_unless_switched_off():
+    from igpo_jax import components
+    from igpo_jax.config_base import base_config
+
+    c = base_config()
+    c.rollout.temperature = 0.7
+    assert components.logprob_temperature(c) == 0.7
+    c.actor.temper_logprobs = False
+    assert components.logprob_temperature(c) == 1.0
+    c.actor.temper_logprobs, c.rollout.temperature = True, 0.0  # greedy rollouts: nothing to temper
+    assert components.logprob_temperature(c) == 1.0
+    with pytest.raises(ValueError, match="logprob_temperature must be > 0"):
+        dataclasses.replace(tempered_model_cfg(), logprob_temperature=0.0)
+
+
+def tempered_model_cfg():
+    from igpo_jax.model.config import ModelConfig
+
+    return ModelConfig(model_type="llama", vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=1,
+                       num_heads=2, num_kv_heads=1, head_dim=4)

@@ -73,6 +73,10 @@ class ModelConfig:
     # with attention='blockwise': on an NVIDIA GPU, the masks cuDNN's fused attention takes
     # (right-padded causal rows, bf16/fp16) run through it instead (fused_attention.py)
     gpu_fused_attention: bool = False
+    # the policy's log-probs (update, π_old, π_ref, information-gain scoring) are of logits / this:
+    # the distribution a rollout at this temperature sampled from, as veRL's actor divides its
+    # logits by the rollout temperature (token_logprobs.py); sampling applies its own temperature
+    logprob_temperature: float = 1.0
 
     def __post_init__(self):
         if self.model_type not in _ARCHITECTURES:
@@ -89,6 +93,8 @@ class ModelConfig:
         if self.gpu_fused_attention and self.attention != "blockwise":
             raise ValueError(f"gpu_fused_attention needs attention='blockwise' (the kernel for the masks cuDNN "
                              f"does not take), got attention={self.attention!r}")
+        if not self.logprob_temperature > 0:
+            raise ValueError(f"logprob_temperature must be > 0, got {self.logprob_temperature}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")

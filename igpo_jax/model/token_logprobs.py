@@ -113,7 +113,13 @@ def logprobs_from_hidden(model, hidden_BTD, targets_BT, chunk: int = 128, with_e
     """log p(targets_BT[b, t] | hidden_BTD[b, t]) and (optionally) the entropy, both [B, T] fp32.
 
     `needed_BT` (bool, optional): only these positions are computed; the others are 0.
+    With `model.cfg.logprob_temperature` T ≠ 1 they are of softmax(logits / T), and logits / T =
+    (hidden / T) · W: the hidden states are scaled (in float32, before the compute-dtype cast), so
+    the custom gradient below stays the untempered one and autodiff adds the 1/T.
     """
+    temperature = model.cfg.logprob_temperature
+    if temperature != 1.0:
+        hidden_BTD = hidden_BTD.astype(jnp.float32) / temperature
     b, t, d = hidden_BTD.shape
     p = b * t
     hidden_PD = hidden_BTD.reshape(p, d)
