@@ -99,7 +99,14 @@ def frozen_copy(model):
     if cfg.param_dtype != cfg.dtype:
         return in_dtype(model, cfg.dtype)  # astype: new buffers
     graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    return nnx.merge(graphdef, _copied(state))
+
+
+@jax.jit
+def _copied(state):
+    """New buffers for every leaf, as one program (eager copies would be one per leaf shape, each
+    compiled or read from the cache at every start)."""
+    return jax.tree.map(jnp.copy, state)
 
 
 def in_dtype(model, dtype: str | None, view=None):

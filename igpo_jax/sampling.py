@@ -376,7 +376,7 @@ class Sampler:
                  else np.zeros((vocab,), bool))
         self._stop_id_set = frozenset(int(t) for t in stop_token_ids)
         ids = np.asarray(sorted(self._stop_id_set) or [-1], np.int32)
-        self._stop = (jnp.asarray(ids), jnp.asarray(table))
+        self._stop = (_on_device(ids), _on_device(table))
         self._may_end_V = table  # host copy, read after every call
         self._cache_dtype = cache_dtype
         self._mesh, self._rules = mesh, rules  # the cache is created sharded over `mesh` when given
@@ -433,7 +433,7 @@ class Sampler:
             self._early.pop(r, None)
         mask = np.zeros((self.batch_size,), bool)
         mask[list(row_ids)] = True
-        self.cache = _release_call(self.cache, jnp.asarray(mask))
+        self.cache = _release_call(self.cache, _on_device(mask))
 
     def append(self, row_ids: int | Sequence[int], tokens: Sequence[int] | Sequence[Sequence[int]],
                max_new_tokens: int | Sequence[int]):
@@ -478,15 +478,15 @@ class Sampler:
             return np.asarray([fn(self.rows[r]) if r in in_call else default for r in row_index], dtype)
 
         rows = _Rows(
-            input_B=jnp.asarray(per_row(lambda h: h.pending[-1], 0, np.int32)),
-            active_B=jnp.asarray(per_row(lambda h: True, False, bool)),
-            count_B=jnp.asarray(per_row(lambda h: len(h.out.tokens), 0, np.int32)),
-            budget_B=jnp.asarray(per_row(lambda h: h.budget, 0, np.int32)),
-            key_B=jnp.asarray(np.stack([self.rows[r].key if r in in_call else self.rows[active[0]].key
+            input_B=_on_device(per_row(lambda h: h.pending[-1], 0, np.int32)),
+            active_B=_on_device(per_row(lambda h: True, False, bool)),
+            count_B=_on_device(per_row(lambda h: len(h.out.tokens), 0, np.int32)),
+            budget_B=_on_device(per_row(lambda h: h.budget, 0, np.int32)),
+            key_B=_on_device(np.stack([self.rows[r].key if r in in_call else self.rows[active[0]].key
                                         for r in row_index])),
         )
         self.cache, rows, tokens, logps, n_steps = _decode_call(
-            self._graphdef, self._state, self.cache, jnp.asarray(row_index, jnp.int32), rows, self._stop,
+            self._graphdef, self._state, self.cache, _on_device(row_index, np.int32), rows, self._stop,
             self.params, self.steps_per_call, compact, self._span(length + self.steps_per_call))
         tokens, logps = np.asarray(tokens), np.asarray(logps)
         counts, still_active = np.asarray(rows.count_B), np.asarray(rows.active_B)
@@ -596,11 +596,11 @@ class Sampler:
             tokens[j, :len(feed)] = feed
             valid[j, :len(feed)] = True
         if gather:
-            self.cache = _extend_rows_call(self._graphdef, self._state, self.cache, jnp.asarray(row_index, jnp.int32),
-                                           jnp.asarray(tokens), jnp.asarray(valid), span)
+            self.cache = _extend_rows_call(self._graphdef, self._state, self.cache, _on_device(row_index, np.int32),
+                                           _on_device(tokens), _on_device(valid), span)
         else:
-            self.cache = _extend_call(self._graphdef, self._state, self.cache, jnp.asarray(tokens),
-                                      jnp.asarray(valid), span)
+            self.cache = _extend_call(self._graphdef, self._state, self.cache, _on_device(tokens),
+                                      _on_device(valid), span)
 
     def _prefill_common_prefix(self, feeds: dict[int, tuple[int, ...]], width: int) -> bool:
         """Prefill the tokens every fed row starts with (a system prompt) once, copy them into all
@@ -639,8 +639,14 @@ class Sampler:
         src_B = np.full((self.batch_size,), -1, np.int32)
         for r, i in src.items():
             src_B[r] = i
-        self.cache = _shared_prefill_call(self._graphdef, self._state, self.cache, jnp.asarray(tokens),
-                                          jnp.asarray(valid), jnp.asarray(src_B), max(width, self._span(width)), written)
+        self.cache = _shared_prefill_call(self._graphdef, self._state, self.cache, _on_device(tokens),
+                                          _on_device(valid), _on_device(src_B), max(width, self._span(width)), written)
+
+
+def _on_device(host, dtype=None) -> jax.Array:
+    """A host array on the default device, by a transfer: `jnp.asarray` of a host array runs a
+    small program (`stage`), compiled, or read from the persistent cache, once per shape."""
+    return jax.device_put(np.asarray(host, dtype))
 
 
 def _common_prefix(sequences: list[tuple[int, ...]]) -> int:

@@ -427,6 +427,12 @@ def train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: UpdateConfi
     return params, opt_state, {**metrics, **step_metrics}
 
 
+@jax.jit
+def _rows_of(batch: UpdateBatch, rows: jax.Array) -> UpdateBatch:
+    """The batch's `rows`, as one program (eager indexing is a few small programs per field)."""
+    return jax.tree.map(lambda x: x[rows], batch)
+
+
 class Updater:
     """Holds the optimiser state and applies `update` to an NNX model in place."""
 
@@ -462,8 +468,7 @@ class Updater:
             groups = rng.permutation(n // g) if rng is not None else np.arange(n // g)
             order = (groups[:, None] * g + np.arange(g)[None, :]).reshape(-1)
             for k, start in enumerate(range(0, n, mini)):
-                rows = jnp.asarray(order[start:start + mini])
-                mini_batch = jax.tree.map(lambda x: x[rows], batch)
+                mini_batch = _rows_of(batch, jax.device_put(order[start:start + mini]))
                 if cfg.max_tokens_per_micro_batch:  # packed micro-batches (a prefix layout is not used)
                     params, self.opt_state, m = packed_train_step(
                         self.graphdef, params, self.opt_state, mini_batch, cfg, epoch == 0 and k == 0)
