@@ -3,6 +3,7 @@ saving off, for configs/demo.py's shape and a G = 16 shape, in one process; then
 time of a run with the persistent compilation cache cold and warm.
 
     python -m bench.step [--shapes demo,g16] [--repeats 1] [--no-startup] [--startup-pairs 3]
+    python -m bench.step --shapes "" [--startup-pairs 3]     # the start-up alone
 
 The savings (issue 17), each a config switch that is on by default:
 - rollout: the G rollouts of a question prefill their shared prompt once (sampler
@@ -313,7 +314,7 @@ def main():
         return startup_child(args.startup_child)
     tmp = tempfile.mkdtemp(prefix="bench_step_")
     result, policy, tokenizer = {}, None, None
-    for name in args.shapes.split(","):
+    for name in filter(None, args.shapes.split(",")):  # --shapes "": the start-up alone
         step = Step(SHAPES[name], os.path.join(tmp, name), policy, tokenizer)
         policy, tokenizer = step.policy, step.tokenizer
         result[name] = bench_shape(name, step, args.repeats)
