@@ -8,8 +8,7 @@ Everything else (prompt, forced prefixes, world, held-out validation, lr, batch,
 world_igpo's, so the two arms differ only in the switch. What to expect: the groups in which every
 rollout scores the same give GRPO no gradient (diag/collapse_frac, high while most answers are
 wrong or malformed); IGPO still learns from the search turn's information gain there. Time per
-run: 1374-1544 s measured on 2 cores on 2026-12-05 (world_igpo's docstring has both arms' curves,
-why, and the run times since).
+run: 13-15 minutes on 2 cores (2026-12-06; world_igpo's docstring has both arms' curves and why).
 """
 
 from igpo_jax.config_base import sibling_config

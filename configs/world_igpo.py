@@ -27,80 +27,76 @@ What a researcher would tune, tuned (the algorithm, IGPO_SPEC §2–§4, is unto
   step 0 and room to rise: pick the asked-for words from the document it found.
 - the pseudo answer turn continues the forced `<answer>` prefix (" {answer} </answer>"), so the
   final context's P(gold) is the probability that the policy's next turn answers with the gold;
-- lr 3e-5 with 2 warm-up steps (a 135M model, 10 steps), 4 questions × 4 rollouts per step
-  (field types mixed within a step; with 2 × 8 the answer bias flipped as a whole: a year for
-  84 / 9 / 76 of the 96 validation questions at steps 0 / 5 / 10, IGPO seed 0 of 2026-12-05),
-  temperature 0.7; turns of ≤ 32 tokens, a 1024-slot context.
+- lr 3e-5 with 2 warm-up steps (a 135M model, 10 steps; 5e-6 below), 4 questions × 4 rollouts
+  per step (field types mixed within a step; with 2 × 8 the answer bias flipped as a whole: a
+  year for 84 / 9 / 76 of the 96 validation questions at steps 0 / 5 / 10, IGPO seed 0 of
+  2026-12-05), temperature 0.7 with log-probs of the raw logits (actor.temper_logprobs off,
+  below); turns of ≤ 32 tokens, a 1024-slot context.
 
 MEASURED (2026-12-05, 2-core machine, the sweep configs/sweeps/world_igpo_vs_grpo.py one run at
-a time, `bench.learning` JSON per run; a niced test suite or compile ran beside them, so wall
-times are high by a few percent): 96 held-out questions, val no-format F1 (se 0.046-0.051; the
-per-question paired se of a change ≈ 0.045-0.07) at steps 0 / 5 / 10, format error ≤ 0.01 at
-every validation of every run:
-  igpo seed 0: 0.281 / 0.521 / 0.349   1510 s     grpo seed 0: 0.281 / 0.494 / 0.391   1544 s
-  igpo seed 1: 0.281 / 0.451 / 0.583   1515 s     grpo seed 1: 0.281 / 0.351 / 0.325   1470 s
-  igpo seed 2: 0.281 / 0.323 / 0.323   1489 s     grpo seed 2: 0.281 / 0.312 / 0.339   1374 s
-  mean IGPO:   0.281 / 0.431 / 0.418              mean GRPO:   0.281 / 0.386 / 0.351
-Steps then took 60-100 s (rollout 16-40 s, scoring 11-16 s, update 22-48 s: two optimiser steps),
-each 96-question validation about 4 min; a run 22.9-25.7 min. With appends that extend only the
-rows they feed (sampling.py, up to half the batch; the same tokens) a validation took 76 s (245 s
-before, alone), a step 55-98 s, a run 1068-1077 s (three runs of 2026-12-06, a niced test suite
-beside them); the sampler's default gathers only appends of ≤ 1/8 of the batch (the half-batch
-copies cost the demo 0.7 GiB of peak memory: 226 s a validation), so this config sets
-rollout.append_gather_divisor = 2: a validation 95-110 s, a step 55-75 s, a run of this config
-766 s alone (the kl_coef 0.1 probe's seed 2 below; 1127 s for the 12-step lr 2e-5 variant with
-niced probes beside it). The curves:
-bench/results/world_igpo_vs_grpo.png (`python -m igpo_jax.plot`, command in the sweep file).
-Both arms learn (every run is above step 0 at step 5), and IGPO is above GRPO at equal steps:
-per question, seeds averaged (bench.sweep_summary), IGPO − GRPO +0.046 ± 0.028 at step 5 and
-+0.067 ± 0.034 at step 10. But the target (+0.25 over step 0, mean of 3 seeds, at the end) is
-NOT met: IGPO +0.137 ± 0.042 (GRPO +0.070 ± 0.049). Why, from the validation episodes
-(samples/val_step_*.jsonl): the search is
-learnt at once (diag/answer_doc_found_frac 0.56 → 1.0 by step 3; the IG of searches that found
-the answer's document 0.23-0.87, of the others ≈ 0), and what moves F1 is which words of the found
-document the policy answers with. At step 0 it answers 84 of the 96 questions with a year (26 of
-them ask for one). Three outcomes follow, per run: it learns to tell the year questions from the
-others (igpo seed 1 at step 10: a year for 26 of the 26 year questions, text for 70 of the 70
-others; igpo seed 0 likewise, 26/26 and 65/70, but for 44 of its 70 other questions its text is
-the entity it searched for, F1 0), or the bias flips as a whole (never a year: igpo seed 2 and
-grpo seeds 1 and 2 from step 5 on), or it stays half-way (grpo seed 0: a year for 30 of the 70
-others). Which one a run takes varies with the seed (the questions it draws, its samples); once
-the 4 answers of a group agree, its answer tokens get no advantage (diag/collapse_frac
-0.5-0.85 in every run), so the policy stays where it is. Probes of 2026-12-06 (IGPO seed 0):
-the policy's entropy falls 1.06 → 0.9 → 0.3 over steps 1-3, after which the 4 rollouts of a group
-are identical and `actor/pg_loss` is exactly 0 (collapse 1.0 at step 3): a run learns in its
-first two or three steps, then freezes. Temperature 1.0 (top-p 1) removes the collapse (mean
-0.175) but not the limit: 0.281 / 0.432 / 0.380 at steps 0 / 5 / 10 (noisier samples, noisier
-gradient); an entropy bonus (actor.entropy_coeff 0.01) lets it fall too (0.37 at step 3, collapse
-1.0 at steps 3 and 5) but brings it back (0.93-1.54 at steps 6-8, collapse 0.25-0.5): 0.281 /
-0.490 / 0.411 (+0.130 ± 0.045, the best end point of seed 0 so far, still short of +0.25).
-That bonus over more seeds (2026-12-06, `bench.learning`, steps 0 / 5 / 10, format error at 10):
-  igpo seed 0: 0.281 / 0.490 / 0.411  0.01     grpo seed 0: 0.281 / 0.484 / 0.484  0.135
-  igpo seed 1: 0.281 / 0.217 / 0.362  0.219    (stopped there: the bonus is no fix)
-The entropy does not settle once it is back: it climbs to 1.1-1.9 by step 8-10, and the answer
-format breaks (IGPO seed 1: 22% of validation episodes malformed, no-format F1 +0.08 where the
-bonus-free run reached +0.30). So this config keeps entropy_coeff 0.
-What bounds F1 here (validation episodes by the kind of answer asked, igpo seed 1 at step 10, the
-best run, 0.583): years 0.96 (26 questions), places and the like 0.61 (49), companies 0.09 (11),
-colleges 0.00 (10): the policy answers every non-year question with a place. So ≈ 0.6 is what
-"year or place" reaches, and +0.25 needs most seeds to get there. A four-shot prompt (the shipped
-two examples plus a company and a college answer; probe of 2026-12-06, greedy, step 0) lifts step
-0 to 0.427 but still answers no company or college question right (F1 0.00 on both): the base
-model does not pick those fields, so a group rarely samples them and RL has nothing to reinforce.
-A smaller learning rate is no cure either (2026-12-06, lr 2e-5 for 12 steps, validation at
-steps 0 / 4 / 8 / 12, `bench.learning`): igpo seed 0 0.281 / 0.469 / 0.443 / 0.476 (format error
-0.06 at 12; 1447 s, a test run beside it for 8 min), seed 1 0.281 / 0.434 / 0.313 / 0.313 (1127 s,
-niced probes beside it for ~6 min): seed 0 no longer overshoots, but seed 1 flips to "never a year" (0 of 26 year questions
-from step 8 on) and stays there; the entropy still falls to ≈ 0.3 by step 3 (seed 0: 1.06 ->
-0.92 -> 0.31). Stopped after two seeds (mean 0.394 at the end against 0.418 at 3e-5).
-Nor is a stronger anchor to the base model (2026-12-06, actor.kl_coef 0.1 instead of 0.001,
-this config otherwise, steps 0 / 5 / 10): igpo seed 0 0.281 / 0.458 / 0.516, seed 1 0.281 /
-0.427 / 0.406, seed 2 0.281 / 0.417 / 0.260 (format error ≤ 0.01; 1453 s and 1163 s with a demo
-beside them, 766 s alone), mean +0.113 (0.418 without it). The KL term is the one gradient left in
-a group whose answers agree, and it pulls toward the base model's answer, a year: it keeps seed 0
-from overshooting, but pulls seeds 1 and 2 back to a year for 51 and 59 of the 70 non-year
-questions at step 10. Next: more rollouts per question for the rare fields, or two-hop questions
-where searching matters more.
+a time, `bench.learning` JSON per run; 1374-1544 s a run then, 766 s alone since the sampler
+gathers appends): 96 held-out questions, val no-format F1 (se 0.046-0.051) at steps 0 / 5 / 10,
+format error ≤ 0.01 at every validation of every run:
+  igpo seed 0: 0.281 / 0.521 / 0.349     grpo seed 0: 0.281 / 0.494 / 0.391
+  igpo seed 1: 0.281 / 0.451 / 0.583     grpo seed 1: 0.281 / 0.351 / 0.325
+  igpo seed 2: 0.281 / 0.323 / 0.323     grpo seed 2: 0.281 / 0.312 / 0.339
+  mean IGPO:   0.281 / 0.431 / 0.418     mean GRPO:   0.281 / 0.386 / 0.351
+The curves: bench/results/world_igpo_vs_grpo.png (`python -m igpo_jax.plot`, command in the
+sweep file). Per question, seeds averaged (bench.sweep_summary): IGPO − GRPO +0.046 ± 0.028 at
+step 5 and +0.067 ± 0.034 at step 10; IGPO +0.137 ± 0.042 over step 0 (GRPO +0.070 ± 0.049).
+The target (+0.25 over step 0, mean of 3 seeds, at the end) is NOT met. At this rate the end
+point is a lottery of the seed (0.32-0.58): a run overshoots (igpo seed 0), or the answer bias
+flips as a whole (never a year: igpo seed 2, grpo seeds 1 and 2), or it stays half-way.
+
+The same sweep at lr 5e-6 (2026-12-06, niced unit tests beside most runs; a step 50-70 s:
+rollout 10-21 s, scoring 11-13 s, update 25-39 s; a validation ~80 s):
+  igpo seed 0: 0.281 / 0.448 / 0.417   787 s     grpo seed 0: 0.281 / 0.448 / 0.370   931 s
+  igpo seed 1: 0.281 / 0.458 / 0.521   837 s     grpo seed 1: 0.281 / 0.464 / 0.521   811 s
+  igpo seed 2: 0.281 / 0.438 / 0.469   846 s     grpo seed 2: 0.281 / 0.461 / 0.427   774 s
+  mean IGPO:   0.281 / 0.448 / 0.469             mean GRPO:   0.281 / 0.457 / 0.439
+(format error 0 at every validation; bench/results/world_igpo_vs_grpo_lr5e-6.png). Every run
+moves the same way, more slowly, and IGPO rises more (+0.188 ± 0.052 against GRPO's +0.158 ±
+0.052), still short of +0.25; but the arms are level (IGPO − GRPO −0.009 ± 0.017 at step 5,
++0.029 ± 0.018 at step 10), although GRPO's groups have no advantage more often
+(diag/collapse_frac 0.74 against 0.51 over the steps). So this config keeps 3e-5, where IGPO's
+lead is measurable: the paper's claim is about the regime in which outcome-only advantages
+collapse, and at 3e-5 a collapsed GRPO run stays where its first steps left it.
+
+What bounds the rise, from the validation episodes (samples/val_step_*.jsonl) by the kind of
+answer asked: the search is learnt at once (diag/answer_doc_found_frac 0.56 → 1.0 by step 3; the
+IG of searches that found the answer's document 0.23-0.87, of the others ≈ 0), and what moves F1
+is which words of the found document the policy answers with. At step 0 it answers 84 of the 96
+questions with a year (26 ask for one): years 0.77, places and the like 0.14 (49 questions),
+companies and colleges 0.00 (11 and 10). At step 10 it keeps the year for the year questions and
+answers the others with a place (IGPO at 5e-6, seeds 0 / 1 / 2: places 0.55 / 0.53 / 0.57, years
+0.42 / 0.92 / 0.58, colleges 0.20 / 0.00 / 0.20, companies 0.00; the best run at 3e-5, seed 1:
+years 0.96, places 0.61, companies 0.09, colleges 0.00): a company or a college the base model
+does not write, so no group rewards one. "Year or place" reaches ≈ 0.6, and +0.25 needs the mean
+of three seeds at 0.53.
+What earlier probes read as an entropy collapse is the batch's: the mean token entropy of steps
+1-3 is the same at lr 3e-5, at 5e-6 and with a 10-step warm-up (IGPO seed 0: 1.06 / 0.88 / 0.33
+each), i.e. set by the questions a step draws and how sure the base model is of them, and
+`diag/collapse_frac` (0.5-0.75 from step 2 in every run) says the same: at temperature 0.7 the
+base model writes the same answer four times for most questions.
+
+Probes (IGPO seed 0 at lr 3e-5 unless said; val no-format F1 at steps 0 / 5 / 10):
+- temperature 1.0 (top-p 1): 0.281 / 0.432 / 0.380 (fewer collapsed groups, noisier gradient);
+- an entropy bonus (actor.entropy_coeff 0.01): seed 0 0.281 / 0.490 / 0.411, grpo seed 0 0.281 /
+  0.484 / 0.484, seed 1 0.281 / 0.217 / 0.362; the entropy then climbs to 1.1-1.9 by steps 8-10
+  and the format breaks (seed 1: 22% malformed, grpo seed 0 13.5%), so entropy_coeff stays 0;
+- lr 2e-5 for 12 steps (validation at 0 / 4 / 8 / 12): seed 0 0.281 / 0.469 / 0.443 / 0.476,
+  seed 1 0.281 / 0.434 / 0.313 / 0.313 (flipped to "never a year");
+- actor.kl_coef 0.1 (not 0.001): seeds 0 / 1 / 2 end at 0.516 / 0.406 / 0.260 (mean +0.113): in
+  a group whose answers agree the KL term is the only gradient, and it pulls toward the base
+  model's answer, a year (51 and 59 of the 70 non-year questions for seeds 1 and 2 at step 10);
+- log-probs of logits / 0.7 (actor.temper_logprobs, veRL's actor): the steps are 1/0.7 as large
+  and the run collapsed, 0.281 / 0.500 / 0.062 (its entropy 0.02 by step 4), hence off here;
+- 8 questions × 4 rollouts a step (mini-batches of 16, 150-200 s a step): 0.344 at step 4
+  (stopped);
+- a four-shot prompt (the two shipped examples plus a company and a college answer; greedy,
+  step 0): 0.427, and still no company or college question right (F1 0.00 on both).
+Next: two-hop questions, where which query a turn writes decides what the next turn can find
+(the regime of the paper's claim), or a prompt or world in which the base model writes each field.
 """
 
 from igpo_jax.agent.prompts import SEARCH_TAGS_FEW_SHOT_PROMPT
@@ -151,6 +147,8 @@ def get_config():
     # the steps are 1/0.7 as large and the policy collapsed, IGPO seed 0 0.281 / 0.500 / 0.062 at
     # steps 0 / 5 / 10, its entropy 0.02 by step 4 (2026-12-06; untempered 0.281 / 0.521 / 0.349)
     c.actor.temper_logprobs = False
+    # at 5e-6 every seed moves the same way and IGPO rises more (+0.19 against +0.14), but GRPO
+    # keeps level with it; at 3e-5 IGPO's lead over GRPO is measurable (docstring)
     c.actor.lr = 3e-5
     c.actor.warmup_steps = 2  # Adam's first steps move every weight by ~lr at once
     # no entropy bonus: 0.01 kept the groups apart after step 5, but the entropy kept rising
