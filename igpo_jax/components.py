@@ -44,7 +44,8 @@ def data_files(config: ml_collections.ConfigDict) -> DataFiles:
         out = os.path.join(config.run_dir, "world")
         write = lambda: world.write_world(out, seed=config.data.world_seed, num_questions=config.data.world_questions,
                                           two_hop_fraction=config.data.world_two_hop_fraction,
-                                          test_fraction=config.data.world_test_fraction)
+                                          test_fraction=config.data.world_test_fraction,
+                                          question_kinds=tuple(config.data.world_question_kinds))
         # Multi-host: one writer, so that no process reads a file another is rewriting; a process
         # that does not see its files afterwards (run_dir not shared) writes its own identical copy.
         files = write() if jax.process_index() == 0 else None

@@ -82,6 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.world_questions = 400
     c.data.world_two_hop_fraction = 0.5  # the rest are one-hop
     c.data.world_test_fraction = 0.1  # held-out questions: about entities no training question asks about
+    # the question kinds asked (names from igpo_jax.world.QUESTION_KINDS, e.g. "person.birthplace"); () = all
+    c.data.world_question_kinds = ()
     c.data.train_batch_size = 32  # questions per step
     c.data.val_batch_size = 32
     c.data.val_max_questions = 0  # 0 → the whole test set

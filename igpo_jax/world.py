@@ -364,59 +364,74 @@ def _river_aliases(river: str) -> tuple[str, ...]:
     return river, river.removesuffix(" River")
 
 
-_ONE_HOP: dict[type, tuple[_Template, ...]] = {
-    _Person: (
-        lambda p: (f"Where was {p.name} born?", (p.birthplace.name,), (p,)),
-        lambda p: (f"In which year was {p.name} born?", (str(p.born),), (p,)),
-        lambda p: (f"Which company does {p.name} work for?", _company_aliases(p.employer), (p,)),
-        lambda p: (f"Which university did {p.name} attend?",
-                   _university_aliases(p.university), (p,)),
-    ),
-    _Company: (
-        lambda c: (f"In which city is {c.name} headquartered?", (c.city.name,), (c,)),
-        lambda c: (f"Who founded {c.name}?", _person_aliases(c.founder), (c,)),
-        lambda c: (f"In which year was {c.name} founded?", (str(c.founded),), (c,)),
-    ),
-    _City: (
-        lambda c: (f"In which country is {c.name}?", (c.country.name,), (c,)),
-        lambda c: (f"Which river flows through {c.name}?", _river_aliases(c.river), (c,)),
-    ),
-    _Country: (
-        lambda c: (f"What is the capital of {c.name}?", (c.capital.name,), (c,)),
-    ),
-    _University: (
-        lambda u: (f"In which city is {u.name}?", (u.city.name,), (u,)),
-        lambda u: (f"In which year was {u.name} founded?", (str(u.founded),), (u,)),
-    ),
+# Every template has a name, "<entity kind>.<fact>" (one hop) or "<kind>.<fact>.<fact>" (two hops), so
+# a run can ask for a subset (`question_kinds`): a rung of difficulty, say the facts a base model
+# can already write, whose rewards then reach every group.
+_ONE_HOP: dict[type, dict[str, _Template]] = {
+    _Person: {
+        "person.birthplace": lambda p: (f"Where was {p.name} born?", (p.birthplace.name,), (p,)),
+        "person.birth_year": lambda p: (f"In which year was {p.name} born?", (str(p.born),), (p,)),
+        "person.employer": lambda p: (f"Which company does {p.name} work for?",
+                                      _company_aliases(p.employer), (p,)),
+        "person.university": lambda p: (f"Which university did {p.name} attend?",
+                                        _university_aliases(p.university), (p,)),
+    },
+    _Company: {
+        "company.city": lambda c: (f"In which city is {c.name} headquartered?", (c.city.name,), (c,)),
+        "company.founder": lambda c: (f"Who founded {c.name}?", _person_aliases(c.founder), (c,)),
+        "company.founded": lambda c: (f"In which year was {c.name} founded?", (str(c.founded),), (c,)),
+    },
+    _City: {
+        "city.country": lambda c: (f"In which country is {c.name}?", (c.country.name,), (c,)),
+        "city.river": lambda c: (f"Which river flows through {c.name}?", _river_aliases(c.river), (c,)),
+    },
+    _Country: {
+        "country.capital": lambda c: (f"What is the capital of {c.name}?", (c.capital.name,), (c,)),
+    },
+    _University: {
+        "university.city": lambda u: (f"In which city is {u.name}?", (u.city.name,), (u,)),
+        "university.founded": lambda u: (f"In which year was {u.name} founded?",
+                                         (str(u.founded),), (u,)),
+    },
 }
 
-_TWO_HOP: dict[type, tuple[_Template, ...]] = {
-    _Person: (
-        lambda p: (f"In which country was {p.name} born?",
-                   (p.birthplace.country.name,), (p, p.birthplace)),
-        lambda p: (f"Which river flows through the city where {p.name} was born?",
-                   _river_aliases(p.birthplace.river), (p, p.birthplace)),
-        lambda p: (f"Who founded the company that employs {p.name}?",
-                   _person_aliases(p.employer.founder), (p, p.employer)),
-        lambda p: (f"Where is the company that employs {p.name} headquartered?",
-                   (p.employer.city.name,), (p, p.employer)),
-        lambda p: (f"In which year was the company that employs {p.name} founded?",
-                   (str(p.employer.founded),), (p, p.employer)),
-        lambda p: (f"In which city is the university that {p.name} attended?",
-                   (p.university.city.name,), (p, p.university)),
-    ),
-    _Company: (
-        lambda c: (f"In which city was the founder of {c.name} born?",
-                   (c.founder.birthplace.name,), (c, c.founder)),
-        lambda c: (f"Which university did the founder of {c.name} attend?",
-                   _university_aliases(c.founder.university), (c, c.founder)),
-        lambda c: (f"In which country is {c.name} headquartered?",
-                   (c.city.country.name,), (c, c.city)),
-    ),
-    _University: (
-        lambda u: (f"In which country is {u.name}?", (u.city.country.name,), (u, u.city)),
-    ),
+_TWO_HOP: dict[type, dict[str, _Template]] = {
+    _Person: {
+        "person.birthplace.country": lambda p: (f"In which country was {p.name} born?",
+                                                (p.birthplace.country.name,), (p, p.birthplace)),
+        "person.birthplace.river": lambda p: (
+            f"Which river flows through the city where {p.name} was born?",
+            _river_aliases(p.birthplace.river), (p, p.birthplace)),
+        "person.employer.founder": lambda p: (f"Who founded the company that employs {p.name}?",
+                                              _person_aliases(p.employer.founder), (p, p.employer)),
+        "person.employer.city": lambda p: (
+            f"Where is the company that employs {p.name} headquartered?",
+            (p.employer.city.name,), (p, p.employer)),
+        "person.employer.founded": lambda p: (
+            f"In which year was the company that employs {p.name} founded?",
+            (str(p.employer.founded),), (p, p.employer)),
+        "person.university.city": lambda p: (
+            f"In which city is the university that {p.name} attended?",
+            (p.university.city.name,), (p, p.university)),
+    },
+    _Company: {
+        "company.founder.birthplace": lambda c: (
+            f"In which city was the founder of {c.name} born?",
+            (c.founder.birthplace.name,), (c, c.founder)),
+        "company.founder.university": lambda c: (
+            f"Which university did the founder of {c.name} attend?",
+            _university_aliases(c.founder.university), (c, c.founder)),
+        "company.city.country": lambda c: (f"In which country is {c.name} headquartered?",
+                                           (c.city.country.name,), (c, c.city)),
+    },
+    _University: {
+        "university.city.country": lambda u: (f"In which country is {u.name}?",
+                                              (u.city.country.name,), (u, u.city)),
+    },
 }
+
+QUESTION_KINDS = tuple(name for templates in (_ONE_HOP, _TWO_HOP)
+                       for kind_templates in templates.values() for name in kind_templates)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,14 +441,16 @@ class _Candidate:
     doc_ids: tuple[str, ...]
 
 
-def _candidates(entities: _Entities, templates: dict[type, tuple[_Template, ...]],
-                documents: Sequence[Document]) -> list[list[_Candidate]]:
-    """All usable questions, one list per template."""
+def _candidates(entities: _Entities, templates: dict[type, dict[str, _Template]],
+                documents: Sequence[Document], wanted: frozenset[str]) -> list[list[_Candidate]]:
+    """All usable questions of the `wanted` kinds, one list per template."""
     texts = [d.contents.lower() for d in documents]
     per_template = []
     for kind, kind_templates in templates.items():
         members = [e for e in entities.all() if type(e) is kind]
-        for template in kind_templates:
+        for name, template in kind_templates.items():
+            if name not in wanted:
+                continue
             usable = []
             for entity in members:
                 question, answers, support = template(entity)
@@ -483,13 +500,31 @@ def _split_candidates(per_template: list[list[_Candidate]],
     return test, train
 
 
+def _wanted_kinds(question_kinds: Sequence[str], two_hop_fraction: float) -> frozenset[str]:
+    """The template names asked for (all when none are named), checked against QUESTION_KINDS."""
+    wanted = frozenset(question_kinds or QUESTION_KINDS)
+    unknown = sorted(wanted - set(QUESTION_KINDS))
+    if unknown:
+        raise ValueError(f"unknown world question kind(s) {unknown}; expected names from "
+                         f"{', '.join(QUESTION_KINDS)}")
+    for hops, templates, share in ((1, _ONE_HOP, 1.0 - two_hop_fraction), (2, _TWO_HOP, two_hop_fraction)):
+        if share > 0 and not wanted & {name for t in templates.values() for name in t}:
+            raise ValueError(f"{share:.0%} of the questions are {hops}-hop, but none of the question "
+                             f"kinds asked for ({', '.join(sorted(wanted))}) is {hops}-hop")
+    return wanted
+
+
 def build_world(seed: int = 0, num_questions: int = 400, two_hop_fraction: float = 0.5,
-                test_fraction: float = 0.1, shape: WorldShape = WorldShape()) -> World:
+                test_fraction: float = 0.1, shape: WorldShape = WorldShape(),
+                question_kinds: Sequence[str] = ()) -> World:
     """The world for `seed`: one document per entity and `num_questions` questions, of which
-    round(num_questions · test_fraction) are test questions on held-out entities (module doc)."""
+    round(num_questions · test_fraction) are test questions on held-out entities (module doc).
+    `question_kinds` (names from QUESTION_KINDS; all when empty) restricts the questions asked;
+    the entities, documents and corpus stay the same."""
     if not 0.0 <= two_hop_fraction <= 1.0 or not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"two_hop_fraction ({two_hop_fraction}) must be in [0, 1] and "
                          f"test_fraction ({test_fraction}) in [0, 1)")
+    wanted_kinds = _wanted_kinds(question_kinds, two_hop_fraction)
     draw = _Draw(seed)
     entities = _make_entities(draw, shape)
     documents = tuple(Document(id=e.doc_id, title=e.name, text=_document_text(draw, e))
@@ -501,7 +536,8 @@ def build_world(seed: int = 0, num_questions: int = 400, two_hop_fraction: float
     wanted = {  # hops → (test, train) counts
         1: (num_test - num_test_two_hop, num_questions - num_two_hop - (num_test - num_test_two_hop)),
         2: (num_test_two_hop, num_two_hop - num_test_two_hop)}
-    pools = {1: _candidates(entities, _ONE_HOP, documents), 2: _candidates(entities, _TWO_HOP, documents)}
+    pools = {1: _candidates(entities, _ONE_HOP, documents, wanted_kinds),
+             2: _candidates(entities, _TWO_HOP, documents, wanted_kinds)}
     entity_seed = draw.integer(0, 2**31 - 1)  # the held-out order: the same for every share tried
     share = max(0.05, math.ceil(test_fraction / 0.05 - 1e-9) * 0.05)
     while True:
@@ -532,9 +568,9 @@ def build_world(seed: int = 0, num_questions: int = 400, two_hop_fraction: float
 
 def write_world(out_dir: str | os.PathLike, seed: int = 0, num_questions: int = 400,
                 two_hop_fraction: float = 0.5, test_fraction: float = 0.1,
-                shape: WorldShape = WorldShape()) -> WorldFiles:
+                shape: WorldShape = WorldShape(), question_kinds: Sequence[str] = ()) -> WorldFiles:
     """Writes train.parquet, test.parquet and corpus.jsonl into `out_dir`."""
-    world = build_world(seed, num_questions, two_hop_fraction, test_fraction, shape)
+    world = build_world(seed, num_questions, two_hop_fraction, test_fraction, shape, question_kinds)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = WorldFiles(train=out / "train.parquet", test=out / "test.parquet",

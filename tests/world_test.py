@@ -182,3 +182,26 @@ def test_test_questions_are_about_entities_no_training_question_asks_about(kwarg
     assert not any(title in q.question for q in train for title in held_titles)
     hops = [q.hops for q in test]
     assert hops.count(2) == round(len(test) * kwargs.get("two_hop_fraction", 0.5))
+
+
+def test_question_kinds_restrict_the_questions_and_leave_the_corpus_alone():
+    kinds = ("person.birthplace", "company.founded")
+    built = world.build_world(seed=0, num_questions=60, two_hop_fraction=0.0, test_fraction=0.5,
+                              question_kinds=kinds)
+    asked = {q.question.split(" ")[0] + " " + q.question.split(" ")[-1] for q in built.questions}
+    assert asked == {"Where born?", "In founded?"}  # "Where was X born?", "In which year was X founded?"
+    # the round-robin asks each named kind equally often, on both sides of the split
+    for split in ("train", "test"):
+        questions = [q.question for q in built.questions if q.split == split]
+        assert sum(q.startswith("Where") for q in questions) == len(questions) // 2
+    assert built.documents == world.build_world(seed=0).documents
+    # naming every kind is the default world, question for question
+    assert world.build_world(seed=0, question_kinds=world.QUESTION_KINDS) == world.build_world(seed=0)
+
+
+def test_unknown_or_hopless_question_kinds_are_clear_errors():
+    with pytest.raises(ValueError, match=r"unknown world question kind\(s\) \['person.shoe_size'\]"):
+        world.build_world(seed=0, question_kinds=("person.birthplace", "person.shoe_size"))
+    with pytest.raises(ValueError, match="50% of the questions are 2-hop, but none"):
+        world.build_world(seed=0, two_hop_fraction=0.5, question_kinds=("person.birthplace",))
+    assert len(world.QUESTION_KINDS) == len(set(world.QUESTION_KINDS)) == 22
