@@ -14,6 +14,10 @@ standard error is that of the per-question differences, far below the se of eith
 questions do not change): per arm, the change of no-format F1 since step 0 (`change`), and
 between two arms at each step (`paired`: "igpo-grpo" is IGPO − GRPO; other arms in name order,
 per question averaged over seeds).
+
+On the embedded world, the same per-question F1s by question kind (`by_kind`: per arm and
+validation step, the mean over the questions of each kind, seeds averaged; the world is rebuilt
+from the runs' config.json): which kinds of answer a policy has learnt, and which it never writes.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import json
 import math
 import os
 
+from igpo_jax import world
+from igpo_jax.components import world_arguments
 from igpo_jax.metrics import read_jsonl
 from igpo_jax.plot import arm_of, curve, mean_curve
 from igpo_jax.reporting.samples import validation_samples_path
@@ -99,6 +105,39 @@ def paired_statistics(sweep_dir: str, arm_runs: dict[str, list[str]], steps: lis
     return out
 
 
+def world_question_kinds(run_dir: str) -> dict[str, str]:
+    """{question index: kind} of the embedded world a run trained on ({} for any other data, or
+    without the run's config.json)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)["data"]
+    if not data.get("synthetic_world"):
+        return {}
+    return {q.index: q.kind for q in world.build_world(**world_arguments(data)).questions}
+
+
+def by_kind(sweep_dir: str, arm_runs: dict[str, list[str]], steps: list[int]) -> dict:
+    """{arm: {step: {kind: {"mean", "questions"}}}}: per-question no-format F1 (seeds averaged)
+    averaged by question kind; {} when the runs are not on the embedded world."""
+    out = {}
+    for arm, names in arm_runs.items():
+        dirs = [os.path.join(sweep_dir, name) for name in names]
+        kinds = world_question_kinds(dirs[0])  # a sweep's runs share the world (data.world_*)
+        if not kinds:
+            return {}
+        out[arm] = {}
+        for step in steps:
+            grouped: dict[str, list[float]] = {}
+            for question, f1 in per_question(dirs, step).items():
+                grouped.setdefault(kinds[question], []).append(f1)
+            if grouped:
+                out[arm][str(step)] = {kind: {"mean": round(sum(v) / len(v), 4), "questions": len(v)}
+                                       for kind, v in sorted(grouped.items())}
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir")
@@ -122,8 +161,13 @@ def main(argv=None):
     for pair, by_step in stats["paired"].items():
         print(f"{pair} no-format F1 at equal steps (per question, seeds averaged): " +
               "  ".join(f"step {st}: {v['mean']:+.3f} ± {v['se']:.3f}" for st, v in by_step.items()))
+    kinds = by_kind(args.sweep_dir, {arm: s["runs"] for arm, s in summary.items()}, steps)
+    for arm, by_step in kinds.items():
+        for st, per_kind in by_step.items():
+            print(f"{arm} step {st} no-format F1 by question kind (seeds averaged): " +
+                  "  ".join(f"{kind} {v['mean']:.2f} ({v['questions']})" for kind, v in per_kind.items()))
     print(json.dumps({"bench": "sweep_summary", "sweep": os.path.basename(os.path.normpath(args.sweep_dir)),
-                      **summary, **stats}))
+                      **summary, **stats, "by_kind": kinds}))
 
 
 if __name__ == "__main__":

@@ -38,14 +38,20 @@ class DataFiles:
     corpus: str  # '' unless the run serves its own corpus
 
 
+def world_arguments(data_config) -> dict:
+    """build_world's / write_world's arguments from a config's `data` (a ConfigDict, or the dict
+    of a run's config.json: runs from before question kinds existed ask every kind)."""
+    return dict(seed=data_config["world_seed"], num_questions=data_config["world_questions"],
+                two_hop_fraction=data_config["world_two_hop_fraction"],
+                test_fraction=data_config["world_test_fraction"],
+                question_kinds=tuple(data_config.get("world_question_kinds", ())))
+
+
 def data_files(config: ml_collections.ConfigDict) -> DataFiles:
     """The run's parquet files; the embedded world is written into run_dir/world when asked for."""
     if config.data.synthetic_world:
         out = os.path.join(config.run_dir, "world")
-        write = lambda: world.write_world(out, seed=config.data.world_seed, num_questions=config.data.world_questions,
-                                          two_hop_fraction=config.data.world_two_hop_fraction,
-                                          test_fraction=config.data.world_test_fraction,
-                                          question_kinds=tuple(config.data.world_question_kinds))
+        write = lambda: world.write_world(out, **world_arguments(config.data))
         # Multi-host: one writer, so that no process reads a file another is rewriting; a process
         # that does not see its files afterwards (run_dir not shared) writes its own identical copy.
         files = write() if jax.process_index() == 0 else None

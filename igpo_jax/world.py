@@ -166,6 +166,7 @@ class WorldQuestion:
     answers: tuple[str, ...]
     supporting_doc_ids: tuple[str, ...]
     split: str
+    kind: str = ""  # its template's name (QUESTION_KINDS); not written to the parquet files
 
     @property
     def hops(self) -> int:
@@ -439,6 +440,7 @@ class _Candidate:
     question: str
     answers: tuple[str, ...]
     doc_ids: tuple[str, ...]
+    kind: str
 
 
 def _candidates(entities: _Entities, templates: dict[type, dict[str, _Template]],
@@ -460,7 +462,7 @@ def _candidates(entities: _Entities, templates: dict[type, dict[str, _Template]]
                         entity.name.lower() in text and any(a.lower() in text for a in answers)
                         for text in texts):
                     continue
-                usable.append(_Candidate(question, answers, tuple(e.doc_id for e in support)))
+                usable.append(_Candidate(question, answers, tuple(e.doc_id for e in support), name))
             per_template.append(usable)
     return per_template
 
@@ -561,7 +563,8 @@ def build_world(seed: int = 0, num_questions: int = 400, two_hop_fraction: float
         source = ONE_HOP_SOURCE if len(candidate.doc_ids) == 1 else TWO_HOP_SOURCE
         questions.append(WorldQuestion(
             index=f"{source}_{counters[source]}", question=candidate.question,
-            answers=candidate.answers, supporting_doc_ids=candidate.doc_ids, split=split))
+            answers=candidate.answers, supporting_doc_ids=candidate.doc_ids, split=split,
+            kind=candidate.kind))
         counters[source] += 1
     return World(seed=seed, documents=documents, questions=tuple(questions))
 

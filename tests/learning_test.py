@@ -52,8 +52,12 @@ def test_world_config_holds_out_enough_questions(tmp_path):
     c.run_dir = str(tmp_path)
     files = components.data_files(c)
     train, test = components.load_examples(files.train), components.load_examples(files.test)
-    assert len(test) >= 192 and len(train) >= c.data.train_batch_size * c.trainer.total_training_steps
+    assert len(test) >= c.data.val_max_questions == 96
+    assert len(train) >= c.data.train_batch_size * c.trainer.total_training_steps
     assert all(e.data_source == "synthetic_1hop" and e.supporting_doc_ids for e in train + test)
+    # every question is answered by a place or a year (the kinds the base model writes)
+    assert all(e.question.startswith(("Where was", "In which", "What is the capital")) for e in train + test)
+    assert not any(e.question.startswith(("Which", "Who")) for e in train + test)
     assert not {d for e in test for d in e.supporting_doc_ids} & {d for e in train for d in e.supporting_doc_ids}
 
 
@@ -184,3 +188,43 @@ def test_sweep_summary_pairs_validation_episodes_by_question(tmp_path, capsys):
     assert set(out["paired"]) == {"igpo-grpo"}
     paired = out["paired"]["igpo-grpo"]
     assert paired["5"]["mean"] == pytest.approx(0.5) and paired["0"]["mean"] == 0.0
+
+
+def test_sweep_summary_breaks_validation_down_by_world_question_kind(tmp_path, capsys):
+    from bench import sweep_summary
+    from igpo_jax import world
+    from igpo_jax.components import world_arguments
+    from igpo_jax.reporting.samples import validation_samples_path, write_jsonl_at
+
+    data_config = {"synthetic_world": True, "world_seed": 0, "world_questions": 40,
+                   "world_two_hop_fraction": 0.0, "world_test_fraction": 0.5,
+                   "world_question_kinds": ["person.birthplace", "person.birth_year"]}
+    test = [q for q in world.build_world(**world_arguments(data_config)).questions if q.split == "test"]
+    born_where = [q.question.startswith("Where") for q in test]
+    assert sum(born_where) == 10 and [q.kind == "person.birthplace" for q in test] == born_where
+
+    def run(name, f1_of):  # f1_of(is a birthplace question) at step 4
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "config.json", "w") as f:
+            json.dump({"data": data_config}, f)
+        with open(tmp_path / name / "metrics.jsonl", "w") as f:
+            for step in (0, 4):
+                f.write(json.dumps({"step": step, "val/no_format_f1": 0.5}) + "\n")
+                write_jsonl_at(validation_samples_path(tmp_path / name, step),
+                               [{"index": q.index, "no_format_f1": f1_of(w) if step else float(not w)}
+                                for q, w in zip(test, born_where)])
+
+    run("igpo_seed0", lambda where: 1.0)
+    run("igpo_seed1", lambda where: float(where))
+    run("grpo_seed0", lambda where: 0.0)
+    sweep_summary.main([str(tmp_path), "--keys", "val/no_format_f1"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    kinds = json.loads(printed[-1])["by_kind"]
+    assert kinds["igpo"]["0"] == {"person.birth_year": {"mean": 1.0, "questions": 10},
+                                  "person.birthplace": {"mean": 0.0, "questions": 10}}
+    # seeds averaged per question: birthplace (1 + 1) / 2, birth year (1 + 0) / 2
+    assert kinds["igpo"]["4"] == {"person.birth_year": {"mean": 0.5, "questions": 10},
+                                  "person.birthplace": {"mean": 1.0, "questions": 10}}
+    assert kinds["grpo"]["4"]["person.birthplace"]["mean"] == 0.0
+    assert any(line.startswith("igpo step 4 no-format F1 by question kind") and "person.birthplace 1.00 (10)"
+               in line for line in printed)
