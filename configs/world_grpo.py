@@ -6,9 +6,9 @@
 
 Everything else (prompt, forced prefixes, world, held-out validation, lr, batch, steps) is
 world_igpo's, so the two arms differ only in the switch. What to expect: the groups in which every
-rollout scores the same give GRPO no gradient (diag/collapse_frac, high while most answers are
-wrong or malformed); IGPO still learns from the search turn's information gain there. Time per
-run: 13-15 minutes on 2 cores (2026-12-06; world_igpo's docstring has both arms' curves and why).
+rollout scores the same give GRPO no gradient (diag/collapse_frac); IGPO still has the search
+turn's information gain there when the group's searches differ. Time per run: ~17 minutes on 2
+cores (2026-12-06; world_igpo's docstring has both arms' curves and why they run level here).
 """
 
 from igpo_jax.config_base import sibling_config

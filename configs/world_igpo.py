@@ -4,103 +4,105 @@
     python -m bench.learning --config=configs/world_igpo.py          # fresh run dir; ends in one JSON line
     python -m igpo_jax.sweep configs/sweeps/world_igpo_vs_grpo.py    # IGPO and GRPO × seeds 0, 1, 2
 
-SmolLM2-135M-Instruct (embedded GGUF), the synthetic world with one-hop questions only (the first
-rung of difficulty: one search finds the document that states the answer), the embedded BM25
-retriever. configs/world_grpo.py is this file with `algorithm.use_info_gain=False`.
+SmolLM2-135M-Instruct (embedded GGUF), the synthetic world with one-hop questions whose answer is
+a place or a year (the first rung of difficulty: one search finds the document that states the
+answer, and the answer is a kind of word the base model writes), the embedded BM25 retriever.
+configs/world_grpo.py is this file with `algorithm.use_info_gain=False`.
 
-Validation: the first 96 of 192 held-out questions (their entities are never asked about in
-training), greedy, before the first update (step 0) and every `test_freq` steps;
-`val/no_format_f1_se` says how large a change is noise (0.046-0.051 at F1 0.28-0.58; a change
-measured per question, bench.sweep_summary's paired se, 0.04-0.07).
+Validation: the first 96 of 128 held-out questions (their entities are never asked about in
+training), greedy, before the first update (step 0) and every `test_freq` (4) steps;
+`val/no_format_f1_se` says how large a change is noise (0.028-0.051; a change measured per
+question, bench.sweep_summary's paired se, is tighter).
 
-What a researcher would tune, tuned (the algorithm, IGPO_SPEC §2–§4, is untouched):
+What a researcher would tune, tuned (the algorithm, IGPO_SPEC §2–§4, is untouched; no
+supervised warm start):
+- the questions asked (data.world_question_kinds): the eight one-hop kinds answered by a place or
+  a year, 320 questions of which 128 held out. On the full one-hop world (every kind, measured
+  below) the base model never writes a company, a college, a founder or a river: those 37 of the
+  96 validation questions stayed at F1 0.00-0.13 at every step of every run (bench.sweep_summary,
+  by question kind), because no rollout of a group ever answers one, so no reward ever points
+  there, and they capped the mean near 0.6. Here every question is one the policy can learn.
 - a two-shot system prompt (prompts.SEARCH_TAGS_FEW_SHOT_PROMPT): search for the entity, then
-  copy the answer from the results;
+  copy the answer (a year, then a place) from the results;
 - forced prefixes: turn 1 opens `<search>`, turn 2 opens `<answer>` (2 turns). Probes of the
   base model, greedy, 32 held-out questions: a one-shot prompt with free later turns: 9% of the
   episodes wrote an `<answer>` (F1 with the format rule −1.81); the same with `<answer>` forced on
-  the last turn: 72% well formed, 66% had the answer's document in their results, no-format F1
-  0.06 (it answered with the entity it searched, or copied the example's entity as its query);
-  two examples (search the entity, copy one fact): 78% well formed, 100% searched the right entity
-  and got its document, no-format F1 0.06 (it answered with the wrong field, mostly a year, as the
-  last example did; the shipped prompt ends on a place instead). So the policy has a gradient from
-  step 0 and room to rise: pick the asked-for words from the document it found.
+  the last turn: 72% well formed, no-format F1 0.06 (it answered with the entity it searched);
+  two examples: 78% well formed, 100% searched the right entity and got its document, no-format
+  F1 0.06 (the wrong field, mostly a year). So the policy has a gradient from step 0 and room to
+  rise: pick the asked-for words from the document it found.
 - the pseudo answer turn continues the forced `<answer>` prefix (" {answer} </answer>"), so the
   final context's P(gold) is the probability that the policy's next turn answers with the gold;
-- lr 3e-5 with 2 warm-up steps (a 135M model, 10 steps; 5e-6 below), 4 questions × 4 rollouts
-  per step (field types mixed within a step; with 2 × 8 the answer bias flipped as a whole: a
-  year for 84 / 9 / 76 of the 96 validation questions at steps 0 / 5 / 10, IGPO seed 0 of
-  2026-12-05), temperature 0.7 with log-probs of the raw logits (actor.temper_logprobs off,
+- lr 1e-5 with 2 warm-up steps, 12 steps (at 5e-6 for 10 steps IGPO seed 0 rose 0.438 / 0.531 /
+  0.604 at steps 0 / 5 / 10, still climbing), 4 questions × 4 rollouts per step (kinds mixed
+  within a step), temperature 0.7 with log-probs of the raw logits (actor.temper_logprobs off,
   below); turns of ≤ 32 tokens, a 1024-slot context.
 
-MEASURED (2026-12-05, 2-core machine, the sweep configs/sweeps/world_igpo_vs_grpo.py one run at
-a time, `bench.learning` JSON per run; 1374-1544 s a run then, 766 s alone since the sampler
-gathers appends): 96 held-out questions, val no-format F1 (se 0.046-0.051) at steps 0 / 5 / 10,
-format error ≤ 0.01 at every validation of every run:
-  igpo seed 0: 0.281 / 0.521 / 0.349     grpo seed 0: 0.281 / 0.494 / 0.391
-  igpo seed 1: 0.281 / 0.451 / 0.583     grpo seed 1: 0.281 / 0.351 / 0.325
-  igpo seed 2: 0.281 / 0.323 / 0.323     grpo seed 2: 0.281 / 0.312 / 0.339
-  mean IGPO:   0.281 / 0.431 / 0.418     mean GRPO:   0.281 / 0.386 / 0.351
-The curves: bench/results/world_igpo_vs_grpo.png (`python -m igpo_jax.plot`, command in the
-sweep file). Per question, seeds averaged (bench.sweep_summary): IGPO − GRPO +0.046 ± 0.028 at
-step 5 and +0.067 ± 0.034 at step 10; IGPO +0.137 ± 0.042 over step 0 (GRPO +0.070 ± 0.049).
-The target (+0.25 over step 0, mean of 3 seeds, at the end) is NOT met. At this rate the end
-point is a lottery of the seed (0.32-0.58): a run overshoots (igpo seed 0), or the answer bias
-flips as a whole (never a year: igpo seed 2, grpo seeds 1 and 2), or it stays half-way.
+MEASURED (2026-12-06, 2-core machine, the sweep one run at a time, `bench.learning` JSON per
+run): val no-format F1 at steps 0 / 4 / 8 / 12 (format error 0 at every validation but GRPO seed
+2's 0.010 at steps 8 and 12):
+  igpo seed 0: 0.438 / 0.604 / 0.531 / 0.917   1007 s   grpo seed 0: 0.438 / 0.615 / 0.719 / 0.896   1016 s
+  igpo seed 1: 0.438 / 0.833 / 0.875 / 0.885   1046 s   grpo seed 1: 0.438 / 0.812 / 0.823 / 0.865   1041 s
+  igpo seed 2: 0.438 / 0.708 / 0.708 / 0.844   1033 s   grpo seed 2: 0.438 / 0.719 / 0.844 / 0.833   1075 s
+  mean IGPO:   0.438 / 0.715 / 0.705 / 0.882            mean GRPO:   0.438 / 0.715 / 0.795 / 0.865
+(se of one run's F1 0.028-0.051; a step 45-75 s: rollout 9-23 s, IGPO's scoring 11-14 s,
+update 27-38 s (GRPO 34-50 s: π_old is its own pass there); a validation ~80 s; niced unit
+tests beside the last four runs). Per question, seeds averaged (bench.sweep_summary): IGPO
++0.444 ± 0.053 over step 0 (GRPO +0.427 ± 0.051): the target, +0.25 with a format error below
+20%, is met by every run of both arms (the smallest rise +0.395, GRPO seed 2; IGPO's +0.406). Curves: bench/results/world_igpo_vs_grpo.png.
 
-The same sweep at lr 5e-6 (2026-12-06, niced unit tests beside most runs; a step 50-70 s:
-rollout 10-21 s, scoring 11-13 s, update 25-39 s; a validation ~80 s):
-  igpo seed 0: 0.281 / 0.448 / 0.417   787 s     grpo seed 0: 0.281 / 0.448 / 0.370   931 s
-  igpo seed 1: 0.281 / 0.458 / 0.521   837 s     grpo seed 1: 0.281 / 0.464 / 0.521   811 s
-  igpo seed 2: 0.281 / 0.438 / 0.469   846 s     grpo seed 2: 0.281 / 0.461 / 0.427   774 s
-  mean IGPO:   0.281 / 0.448 / 0.469             mean GRPO:   0.281 / 0.457 / 0.439
-(format error 0 at every validation; bench/results/world_igpo_vs_grpo_lr5e-6.png). Every run
-moves the same way, more slowly, and IGPO rises more (+0.188 ± 0.052 against GRPO's +0.158 ±
-0.052), still short of +0.25; but the arms are level (IGPO − GRPO −0.009 ± 0.017 at step 5,
-+0.029 ± 0.018 at step 10), although GRPO's groups have no advantage more often
-(diag/collapse_frac 0.74 against 0.51 over the steps). So this config keeps 3e-5, where IGPO's
-lead is measurable: the paper's claim is about the regime in which outcome-only advantages
-collapse, and at 3e-5 a collapsed GRPO run stays where its first steps left it.
+What the policy learns, by question kind (bench.sweep_summary, seeds averaged): at step 0 it
+answers nearly every question with a year (years 0.76-1.00, places 0.00-0.60: birthplace 0.00 over 22
+questions, the city of a company 0.00 over 12); by step 4 it answers places (birthplace 0.70,
+country 0.83-0.89), at the price of years (birth year 0.63-0.70), and by step 12 it reads the
+question: IGPO birth year 0.94 and birthplace 0.82, company's city 0.89 and founding year 0.83
+(GRPO 0.97 / 0.79 / 0.86 / 0.89). A run can flip to "a place for everything" on its way (IGPO
+seed 0 at step 8: birth year 0.05, 0.531 overall) and come back by step 12 (0.917).
 
-What bounds the rise, from the validation episodes (samples/val_step_*.jsonl) by the kind of
-answer asked: the search is learnt at once (diag/answer_doc_found_frac 0.56 → 1.0 by step 3; the
-IG of searches that found the answer's document 0.23-0.87, of the others ≈ 0), and what moves F1
-is which words of the found document the policy answers with. At step 0 it answers 84 of the 96
-questions with a year (26 ask for one): years 0.77, places and the like 0.14 (49 questions),
-companies and colleges 0.00 (11 and 10). At step 10 it keeps the year for the year questions and
-answers the others with a place (IGPO at 5e-6, seeds 0 / 1 / 2: places 0.55 / 0.53 / 0.57, years
-0.42 / 0.92 / 0.58, colleges 0.20 / 0.00 / 0.20, companies 0.00; the best run at 3e-5, seed 1:
-years 0.96, places 0.61, companies 0.09, colleges 0.00): a company or a college the base model
-does not write, so no group rewards one. "Year or place" reaches ≈ 0.6, and +0.25 needs the mean
-of three seeds at 0.53.
-What earlier probes read as an entropy collapse is the batch's: the mean token entropy of steps
-1-3 is the same at lr 3e-5, at 5e-6 and with a 10-step warm-up (IGPO seed 0: 1.06 / 0.88 / 0.33
-each), i.e. set by the questions a step draws and how sure the base model is of them, and
-`diag/collapse_frac` (0.5-0.75 from step 2 in every run) says the same: at temperature 0.7 the
-base model writes the same answer four times for most questions.
+IGPO against GRPO: level, not ahead. IGPO − GRPO per question, seeds averaged: +0.000 ±
+0.010 at step 4, −0.090 ± 0.026 at step 8 (IGPO seed 0's flip), +0.017 ± 0.019 at step 12;
+diag/collapse_frac 0.56 against 0.57 over the steps. Why, from the rollouts (samples/step_*.jsonl,
+steps 4 / 8 / 12, 36 IGPO groups): in 34 groups all four rollouts wrote the same query (the
+question's entity: forced `<search>`, one hop, learnt before step 4: diag/answer_doc_found_frac
+1.0), so every search turn of the group has the same information gain and, normalised over the
+group, an IG advantage of 0: IGPO's turn reward then adds nothing to GRPO's outcome advantage.
+In the other 2 the queries differed by a letter or a first name, found the same document, and
+their gains differed by ~0.001 (0.8201 against 0.8189), which the group's z-score turns into
+±0.6-1.7: noise on the query tokens, in one cancelling the outcome's credit to a right answer's
+search. So in this world the search is never what separates a group's rollouts; what does is
+which words the answer copies, and there IGPO's answer-turn advantage is GRPO's. IGPO's case,
+turns whose queries decide what later turns can read, needs questions a first search does not
+settle: two-hop questions (world_two_hop_fraction), the next experiment.
 
-Probes (IGPO seed 0 at lr 3e-5 unless said; val no-format F1 at steps 0 / 5 / 10):
-- temperature 1.0 (top-p 1): 0.281 / 0.432 / 0.380 (fewer collapsed groups, noisier gradient);
-- an entropy bonus (actor.entropy_coeff 0.01): seed 0 0.281 / 0.490 / 0.411, grpo seed 0 0.281 /
-  0.484 / 0.484, seed 1 0.281 / 0.217 / 0.362; the entropy then climbs to 1.1-1.9 by steps 8-10
-  and the format breaks (seed 1: 22% malformed, grpo seed 0 13.5%), so entropy_coeff stays 0;
-- lr 2e-5 for 12 steps (validation at 0 / 4 / 8 / 12): seed 0 0.281 / 0.469 / 0.443 / 0.476,
-  seed 1 0.281 / 0.434 / 0.313 / 0.313 (flipped to "never a year");
-- actor.kl_coef 0.1 (not 0.001): seeds 0 / 1 / 2 end at 0.516 / 0.406 / 0.260 (mean +0.113): in
-  a group whose answers agree the KL term is the only gradient, and it pulls toward the base
-  model's answer, a year (51 and 59 of the 70 non-year questions for seeds 1 and 2 at step 10);
-- log-probs of logits / 0.7 (actor.temper_logprobs, veRL's actor): the steps are 1/0.7 as large
-  and the run collapsed, 0.281 / 0.500 / 0.062 (its entropy 0.02 by step 4), hence off here;
-- 8 questions × 4 rollouts a step (mini-batches of 16, 150-200 s a step): 0.344 at step 4
-  (stopped);
-- a four-shot prompt (the two shipped examples plus a company and a college answer; greedy,
-  step 0): 0.427, and still no company or college question right (F1 0.00 on both).
-Next: two-hop questions, where which query a turn writes decides what the next turn can find
-(the regime of the paper's claim), or a prompt or world in which the base model writes each field.
+BEFORE: the full one-hop world (every kind, 448 questions, 192 held out; 10 steps, validation
+at 0 / 5 / 10; step 0 0.281). At lr 3e-5 (2026-12-05): IGPO 0.431 / 0.418 at steps 5 / 10
+(seeds 0.349 / 0.583 / 0.323 at the end), GRPO 0.386 / 0.351; IGPO − GRPO +0.046 ± 0.028 /
++0.067 ± 0.034, IGPO +0.137 ± 0.042 over step 0; the end a lottery of the seed (a run
+overshoots, or its answer bias flips as a whole). At lr 5e-6 (2026-12-06): IGPO 0.448 / 0.469
+(+0.188 ± 0.052), GRPO 0.457 / 0.439 (+0.158 ± 0.052), the arms level (−0.009 ± 0.017 /
++0.029 ± 0.018) though GRPO's groups were collapsed more often (diag/collapse_frac 0.74 against
+0.51). By kind (5e-6, step 10): places 0.67-1.00, years 0.47-0.73, and company 0.00, river 0.00,
+founder 0.00-0.04, college 0.08-0.13: the ceiling above. Curves: bench/results/
+world_igpo_vs_grpo_full_world_lr3e-5.png and world_igpo_vs_grpo_full_world_lr5e-6.png.
+Probes there (IGPO seed 0 at 3e-5 unless said; steps 0 / 5 / 10): temperature 1.0: 0.281 /
+0.432 / 0.380; an entropy bonus 0.01: the entropy climbed to 1.1-1.9 and the format broke (seed
+1: 22% malformed); lr 2e-5 × 12 steps: 0.476 and 0.313 (seeds 0, 1); actor.kl_coef 0.1: mean
++0.113 (the KL term pulls a collapsed group back to the base model's year); log-probs of logits
+/ 0.7 (actor.temper_logprobs, veRL's actor): the steps 1/0.7 as large, collapsed to 0.062 by
+step 10 (entropy 0.02), hence off; 8 questions × 4 rollouts: 0.344 at step 4, 150-200 s a step;
+a four-shot prompt with a company and a college answer: step 0 0.427, still 0.00 on both kinds.
+The entropy of steps 1-3 is the batch's, not a collapse: the same at 3e-5, 5e-6 and with a
+10-step warm-up (1.06 / 0.88 / 0.33).
+Next: two-hop questions, where which query a turn writes decides what the next turn can find.
 """
 
 from igpo_jax.agent.prompts import SEARCH_TAGS_FEW_SHOT_PROMPT
 from igpo_jax.config_base import base_config
+
+# One-hop question kinds answered by a place or a year (igpo_jax.world.QUESTION_KINDS)
+ANSWERS_THE_BASE_MODEL_WRITES = (
+    "person.birthplace", "person.birth_year", "company.city", "company.founded", "city.country",
+    "country.capital", "university.city", "university.founded")
 
 
 def get_config():
@@ -113,12 +115,14 @@ def get_config():
     c.model.scan_layers = True
     c.model.remat = False  # 16 rows of ≤ 400 tokens: activations are small, recomputing them is not
     c.data.synthetic_world = True
-    c.data.world_questions = 448
+    c.data.world_questions = 320
     c.data.world_two_hop_fraction = 0.0  # one-hop first
-    c.data.world_test_fraction = 192 / 448  # 192 held-out test questions, 256 training questions
+    # questions whose answer is a place or a year, the two things the base model writes (docstring)
+    c.data.world_question_kinds = ANSWERS_THE_BASE_MODEL_WRITES
+    c.data.world_test_fraction = 0.4  # 128 held-out test questions, 192 training questions
     c.data.train_batch_size = 4  # 4 questions × 4 rollouts: field types mixed within a step
     c.data.val_batch_size = 96  # one batch: the KV cache of 96 rows × 1024 slots is 2.2 GB
-    c.data.val_max_questions = 96  # the first 96 of the 192 held-out questions (see the docstring)
+    c.data.val_max_questions = 96  # the first 96 of the 128 held-out questions (see the docstring)
     c.search.engine = "local"
     c.search.top_k = 1  # as in the prompt's examples: the first result is the entity searched for
     c.rollout.n = 4
@@ -147,18 +151,18 @@ def get_config():
     # the steps are 1/0.7 as large and the policy collapsed, IGPO seed 0 0.281 / 0.500 / 0.062 at
     # steps 0 / 5 / 10, its entropy 0.02 by step 4 (2026-12-06; untempered 0.281 / 0.521 / 0.349)
     c.actor.temper_logprobs = False
-    # at 5e-6 every seed moves the same way and IGPO rises more (+0.19 against +0.14), but GRPO
-    # keeps level with it; at 3e-5 IGPO's lead over GRPO is measurable (docstring)
-    c.actor.lr = 3e-5
+    # 12 steps at 1e-5: every run of both arms +0.40-0.48 (2026-12-06); at 5e-6 × 10 steps IGPO
+    # seed 0 rose +0.17 and was still climbing; on the full world 3e-5 made the end a seed lottery
+    c.actor.lr = 1e-5
     c.actor.warmup_steps = 2  # Adam's first steps move every weight by ~lr at once
     # no entropy bonus: 0.01 kept the groups apart after step 5, but the entropy kept rising
     # (1.1-1.9) and the answer format broke (IGPO seed 1: format error 0.22 at step 10; docstring)
     c.actor.entropy_coeff = 0.0
     c.actor.ppo_mini_batch_size = 8  # two groups; two optimiser steps per RL step (π_old: the scoring pass)
     c.actor.micro_batch_size = 8
-    c.trainer.total_training_steps = 10
+    c.trainer.total_training_steps = 12  # ~17 minutes a run here (docstring)
     c.trainer.val_before_train = True
-    c.trainer.test_freq = 5
-    c.trainer.save_freq = 10
-    c.trainer.sample_freq = 5
+    c.trainer.test_freq = 4  # steps 0 / 4 / 8 / 12: the first third of the run ends at step 4
+    c.trainer.save_freq = 12
+    c.trainer.sample_freq = 4
     return c

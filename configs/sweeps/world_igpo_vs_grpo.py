@@ -8,9 +8,9 @@ the same config with algorithm.use_info_gain=False, i.e. configs/world_grpo.py):
     python -m bench.learning --config=configs/world_igpo.py -- --config.seed=1   # one arm, one seed, JSON
 
 On the 2-core development machine run them one at a time (--launch): each is one full
-world_igpo run, 13-15 minutes (766 s alone, 774-931 s with tests beside them, 2026-12-06; 22-25
-minutes before the sampler's gathered appends), so the six take under 1.5 hours (world_igpo's
-docstring has the measured curves; bench/results/world_igpo_vs_grpo.png draws them). The seed changes the rollouts' sampling
+world_igpo run, ~17 minutes (1000-1020 s alone, 2026-12-06), so the six take under 1 hour 45
+minutes (world_igpo's docstring has the measured curves, by question kind too; bench/results/
+world_igpo_vs_grpo.png draws them). The seed changes the rollouts' sampling
 and the question order, not the world (data.world_seed) nor the held-out validation questions.
 """
 
