@@ -98,6 +98,7 @@ def test_a_few_steps_of_world_igpo_shrunk_report_validation_and_diagnostics(tmp_
     c.rollout.max_new_tokens = 12
     c.rollout.max_tool_tokens = 64
     c.rollout.context_length = 768
+    c.actor.ppo_mini_batch_size = 4  # the 4 rows of a step: one optimiser step
     c.actor.micro_batch_size = 2
     c.trainer.total_training_steps = 2
     c.trainer.test_freq = 2
