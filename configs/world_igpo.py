@@ -60,8 +60,8 @@ question: IGPO birth year 0.94 and birthplace 0.82, company's city 0.89 and foun
 seed 0 at step 8: birth year 0.05, 0.531 overall) and come back by step 12 (0.917).
 
 IGPO against GRPO: level, not ahead. IGPO − GRPO per question, seeds averaged: +0.000 ±
-0.010 at step 4, −0.090 ± 0.026 at step 8 (IGPO seed 0's flip), +0.017 ± 0.019 at step 12;
-diag/collapse_frac 0.56 against 0.57 over the steps. Why, from the rollouts (samples/step_*.jsonl,
+0.010 at step 4, −0.090 ± 0.026 at step 8 (seeds 0 and 2 behind; seed 0 mid-flip), +0.017 ±
+0.019 at step 12; diag/collapse_frac 0.56 against 0.57 over the steps. Why, from the rollouts (samples/step_*.jsonl,
 steps 4 / 8 / 12, 36 IGPO groups): in 34 groups all four rollouts wrote the same query (the
 question's entity: forced `<search>`, one hop, learnt before step 4: diag/answer_doc_found_frac
 1.0), so every search turn of the group has the same information gain and, normalised over the
