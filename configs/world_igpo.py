@@ -47,7 +47,7 @@ run): val no-format F1 at steps 0 / 4 / 8 / 12 (format error 0 at every validati
   mean IGPO:   0.438 / 0.715 / 0.705 / 0.882            mean GRPO:   0.438 / 0.715 / 0.795 / 0.865
 (se of one run's F1 0.028-0.051; a step 45-75 s: rollout 9-23 s, IGPO's scoring 11-14 s,
 update 27-38 s (GRPO 34-50 s: π_old is its own pass there); a validation ~80 s; niced unit
-tests beside the last four runs). Per question, seeds averaged (bench.sweep_summary): IGPO
+tests beside the last three runs). Per question, seeds averaged (bench.sweep_summary): IGPO
 +0.444 ± 0.053 over step 0 (GRPO +0.427 ± 0.051): the target, +0.25 with a format error below
 20%, is met by every run of both arms (the smallest rise +0.395, GRPO seed 2; IGPO's +0.406). Curves: bench/results/world_igpo_vs_grpo.png.
 
