@@ -12,7 +12,9 @@ Entities and the facts their documents state:
   company     headquarters city, founder (a person), founding year, industry
   person      birthplace city, birth year, alma mater, employer, occupation
 One-hop questions are answered by the question entity's own document; two-hop questions by
-the document of an entity that the first document names, and by no single document.
+the document of an entity that the first document names, and by no single document. Each
+question template has a name (QUESTION_KINDS, e.g. "person.birthplace", "company.founder.university");
+`question_kinds` asks only those named (the documents stay the same).
 
 Held out: the test questions are about entities that no training question asks about. A share
 of each kind's entities is set aside; a test question's supporting documents all belong to set-
@@ -24,7 +26,7 @@ Outputs (`write_world`): train.parquet and test.parquet in the reference's forma
 igpo_jax.data), and corpus.jsonl in Search-R1's wiki-18 format ({"id", "contents"} with
 contents = '"Title"\\ntext') for the embedded retriever.
 
-    python -m igpo_jax.world --out=/tmp/world --seed=0
+    python -m igpo_jax.world --out=/tmp/world --seed=0 [--question_kinds=person.birthplace,...]
 """
 
 from __future__ import annotations
@@ -593,9 +595,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num_questions", type=int, default=400)
     parser.add_argument("--two_hop_fraction", type=float, default=0.5)
     parser.add_argument("--test_fraction", type=float, default=0.1)
+    parser.add_argument("--question_kinds", default="",
+                        help="comma-separated names from QUESTION_KINDS; empty: every kind")
     args = parser.parse_args(argv)
+    kinds = tuple(k.strip() for k in args.question_kinds.split(",") if k.strip())
     files = write_world(args.out, args.seed, args.num_questions, args.two_hop_fraction,
-                        args.test_fraction)
+                        args.test_fraction, question_kinds=kinds)
     print(f"wrote {files.train}, {files.test}, {files.corpus}")
 
 

@@ -157,6 +157,10 @@ def test_command_line_writes_the_files(tmp_path, capsys):
     assert "corpus.jsonl" in capsys.readouterr().out
     examples = data.load_examples([tmp_path / "train.parquet", tmp_path / "test.parquet"])
     assert len(examples) == 30
+    world.main([f"--out={tmp_path / 'kinds'}", "--num_questions=20", "--two_hop_fraction=0",
+                "--question_kinds=person.birth_year, company.founded"])
+    examples = data.load_examples([tmp_path / "kinds" / "train.parquet", tmp_path / "kinds" / "test.parquet"])
+    assert len(examples) == 20 and all(e.question.startswith("In which year was") for e in examples)
 
 
 def test_asking_for_more_questions_than_the_world_holds_is_a_clear_error():
