@@ -131,6 +131,9 @@ def by_kind(sweep_dir: str, arm_runs: dict[str, list[str]], steps: list[int]) ->
         for step in steps:
             grouped: dict[str, list[float]] = {}
             for question, f1 in per_question(dirs, step).items():
+                if question not in kinds:
+                    raise ValueError(f"validation question {question!r} of arm {arm!r} is not in the world "
+                                     f"{names[0]}'s config.json describes: the runs were not on one world")
                 grouped.setdefault(kinds[question], []).append(f1)
             if grouped:
                 out[arm][str(step)] = {kind: {"mean": round(sum(v) / len(v), 4), "questions": len(v)}
