@@ -56,7 +56,24 @@ def test_install_sh_in_fresh_venv_from_clean_clone(tmp_path):
     package_root, gguf = out.stdout.split()
     assert Path(package_root) == clone.resolve()
     assert gguf.endswith(".gguf") and Path(gguf).is_file()
-
+    # the model's package sits outside site-packages, so its undeclared dependencies fail no check
+    check = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "check"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # the runtime path renders the chat template (jinja2) without torch, which only the test install brings
+    probe = ("import importlib.util; assert importlib.util.find_spec('torch') is None, 'torch in a runtime install'; "
+             "from igpo_jax.model.embedded import smollm2_gguf_path; from igpo_jax.model.tokenizer import "
+             "load_tokenizer, render_chat; print(render_chat(load_tokenizer(smollm2_gguf_path()), "
+             "[{'role': 'user', 'content': 'Where was Ada born?'}], add_generation_prompt=True))")
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Where was Ada born?" in out.stdout and "<|im_start|>assistant" in out.stdout
+    # and the README's first command at a smoke size trains a step and writes its metrics
+    smoke = subprocess.run(["bash", "launch/smoke.sh", str(tmp_path / "smoke")], cwd=clone, env=env,
+                           capture_output=True, text=True, timeout=1200)
+    assert smoke.returncode == 0, smoke.stdout[-3000:] + smoke.stderr[-3000:]
+    assert "smoke: ok" in smoke.stdout
 
 def test_install_sh_refuses_old_python_with_a_message(tmp_path):
     """An interpreter older than jax's floor is told so before pip starts resolving."""
