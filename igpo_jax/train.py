@@ -40,6 +40,7 @@ from igpo_jax.evaluation import episode_record, summary
 from igpo_jax.igpo import pipeline, scoring
 from igpo_jax.model import shared_prefix
 from igpo_jax.reporting import progress, samples as samples_lib
+from igpo_jax.reporting.next_steps import next_steps
 from igpo_jax.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs, optimiser_steps
 
 
@@ -384,6 +385,8 @@ def main(argv):
         raise app.UsageError("--config=configs/<experiment>.py is required")
     jax.config.update("jax_default_prng_impl", "threefry2x32")
     train(_CONFIG.value)
+    if jax.process_index() == 0:
+        print(next_steps(_CONFIG.value))
 
 
 def _define_flags():
