@@ -10,7 +10,7 @@
 #   SKIP_INSTALL=1 bash launch/gpu_check.sh --batch 128    # no set-up; flags go to the check
 #
 # Set-up (launch/accelerator_setup.py): a CUDA build of JAX already installed is used as it is (an
-# air-gapped node's admin install; jax 0.10.x and 0.11.x are supported), else jax[cuda12] is
+# air-gapped node's admin install; the suite runs on 0.10.x, others get a warning), else jax[cuda12] is
 # installed from the index; missing requirements come from launch/wheelhouse (or $WHEELHOUSE) when
 # it exists — made on a connected machine by `bash launch/wheelhouse.sh` — with no index contacted.
 set -euo pipefail
