@@ -66,6 +66,33 @@ def test_group_stats_population_std_and_single_element_rule():
     np.testing.assert_allclose(std, [math.sqrt(8 / 3), math.sqrt(8 / 3), 1.0, 1.0], atol=1e-6)
 
 
+@pytest.mark.parametrize("group_size", [8, 16])
+@pytest.mark.parametrize("mode", ["joint", "separate", "grpo"])
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantage(group_size, mode):
+    """Equal outcomes and equal gains in a group carry no preference: every advantage is exactly 0.
+    (Summed in float32 as they are, the mean was one ulp off for about half of such groups at
+    G = 8, and (r − mean) / (std + 1e-6) gave every rollout ±0.056 of one sign.)"""
+    turns = 3  # two searches (two gains each), then the answer
+    rng = np.random.default_rng(0)
+    for _ in range(25):  # equal values drawn afresh: what must hold holds for any value
+        outcome, gain = rng.uniform(0, 1, size=2).astype(np.float32)
+        if mode == "joint":  # one pool of outcome and gain rewards: all of them equal
+            gain = outcome
+        n = 2 * group_size  # two groups, the second's values differ by rollout (its advantages are not 0)
+        outcome_N = np.concatenate([np.full(group_size, outcome), np.linspace(0, 1, group_size)]).astype(np.float32)
+        ig_NT = np.zeros((n, turns), np.float32)
+        ig_NT[:, :2] = gain
+        ig_NT[group_size:, 0] = np.linspace(0, 1, group_size)
+        ig_mask = np.zeros((n, turns), bool)
+        ig_mask[:, :2] = True
+        turn_id = np.tile(np.array([0, 0, -1, 1, 1, -1, 2, 2]), (n, 1))
+        adv = compute_advantages(outcome_N, ig_NT, ig_mask, np.full(n, turns), np.repeat([0, 1], group_size),
+                                 turn_id, use_info_gain=mode != "grpo", norm_mode="joint" if mode == "grpo" else mode)
+        token = np.asarray(adv.token_NL)
+        assert np.all(token[:group_size] == 0.0), token[:group_size]
+        assert np.any(token[group_size:] != 0.0)
+
+
 # ----------------------------------------------------------------------------- normalisation
 
 def test_joint_normalisation_gamma_one():
@@ -242,3 +269,27 @@ def test_info_gain_output_feeds_compute_advantages():
     mean = (0.3 + 1.0 + 0.0) / 3
     np.testing.assert_allclose(out.normalized_NT, [[0.3 - mean, 1 - mean], [0 - mean, 0]], atol=1e-6)
     np.testing.assert_allclose(out.token_NL, [[0.3 - mean + 1 - mean, 1 - mean], [0 - mean, 0]], atol=1e-6)
+
+
+def _with_curriculum(w_f1, w_ig, **options):
+    return np.asarray(advantages(f1_weight=w_f1, ig_weight=w_ig, **options).normalized_NT)
+
+
+def test_curriculum_acts_in_joint_mode():
+    """Pooled, the weights change the F1 rewards' scale against the IG rewards' in one mean/std."""
+    early, late = _with_curriculum(0.5, 1.0, norm_mode="joint"), _with_curriculum(1.0, 0.5, norm_mode="joint")
+    assert np.max(np.abs(early - late)) > 0.1
+
+
+def test_curriculum_cancels_in_separate_mode_and_in_grpo_under_std_division():
+    """Each reward type z-scored on its own: a weight on it divides out (hence refused by validate)."""
+    for options in ({"norm_mode": "separate"}, {"use_info_gain": False}):
+        early, late = _with_curriculum(0.5, 1.0, **options), _with_curriculum(1.0, 0.5, **options)
+        np.testing.assert_allclose(early, late, atol=1e-5)
+
+
+def test_curriculum_scales_each_part_without_std_division():
+    early = _with_curriculum(0.5, 1.0, norm_mode="separate", norm_by_std=False)
+    late = _with_curriculum(1.0, 0.5, norm_mode="separate", norm_by_std=False)
+    ig_slots = IG_MASK  # IG part halves from early to late
+    np.testing.assert_allclose(late[ig_slots], 0.5 * early[ig_slots], atol=1e-6)
