@@ -141,6 +141,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.algorithm.info_gain_norm_mode = "joint"
     c.algorithm.norm_adv_by_std_in_grpo = True
     c.algorithm.gamma = 1.0
+    # Curriculum (IGPO_SPEC §3): weights on the raw F1 and IG rewards, linear from *_init at step 1
+    # to *_final at the last step, applied before group normalisation. So it acts only where F1 and
+    # IG share a statistic: 'joint' (it shifts their relative scale in the pooled mean/std), or
+    # without std division (norm_adv_by_std_in_grpo=False: it scales each part). In 'separate' mode
+    # and in GRPO with std division each weight cancels (a z-score is scale-free): refused there.
     c.algorithm.use_curriculum = False
     c.algorithm.curriculum_f1_init = 0.5
     c.algorithm.curriculum_f1_final = 1.0
@@ -224,6 +229,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _one_of("rollout.dialect", c.rollout.dialect, STOP_STRINGS)
     _one_of("algorithm.info_gain_type", c.algorithm.info_gain_type, ("prob_diff", "log_prob_diff"))
     _one_of("algorithm.info_gain_norm_mode", c.algorithm.info_gain_norm_mode, NORM_MODES)
+    pooled = c.algorithm.use_info_gain and c.algorithm.info_gain_norm_mode == "joint"
+    if c.algorithm.use_curriculum and c.algorithm.norm_adv_by_std_in_grpo and not pooled:
+        raise ValueError(
+            "config.algorithm.use_curriculum=True has no effect here: its weights scale the F1 and IG rewards "
+            "before group normalisation, and with " + ("info_gain_norm_mode='separate'" if c.algorithm.use_info_gain
+                                                       else "use_info_gain=False (GRPO)") +
+            " and norm_adv_by_std_in_grpo=True each reward type is divided by its own std, so a weight cancels. "
+            "Use info_gain_norm_mode='joint', or norm_adv_by_std_in_grpo=False, or no curriculum")
     _one_of("actor.kl_loss_type", c.actor.kl_loss_type, KL_ESTIMATORS)
     _one_of("actor.loss_agg_mode", c.actor.loss_agg_mode, AGG_MODES)
     _one_of("search.engine", c.search.engine, ("google", "bing", "local", "mock"))

@@ -78,3 +78,16 @@ def test_grpo_groups_that_all_score_the_same_are_collapsed():
                                 AlgorithmConfig(use_info_gain=False), 0, 10)
     assert metrics["diag/collapse_frac"] == 1.0 and metrics["diag/format_ok_frac"] == 0
     assert "diag/p_gold_before_search" not in metrics and "diag/ig_answer_doc_count" not in metrics
+
+
+def test_the_last_step_gets_the_final_curriculum_weights_and_the_first_is_one_step_in():
+    traj = _traj()
+    outcomes = score_outcomes(traj, "search_tags", -2.0)
+    mean_logp = np.log(np.array([[0.1, 0.4], [0.1, 1.0]], np.float32))
+    scored = np.array([[True, True], [True, False]])
+    cfg = AlgorithmConfig(use_curriculum=True, curriculum_f1_init=0.5, curriculum_f1_final=1.0,
+                          curriculum_ig_init=1.0, curriculum_ig_final=0.5)
+    weights = lambda step: [advantages_for(traj, outcomes, mean_logp, scored, cfg, step, 4)[1][k]
+                            for k in ("curriculum/w_f1", "curriculum/w_ig")]
+    assert weights(0) == pytest.approx([0.625, 0.875])  # step 1 of 4
+    assert weights(3) == pytest.approx([1.0, 0.5])  # step 4 of 4: the final weights

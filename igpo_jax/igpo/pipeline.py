@@ -63,7 +63,11 @@ def score_outcomes(traj: Trajectories, dialect: str, format_penalty: float) -> O
 def advantages_for(traj: Trajectories, outcomes: Outcomes, mean_logp_NT: np.ndarray | None,
                    scored_NT: np.ndarray | None, cfg: AlgorithmConfig, step: int,
                    total_steps: int) -> tuple[np.ndarray, dict[str, float]]:
-    """Token advantages [N, L] (0 off the loss mask) and reward/IG metrics for one batch."""
+    """Token advantages [N, L] (0 off the loss mask) and reward/IG metrics for one batch.
+
+    `step`: the 0-based index of the training step being taken (its metrics say step + 1). The
+    curriculum is evaluated at step + 1 of total, so the first step is one step in and the last
+    gets the final weights (the reference's global step counts from 1)."""
     n, t = traj.num_rollouts, traj.max_turns
     if cfg.use_info_gain:
         if mean_logp_NT is None:
@@ -72,7 +76,7 @@ def advantages_for(traj: Trajectories, outcomes: Outcomes, mean_logp_NT: np.ndar
         ig_NT, ig_mask_NT = np.asarray(gain.reward_NT), np.asarray(gain.mask_NT)
     else:
         ig_NT, ig_mask_NT = np.zeros((n, t), np.float32), np.zeros((n, t), bool)
-    w_f1, w_ig = curriculum_weights(step, cfg.curriculum_steps or total_steps, use_curriculum=cfg.use_curriculum,
+    w_f1, w_ig = curriculum_weights(step + 1, cfg.curriculum_steps or total_steps, use_curriculum=cfg.use_curriculum,
                                     f1_init=cfg.curriculum_f1_init, f1_final=cfg.curriculum_f1_final,
                                     ig_init=cfg.curriculum_ig_init, ig_final=cfg.curriculum_ig_final)
     adv = compute_advantages(outcomes.reward_N, ig_NT, ig_mask_NT, traj.num_turns_N, traj.group_id_N,

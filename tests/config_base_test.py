@@ -1,0 +1,28 @@
+"""Settings that cannot do what they say are refused, naming the key, before anything starts."""
+
+import pytest
+
+from igpo_jax.config_base import base_config, validate
+
+
+def _config():
+    c = base_config()
+    c.data.synthetic_world = True  # a data source, so that validation reaches the algorithm's keys
+    return c
+
+
+@pytest.mark.parametrize("use_info_gain, norm_mode", [(True, "separate"), (False, "joint")])
+def test_a_curriculum_that_would_cancel_under_std_division_is_refused(use_info_gain, norm_mode):
+    c = _config()
+    c.algorithm.use_info_gain, c.algorithm.info_gain_norm_mode = use_info_gain, norm_mode
+    c.algorithm.use_curriculum = True
+    with pytest.raises(ValueError, match="use_curriculum=True has no effect"):
+        validate(c)
+    c.algorithm.norm_adv_by_std_in_grpo = False  # mean-centring only: the weights scale each part
+    validate(c)
+
+
+def test_a_curriculum_in_joint_mode_is_accepted():
+    c = _config()
+    c.algorithm.use_info_gain, c.algorithm.info_gain_norm_mode, c.algorithm.use_curriculum = True, "joint", True
+    validate(c)
