@@ -96,7 +96,7 @@ The entropy of steps 1-3 is the batch's, not a collapse: the same at 3e-5, 5e-6 
 Next: two-hop questions, where which query a turn writes decides what the next turn can find.
 """
 
-from igpo_jax.agent.prompts import SEARCH_TAGS_FEW_SHOT_PROMPT
+from igpo_jax.rollout.prompts import SEARCH_TAGS_FEW_SHOT_PROMPT
 from igpo_jax.config_base import base_config
 
 # One-hop question kinds answered by a place or a year (igpo_jax.world.QUESTION_KINDS)

@@ -32,15 +32,18 @@ from ml_collections import config_flags
 
 from flax import nnx
 
-from igpo_jax import checkpoint, components, distributed, config_base, data, host_memory, host_metrics, \
-    metrics as metrics_lib, sharding
-from igpo_jax.agent.rollout import make_sampler, rollout, row_seeds
-from igpo_jax.agent.trajectories import Trajectories
-from igpo_jax.evaluation import episode_record, summary
+from igpo_jax import components, config_base
+from igpo_jax.data import examples as examples_lib
+from igpo_jax.reporting import host_metrics, metrics as metrics_lib
+from igpo_jax.runtime import distributed, host_memory, sharding
+from igpo_jax.training import checkpoint
+from igpo_jax.rollout.episodes import make_sampler, rollout, row_seeds
+from igpo_jax.rollout.trajectories import Trajectories
+from igpo_jax.igpo.evaluation import episode_record, summary
 from igpo_jax.igpo import pipeline, scoring
 from igpo_jax.model import shared_prefix
 from igpo_jax.reporting import progress, samples as samples_lib
-from igpo_jax.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs, optimiser_steps
+from igpo_jax.training.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs, optimiser_steps
 
 
 LENGTH_BUCKET = 128  # token rows are padded to a multiple of this, so the update compiles rarely
@@ -172,7 +175,7 @@ def validate(config, model, tokenizer, search, examples, dialect_penalty, show: 
         sampler = make_sampler(model, tokenizer, rcfg, batch)
         with progress.bar(len(mine), "validation", show, unit="ep") as bar:
             on_progress = progress.rollout_callback(bar)
-            for chunk in data.evaluation_batches(mine, batch):
+            for chunk in examples_lib.evaluation_batches(mine, batch):
                 traj, _ = rollout(chunk, 1, sampler, tokenizer, search, rcfg, seed=0, on_progress=on_progress)
                 records += [episode_record(ep, rcfg.dialect, dialect_penalty, int(t))
                             for ep, t in zip(traj.episodes, traj.num_turns_N)]
@@ -244,7 +247,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
     train_examples = components.load_examples(files.train)
     val_examples = components.load_examples(files.test, config.data.val_max_questions)
     # every process iterates the same global batches and takes its own questions from each
-    batches = data.BatchIterator(train_examples, config.data.train_batch_size, seed=config.seed,
+    batches = examples_lib.BatchIterator(train_examples, config.data.train_batch_size, seed=config.seed,
                                  shuffle=config.data.shuffle)
 
     with sharding.activate(mesh, rules):

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from igpo_jax import compilation_cache
+from igpo_jax.runtime import compilation_cache
 from tests.train_test import tiny_model_dir  # noqa: F401  (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

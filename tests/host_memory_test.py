@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from igpo_jax import host_memory
+from igpo_jax.runtime import host_memory
 
 pytestmark = pytest.mark.skipif(host_memory._glibc() is None, reason="needs glibc (Linux)")
 

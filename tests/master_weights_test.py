@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from igpo_jax import components, config_base, update
+from igpo_jax import components, config_base
+from igpo_jax.training import update
 from igpo_jax.model.weights import load_hf
-from igpo_jax.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs
+from igpo_jax.training.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs
 from tests.conftest import write_tiny_hf_model
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

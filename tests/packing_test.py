@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from igpo_jax.batching import packing
+from igpo_jax.training import packing
 from igpo_jax.igpo.loss import AGG_MODES, agg_loss
 from igpo_jax.model.config import ModelConfig
 from igpo_jax.model.qwen import Decoder
@@ -68,7 +68,7 @@ def _tiny_model():
 def test_packed_micro_batches_give_the_padded_loss_and_gradients():
     """The same mini-batch, (a) padded, one micro-batch per 2 rows, (b) packed to a 24-token budget:
     equal loss and gradients (fp32, 1e-5), in every loss_agg_mode."""
-    from igpo_jax import update
+    from igpo_jax.training import update
 
     model = _tiny_model()
     graphdef, params = nnx.split(model)
@@ -99,7 +99,7 @@ def test_packed_micro_batches_give_the_padded_loss_and_gradients():
 
 def test_updater_with_a_token_budget_matches_padded_micro_batches():
     """Updater.update, two optimiser steps: padded micro-batches vs packed ones give the same params."""
-    from igpo_jax import update
+    from igpo_jax.training import update
 
     rng = np.random.default_rng(3)
     n, l = 4, 12

@@ -27,8 +27,8 @@ import string
 import jax
 import jax.numpy as jnp
 
-from igpo_jax.agent.parse import extract_answer  # one definition for rollouts and rewards
-from igpo_jax.data import ANSWER_SEPARATOR as ANSWER_SPLIT  # the reference's alias separator
+from igpo_jax.rollout.parse import extract_answer  # one definition for rollouts and rewards
+from igpo_jax.data.examples import ANSWER_SEPARATOR as ANSWER_SPLIT  # the reference's alias separator
 
 DEFAULT_TAGS = ("think", "tool_call", "answer")  # Search-R1 dialect: ("think", "search", "answer")
 DEFAULT_FORMAT_PENALTY = -2.0

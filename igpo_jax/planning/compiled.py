@@ -34,13 +34,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from igpo_jax import sharding
+from igpo_jax.runtime import sharding
 from igpo_jax.igpo.scoring import one_pass_mean_logp
 from igpo_jax.model.kv_cache import KVCache
 from igpo_jax.model.qwen import abstract_decoder
-from igpo_jax.plan import PSEUDO_TURN_TOKENS, Plan, Settings
-from igpo_jax.sampling import SamplingParams, _decode_loop, _Rows
-from igpo_jax.update import UpdateBatch, UpdateConfig, _summed_gradients
+from igpo_jax.planning.memory import PSEUDO_TURN_TOKENS, Plan, Settings
+from igpo_jax.rollout.sampler import SamplingParams, _decode_loop, _Rows
+from igpo_jax.training.update import UpdateBatch, UpdateConfig, _summed_gradients
 
 DECODE_STEPS = 8
 

@@ -94,7 +94,7 @@ class Example:
 def load_examples(paths: PathLike | Sequence[PathLike]) -> tuple[Example, ...]:
     """Reads and validates one parquet file or several (concatenated in the order given).
 
-    An entry may instead be a `tfds_source.TfdsSource` (a split of a prepared TensorFlow
+    An entry may instead be a `tfds.TfdsSource` (a split of a prepared TensorFlow
     Datasets dataset); it yields the same validated examples, and needs the optional
     `tensorflow-datasets` package only when one is given.
     """
@@ -107,11 +107,11 @@ def load_examples(paths: PathLike | Sequence[PathLike]) -> tuple[Example, ...]:
         if isinstance(path, (str, os.PathLike)):
             examples.extend(_load_file(path))
         else:
-            from igpo_jax import tfds_source  # imports data: not at module level
+            from igpo_jax.data import tfds as tfds_lib  # imports data: not at module level
 
-            if not isinstance(path, tfds_source.TfdsSource):
+            if not isinstance(path, tfds_lib.TfdsSource):
                 raise TypeError(f"load_examples: {path!r} is neither a file path nor a TfdsSource")
-            examples.extend(tfds_source.load_examples(path))
+            examples.extend(tfds_lib.load_examples(path))
     return tuple(examples)
 
 

@@ -30,7 +30,7 @@ It is an estimate (XLA may fuse or keep more); the other lines are exact for wha
 allocates, as tests/plan_test.py checks against a sharded model on 8 simulated devices.
 
 With --config the plan follows the programs a training step runs, phase by phase (`plan_settings`),
-and `--compile` sets it beside XLA's memory_analysis of them (plan_compile.py). What XLA keeps was
+and `--compile` sets it beside XLA's memory_analysis of them (planning/compiled.py). What XLA keeps was
 read from their buffer assignments (heap-simulator traces of Qwen2.5-7B on fsdp=8 and of small
 models); per device, b = compute-dtype bytes, L layers, W = one layer's params all-gathered over
 fsdp (elements), R = rows over all batch devices:
@@ -78,7 +78,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from igpo_jax import sharding
+from igpo_jax.runtime import sharding
 from igpo_jax.model import config as model_config
 from igpo_jax.model.kv_cache import KV_AXES
 from igpo_jax.model.qwen import abstract_decoder
@@ -141,7 +141,7 @@ def abstract_params(cfg: model_config.ModelConfig):
 def abstract_opt_state(params):
     """The optimiser state `update.Updater` creates, as shapes. optax's zeros_like moments carry
     the params' axes, so they shard like the params; step counts are replicated scalars."""
-    from igpo_jax.update import UpdateConfig, make_optimizer
+    from igpo_jax.training.update import UpdateConfig, make_optimizer
 
     return jax.eval_shape(make_optimizer(UpdateConfig()).init, params)
 
@@ -644,9 +644,9 @@ def _main_config(args) -> str:
     total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg)))
     compiled = None
     if args.compile:
-        from igpo_jax import plan_compile
+        from igpo_jax.planning import compiled as compiled_lib
 
-        compiled = plan_compile.compile_all(cfg, st, mesh_shape, loss_agg_mode=c.actor.loss_agg_mode)
+        compiled = compiled_lib.compile_all(cfg, st, mesh_shape, loss_agg_mode=c.actor.loss_agg_mode)
     text = report(p, cfg, mesh_shape, total, args.device, args.headroom, compiled, st)
     print(text)
     return text
@@ -658,7 +658,7 @@ def start_simulated_devices(argv: Sequence[str]) -> None:
         n = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--devices=")), 8)
         if "--devices" in argv:
             n = int(argv[argv.index("--devices") + 1])
-        from igpo_jax import xla_flags
+        from igpo_jax.runtime import xla_flags
 
         xla_flags.add_cpu_memory_flags()  # the schedule the project's CPU programs run with
         jax.config.update("jax_num_cpu_devices", n)

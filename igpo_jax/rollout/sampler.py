@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from igpo_jax.buckets import power_of_two, quarter_octave, quarter_octave_floor
+from igpo_jax.rollout.buckets import power_of_two, quarter_octave, quarter_octave_floor
 from igpo_jax.model.kv_cache import KVCache, extend
 
 FINISH_STOP = "stop"  # a stop token id or a stop string

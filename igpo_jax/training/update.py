@@ -30,14 +30,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from igpo_jax.batching import packing
+from igpo_jax.training import packing
 from igpo_jax.igpo.loss import policy_loss
 from igpo_jax.model import shared_prefix
 from igpo_jax.model.attention_mask import causal_mask, causal_spec, positions_from_valid
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
-from igpo_jax.optim import leafwise
-from igpo_jax.sharding import constrain
-from igpo_jax.xla_flags import FP32_TRAIN_STEP_COMPILER_OPTIONS
+from igpo_jax.training import leafwise
+from igpo_jax.runtime.sharding import constrain
+from igpo_jax.runtime.xla_flags import FP32_TRAIN_STEP_COMPILER_OPTIONS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ reading, not facts memorised from training rewards). The share is the smallest m
 (at least `test_fraction`) that leaves enough questions of each kind on both sides.
 
 Outputs (`write_world`): train.parquet and test.parquet in the reference's format (see
-igpo_jax.data), and corpus.jsonl in Search-R1's wiki-18 format ({"id", "contents"} with
+igpo_jax.data.examples), and corpus.jsonl in Search-R1's wiki-18 format ({"id", "contents"} with
 contents = '"Title"\\ntext') for the embedded retriever.
 
     python -m igpo_jax.world --out=/tmp/world --seed=0 [--question_kinds=person.birthplace,...]
@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from igpo_jax import data
+from igpo_jax.data import examples as examples_lib
 
 T = TypeVar("T")
 
@@ -178,10 +178,10 @@ class WorldQuestion:
     def data_source(self) -> str:
         return ONE_HOP_SOURCE if self.hops == 1 else TWO_HOP_SOURCE
 
-    def to_example(self) -> data.Example:
-        return data.Example(index=self.index, data_source=self.data_source,
+    def to_example(self) -> examples_lib.Example:
+        return examples_lib.Example(index=self.index, data_source=self.data_source,
                             question=self.question, golden_answers=self.answers,
-                            prompt=(data.Message("user", self.question),), split=self.split,
+                            prompt=(examples_lib.Message("user", self.question),), split=self.split,
                             supporting_doc_ids=self.supporting_doc_ids)
 
 
@@ -581,7 +581,7 @@ def write_world(out_dir: str | os.PathLike, seed: int = 0, num_questions: int = 
     files = WorldFiles(train=out / "train.parquet", test=out / "test.parquet",
                        corpus=out / "corpus.jsonl")
     for split, path in (("train", files.train), ("test", files.test)):
-        data.write_examples(path, [q.to_example() for q in world.questions if q.split == split])
+        examples_lib.write_examples(path, [q.to_example() for q in world.questions if q.split == split])
     with open(files.corpus, "w", encoding="utf-8") as corpus:
         for document in world.documents:
             corpus.write(json.dumps(document.corpus_row(), ensure_ascii=False) + "\n")
