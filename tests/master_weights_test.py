@@ -82,7 +82,7 @@ def _changed(model, batch):
 def _gradient(model, batch):
     """The update's own float32 gradient of this one-step batch (ρ = 1)."""
     graphdef, params = nnx.split(model)
-    _, grads, _ = update._summed_gradients(graphdef, params, batch, UpdateConfig(lr=1e-6, use_kl_loss=False), 1, True)
+    _, grads, _ = update.summed_gradients(graphdef, params, batch, UpdateConfig(lr=1e-6, use_kl_loss=False), 1, True)
     return [np.asarray(g) for g in jax.tree.leaves(grads)]
 
 
