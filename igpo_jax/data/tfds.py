@@ -159,8 +159,8 @@ def load_examples(source: TfdsSource) -> list[examples_lib.Example]:
         records = tfds.data_source(source.name, split=source.split, data_dir=data_dir, download=False)
     except Exception as e:  # TFDS raises many types; all mean "cannot open"
         raise examples_lib.DataError(source.label, None, None,
-                             f"cannot open it ({type(e).__name__}: {_short(e)}); it must be "
-                             f"prepared (array_record) under the data_dir") from e
+                                     f"cannot open it ({type(e).__name__}: {_short(e)}); it must be "
+                                     f"prepared (array_record) under the data_dir") from e
     num_rows = len(records)
     if num_rows == 0:
         raise examples_lib.DataError(source.label, None, None, "the split has no rows")
@@ -173,7 +173,7 @@ def load_examples(source: TfdsSource) -> list[examples_lib.Example]:
             chunk = getitems(list(rows)) if getitems else [records[i] for i in rows]
         except Exception as e:
             raise examples_lib.DataError(source.label, None, None, f"cannot read rows {rows.start}–"
-                                 f"{rows.stop - 1} ({type(e).__name__}: {_short(e)})") from e
+                                         f"{rows.stop - 1} ({type(e).__name__}: {_short(e)})") from e
         examples.extend(_example(source, mapping, row, record) for row, record in zip(rows, chunk))
     return examples
 
@@ -186,7 +186,7 @@ def _example(source: TfdsSource, mapping: dict[str, str], row: int, record: Any)
 
     if not isinstance(record, Mapping):
         raise examples_lib.DataError(source.label, row, None,
-                             f"expected a record of features, found {type(record).__name__}")
+                                     f"expected a record of features, found {type(record).__name__}")
 
     values = {field: _normalise(_feature(source, record, row, field, feature), lambda p, f=field: fail(f, p))
               for field, feature in mapping.items()}
@@ -214,7 +214,7 @@ def _example(source: TfdsSource, mapping: dict[str, str], row: int, record: Any)
         "extra_info": {"index": values.get("index", row), "split": values.get("split", _split_name(source.split))},
     }
     try:
-        return examples_lib._parse_row(source.label, row, reference_row)
+        return examples_lib.parse_row(source.label, row, reference_row)
     except examples_lib.DataError as e:
         field, rest = _example_field(e.field, "question" if "question" in values else "prompt")
         raise fail(field + rest, e.problem) from None
@@ -227,7 +227,7 @@ def _feature(source: TfdsSource, record: Mapping, row: int, field: str, path: st
             known = ", ".join(sorted(_feature_paths(record))) or "none"
             missing = "/".join(path.split("/")[:depth + 1])
             raise examples_lib.DataError(source.label, row, field,
-                                 f"TFDS feature '{missing}' not found (the record's features: {known})")
+                                         f"TFDS feature '{missing}' not found (the record's features: {known})")
         value = value[part]
     return value
 
