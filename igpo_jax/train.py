@@ -248,7 +248,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
     val_examples = components.load_examples(files.test, config.data.val_max_questions)
     # every process iterates the same global batches and takes its own questions from each
     batches = examples_lib.BatchIterator(train_examples, config.data.train_batch_size, seed=config.seed,
-                                 shuffle=config.data.shuffle)
+                                         shuffle=config.data.shuffle)
 
     with sharding.activate(mesh, rules):
         policy, tokenizer = components.load_policy(config, mesh, rules)

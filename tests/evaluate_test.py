@@ -27,7 +27,7 @@ QUESTIONS = [  # (data_source, question, gold, scripted turns after the forced '
 
 def test_evaluate_writes_the_hand_computed_table(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
     examples = [examples_lib.Example(index=str(i), data_source=src, question=q, golden_answers=tuple(g.split("<|answer_split|>")),
-                             prompt=(examples_lib.Message("user", q),), split="test")
+                                     prompt=(examples_lib.Message("user", q),), split="test")
                 for i, (src, q, g, _) in enumerate(QUESTIONS)]
     fixture = tmp_path / "test.parquet"
     examples_lib.write_examples(fixture, examples)

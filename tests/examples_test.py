@@ -32,8 +32,8 @@ def _write_rows(path, rows, schema=examples_lib.PARQUET_SCHEMA):
 
 def _examples(n):
     return tuple(examples_lib.Example(index=str(i), data_source="nq", question=f"q{i}",
-                              golden_answers=(f"a{i}",),
-                              prompt=(examples_lib.Message("user", f"q{i}"),), split="train")
+                                      golden_answers=(f"a{i}",),
+                                      prompt=(examples_lib.Message("user", f"q{i}"),), split="train")
                  for i in range(n))
 
 

@@ -66,7 +66,7 @@ def test_fits_uses_headroom():
 
 def test_cli_for_qwen2_5_7b_on_fsdp_8(capsys):
     text = memory.main(["--preset=Qwen2.5-7B-Instruct", "--mesh=fsdp=8,tensor=1", "--param_dtype", "bfloat16",
-                      "--rollout_batch", "512", "--context", "32768", "--device", "H100-80G"])
+                        "--rollout_batch", "512", "--context", "32768", "--device", "H100-80G"])
     assert "7.62 B params" in text
     params_gb = float(next(l for l in text.splitlines() if "params   " in l).split()[1])
     assert params_gb == pytest.approx(15.23 / 8, abs=0.01)  # 7.62 B × 2 bytes over 8 devices
@@ -77,7 +77,7 @@ def test_cli_for_qwen2_5_7b_on_fsdp_8(capsys):
 def test_cli_reads_a_model_dir_and_rejects_bad_meshes(tmp_path):
     write_tiny_hf_model("qwen2", tmp_path)
     text = memory.main(["--model_path", str(tmp_path), "--mesh=fsdp=2,tensor=2", "--param_dtype=float32",
-                      "--rollout_batch=4", "--context=16", "--device=v5e"])
+                        "--rollout_batch=4", "--context=16", "--device=v5e"])
     assert "fits" in text
     with pytest.raises(ValueError, match="NAME=SIZE"):
         memory.parse_mesh("fsdp:8")
@@ -88,11 +88,11 @@ def test_config_plan_reads_the_experiment_keys():
     """--config plans the 7B config's own settings; bounded concurrency and a token budget shrink
     the KV cache and the activations by the factors they should."""
     base = memory.main(["--config=configs/qwen2_5_7b_igpo.py", "--device=H100-80G", "--set", "rollout.max_concurrent_rows=0",
-                      "--set", "actor.max_tokens_per_micro_batch=0"])
+                        "--set", "actor.max_tokens_per_micro_batch=0"])
     assert "7.62 B params" in base and "512 rollouts" in base and "context 32768" in base
     assert "2 moments in float32" in base and "KL on" in base
     bounded = memory.main(["--config=configs/qwen2_5_7b_igpo.py", "--device=H100-80G", "--device=A100-80G",
-                         "--set", "rollout.max_concurrent_rows=64", "--set", "actor.max_tokens_per_micro_batch=16384"])
+                           "--set", "rollout.max_concurrent_rows=64", "--set", "actor.max_tokens_per_micro_batch=16384"])
     gb = lambda text, label: float(next(l for l in text.splitlines()
                                         if l.strip().startswith(label)).split()[len(label.split())])
     assert gb(base, "KV cache") == pytest.approx(8 * gb(bounded, "KV cache"), rel=1e-3)  # 512 → 64 rows

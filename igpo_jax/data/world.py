@@ -180,9 +180,9 @@ class WorldQuestion:
 
     def to_example(self) -> examples_lib.Example:
         return examples_lib.Example(index=self.index, data_source=self.data_source,
-                            question=self.question, golden_answers=self.answers,
-                            prompt=(examples_lib.Message("user", self.question),), split=self.split,
-                            supporting_doc_ids=self.supporting_doc_ids)
+                                    question=self.question, golden_answers=self.answers,
+                                    prompt=(examples_lib.Message("user", self.question),), split=self.split,
+                                    supporting_doc_ids=self.supporting_doc_ids)
 
 
 @dataclasses.dataclass(frozen=True)
