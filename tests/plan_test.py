@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from igpo_jax import plan
 from igpo_jax.planning import memory
 from igpo_jax.runtime import sharding
 from igpo_jax.model import config as model_config
@@ -65,8 +66,8 @@ def test_fits_uses_headroom():
 
 
 def test_cli_for_qwen2_5_7b_on_fsdp_8(capsys):
-    text = memory.main(["--preset=Qwen2.5-7B-Instruct", "--mesh=fsdp=8,tensor=1", "--param_dtype", "bfloat16",
-                        "--rollout_batch", "512", "--context", "32768", "--device", "H100-80G"])
+    text = plan.main(["--preset=Qwen2.5-7B-Instruct", "--mesh=fsdp=8,tensor=1", "--param_dtype", "bfloat16",
+                      "--rollout_batch", "512", "--context", "32768", "--device", "H100-80G"])
     assert "7.62 B params" in text
     params_gb = float(next(l for l in text.splitlines() if "params   " in l).split()[1])
     assert params_gb == pytest.approx(15.23 / 8, abs=0.01)  # 7.62 B × 2 bytes over 8 devices
@@ -76,8 +77,8 @@ def test_cli_for_qwen2_5_7b_on_fsdp_8(capsys):
 
 def test_cli_reads_a_model_dir_and_rejects_bad_meshes(tmp_path):
     write_tiny_hf_model("qwen2", tmp_path)
-    text = memory.main(["--model_path", str(tmp_path), "--mesh=fsdp=2,tensor=2", "--param_dtype=float32",
-                        "--rollout_batch=4", "--context=16", "--device=v5e"])
+    text = plan.main(["--model_path", str(tmp_path), "--mesh=fsdp=2,tensor=2", "--param_dtype=float32",
+                      "--rollout_batch=4", "--context=16", "--device=v5e"])
     assert "fits" in text
     with pytest.raises(ValueError, match="NAME=SIZE"):
         memory.parse_mesh("fsdp:8")
@@ -87,12 +88,12 @@ def test_cli_reads_a_model_dir_and_rejects_bad_meshes(tmp_path):
 def test_config_plan_reads_the_experiment_keys():
     """--config plans the 7B config's own settings; bounded concurrency and a token budget shrink
     the KV cache and the activations by the factors they should."""
-    base = memory.main(["--config=configs/qwen2_5_7b_igpo.py", "--device=H100-80G", "--set", "rollout.max_concurrent_rows=0",
-                        "--set", "actor.max_tokens_per_micro_batch=0"])
+    base = plan.main(["--config=configs/qwen2_5_7b_igpo.py", "--device=H100-80G", "--set", "rollout.max_concurrent_rows=0",
+                      "--set", "actor.max_tokens_per_micro_batch=0"])
     assert "7.62 B params" in base and "512 rollouts" in base and "context 32768" in base
     assert "2 moments in float32" in base and "KL on" in base
-    bounded = memory.main(["--config=configs/qwen2_5_7b_igpo.py", "--device=H100-80G", "--device=A100-80G",
-                           "--set", "rollout.max_concurrent_rows=64", "--set", "actor.max_tokens_per_micro_batch=16384"])
+    bounded = plan.main(["--config=configs/qwen2_5_7b_igpo.py", "--device=H100-80G", "--device=A100-80G",
+                         "--set", "rollout.max_concurrent_rows=64", "--set", "actor.max_tokens_per_micro_batch=16384"])
     gb = lambda text, label: float(next(l for l in text.splitlines()
                                         if l.strip().startswith(label)).split()[len(label.split())])
     assert gb(base, "KV cache") == pytest.approx(8 * gb(bounded, "KV cache"), rel=1e-3)  # 512 → 64 rows
@@ -136,7 +137,7 @@ def _plan_with_compile(config: str, *args: str, timeout: int = 600) -> tuple[dic
     """`plan --config=<config> --compile` in a fresh process (its own simulated devices): the
     estimate/compiled ratio of each program and of the peak, and the whole output."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-m", "igpo_jax.planning.memory", f"--config={config}", "--compile", "--devices=8",
+    out = subprocess.run([sys.executable, "-m", "igpo_jax.plan", f"--config={config}", "--compile", "--devices=8",
                           *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     ratios = {l.split()[0]: float(l.rsplit(" ", 1)[-1].rstrip(")")) for l in out.stdout.splitlines()

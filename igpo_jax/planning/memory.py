@@ -1,8 +1,6 @@
 """Memory plan per device, from shapes alone (no weights, no devices, no allocation).
 
-    python -m igpo_jax.plan --preset=Qwen2.5-7B-Instruct --mesh=fsdp=8,tensor=1 --param_dtype=bfloat16 \
-        --rollout_batch=512 --context=32768 --device=H100-80G
-    python -m igpo_jax.plan --model_path=/ckpt/Qwen2.5-7B-Instruct --mesh=fsdp=4,tensor=2
+The estimates behind `python -m igpo_jax.plan` (the command line is igpo_jax/plan.py).
 
 Each array's bytes on one device follow from its shape, its logical axes (the `axes` metadata of
 the model's params; the KV cache's axes as in `KVCache.init`), the sharding rules and the mesh
@@ -30,7 +28,7 @@ It is an estimate (XLA may fuse or keep more); the other lines are exact for wha
 allocates, as tests/plan_test.py checks against a sharded model on 8 simulated devices.
 
 With --config the plan follows the programs a training step runs, phase by phase (`plan_settings`),
-and `--compile` sets it beside XLA's memory_analysis of them (planning/compiled.py). What XLA keeps was
+and `--compile` sets it beside XLA's memory_analysis of them (compiled.py, which imports this module). What XLA keeps was
 read from their buffer assignments (heap-simulator traces of Qwen2.5-7B on fsdp=8 and of small
 models); per device, b = compute-dtype bytes, L layers, W = one layer's params all-gathered over
 fsdp (elements), R = rows over all batch devices:
@@ -67,8 +65,6 @@ estimated; scanned: 38.8 GB compiled); see tests/plan_test.py.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import math
 from typing import Mapping, Sequence
@@ -577,96 +573,3 @@ def _micro_input_bytes(p: Plan, st: Settings | None, mesh_shape) -> int:
         return st.micro_tokens * UPDATE_BYTES_PER_TOKEN
     rows = max(1, shard_shape((st.micro_rows,), ("batch",), abstract_mesh(mesh_shape), sharding.DEFAULT_RULES)[0])
     return rows * st.context * UPDATE_BYTES_PER_TOKEN
-
-
-def main(argv: Sequence[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description="Per-device memory plan from shapes alone.")
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", help="an experiment config file (configs/*.py): plans its own model, mesh, "
-                     "rows, context, micro-batching and dtypes")
-    src.add_argument("--preset", choices=sorted(model_config.PRESETS))
-    src.add_argument("--model_path", help="HF model directory (reads its config.json only)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="with --config: override a key, e.g. --set rollout.max_concurrent_rows=64 (repeatable)")
-    parser.add_argument("--devices", type=int, default=8, help="with --config: devices its mesh's -1 axis fills")
-    parser.add_argument("--compile", action="store_true", help="with --config: also lower and compile the decode, "
-                        "scoring and update programs for the mesh (simulated CPU devices) and print XLA's memory")
-    parser.add_argument("--mesh", help="e.g. fsdp=8,tensor=1 or data=2,fsdp=4,tensor=2 (required without --config)")
-    parser.add_argument("--param_dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--dtype", default=None, help="compute (and KV cache) dtype; default param_dtype")
-    parser.add_argument("--rollout_batch", type=int, default=512, help="rows decoded at once")
-    parser.add_argument("--context", type=int, default=32768, help="KV-cache slots per row")
-    parser.add_argument("--micro_batch", type=int, default=0, help="update rows per micro-batch "
-                        "(default: one per data×fsdp shard)")
-    parser.add_argument("--update_len", type=int, default=0, help="update sequence length (default: context)")
-    parser.add_argument("--no_reference", action="store_true", help="no reference policy (KL loss off)")
-    parser.add_argument("--device", action="append", choices=sorted(DEVICES), help="repeatable")
-    parser.add_argument("--headroom", type=float, default=0.1, help="fraction of memory kept free")
-    args = parser.parse_args(argv)
-    if args.config:
-        return _main_config(args)
-    if not args.mesh:
-        parser.error("--mesh is required with --preset / --model_path")
-    overrides = dict(param_dtype=args.param_dtype, dtype=args.dtype or args.param_dtype, remat=True)
-    cfg = (model_config.preset(args.preset, **overrides) if args.preset
-           else model_config.from_hf_dir(args.model_path, **overrides))
-    mesh_shape = parse_mesh(args.mesh)
-    p = plan(cfg, mesh_shape, rollout_batch=args.rollout_batch, context=args.context,
-             micro_batch=args.micro_batch, update_len=args.update_len, with_reference=not args.no_reference)
-    total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg)))
-    text = report(p, cfg, mesh_shape, total, args.device, args.headroom)
-    print(text)
-    return text
-
-
-def _main_config(args) -> str:
-    c = load_config(args.config)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        *sections, name = key.split(".")
-        node = c
-        for section in sections:
-            node = node[section]
-        import ast
-
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = value  # a plain string
-        with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
-            node[name] = parsed
-    cfg = model_from_config(c)
-    mesh_shape = mesh_from_config(c, args.devices)
-    st = settings_from_config(c)
-    if args.no_reference:
-        st = dataclasses.replace(st, with_reference=False)
-    p = plan_settings(cfg, mesh_shape, st)
-    total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg)))
-    compiled = None
-    if args.compile:
-        from igpo_jax.planning import compiled as compiled_lib
-
-        compiled = compiled_lib.compile_all(cfg, st, mesh_shape, loss_agg_mode=c.actor.loss_agg_mode)
-    text = report(p, cfg, mesh_shape, total, args.device, args.headroom, compiled, st)
-    print(text)
-    return text
-
-
-def start_simulated_devices(argv: Sequence[str]) -> None:
-    """With --compile, give JAX's CPU backend enough simulated devices before it starts."""
-    if "--compile" in argv:
-        n = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--devices=")), 8)
-        if "--devices" in argv:
-            n = int(argv[argv.index("--devices") + 1])
-        from igpo_jax.runtime import xla_flags
-
-        xla_flags.add_cpu_memory_flags()  # the schedule the project's CPU programs run with
-        jax.config.update("jax_num_cpu_devices", n)
-        jax.config.update("jax_platforms", "cpu")
-
-
-if __name__ == "__main__":
-    import sys
-
-    start_simulated_devices(sys.argv[1:])
-    main()
