@@ -236,7 +236,7 @@ def test_cosine_schedule_decays_to_zero_at_the_runs_last_optimiser_step():
 
 @pytest.mark.parametrize("grad_clip", [1e-3, 1e3])  # clipped / not clipped
 def test_the_leafwise_optimiser_step_equals_optax_over_the_whole_tree(grad_clip):
-    """_apply_gradients runs make_optimizer's update one leaf at a time (optim/leafwise.py): the
+    """_apply_gradients runs make_optimizer's update one leaf at a time (training/leafwise.py): the
     same params and optimiser state, bit for bit, over several steps, bf16 leaves included."""
     from igpo_jax.training.update import _apply_gradients, make_optimizer
     import optax

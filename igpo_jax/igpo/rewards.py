@@ -10,10 +10,10 @@ Information gain (jnp, jitted with `info_gain_type` static):
 where mean_logp_NT[:, k] is scored on the context before slot k; the final turn's slot
 (k = T_i - 1) and slots past it are never information-gain rewards.
 
-The answer-tag extraction and balance check live here rather than in agent/parse.py so that
+The answer-tag extraction and balance check live here rather than in rollout/parse.py so that
 rewards depend on nothing above them; they follow the reference's reward function (each tag's
 opens and closes counted on their own), which is what the paper's numbers were scored with.
-One difference: tags are matched case-sensitively, as agent/parse.py reads them (the
+One difference: tags are matched case-sensitively, as rollout/parse.py reads them (the
 reference lower-cases the whole response first).
 """
 

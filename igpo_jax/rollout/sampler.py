@@ -33,7 +33,7 @@ the others keep their caches; the row's old slots become holes. With `compact_ca
 cursor does not just run on into those holes: when the cache runs short, one gather moves each
 row's valid slots to the front (order kept, so causality and RoPE positions are unchanged) and the
 cursor drops to the longest row. The cache then has to hold the longest live sequence, not the sum
-of all sequences a row has held (agent/rollout.py bounds its memory this way).
+of all sequences a row has held (episodes.py bounds its memory this way).
 
 Shared prompt prefill (`share_prompt_prefill=True`): rows that start from the same tokens (the G
 rollouts of a question) are prefilled once. The distinct prompts run as a small batch over a

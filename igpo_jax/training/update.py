@@ -53,7 +53,7 @@ class UpdateConfig:
     schedule: str = "constant"  # 'constant' | 'cosine' (both after the linear warmup)
     ppo_mini_batch_size: int = 0  # rows per optimiser step; 0 → the whole batch
     micro_batch_size: int = 0  # rows per forward/backward; 0 → the whole mini-batch
-    # > 0: micro-batches packed to this many tokens (batching/packing.py; micro_batch_size unused)
+    # > 0: micro-batches packed to this many tokens (packing.py; micro_batch_size unused)
     max_tokens_per_micro_batch: int = 0
     ppo_epochs: int = 1
     clip_ratio_low: float = 0.2
@@ -400,7 +400,7 @@ def _finite_and_lr(loss, grad_norm, count, cfg: UpdateConfig):
 
 def _apply_gradients(params, opt_state, grads, loss, cfg: UpdateConfig):
     """AdamW step with clipping, or nothing when the loss or the gradient norm is not finite;
-    `params` and `opt_state` are donated. Leaf by leaf, each a small program (optim/leafwise.py):
+    `params` and `opt_state` are donated. Leaf by leaf, each a small program (leafwise.py):
     one program for the whole tree was the slowest of a warm start to load."""
     grad_norm = leafwise.global_norm(grads)
     finite, skipped, lr = _finite_and_lr(loss, grad_norm, opt_state[1][0].count, cfg)  # Adam's step counter
