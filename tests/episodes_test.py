@@ -398,7 +398,7 @@ def test_concurrency_bounded_rollout_gives_the_unbounded_trajectories(tiny_llama
     unbounded = RolloutConfig(cache_size=1024, **base)
     ref, _ = rollout(questions, 2, make_sampler(model, tok, unbounded, 6), tok, mock_search, unbounded, seed=5)
     compactions, real = [], sampler_lib._compact_call
-    monkeypatch.setattr(sampling, "_compact_call", lambda c: compactions.append(1) or real(c))
+    monkeypatch.setattr(sampler_lib, "_compact_call", lambda c: compactions.append(1) or real(c))
     # the shared cursor sits at the longest row, so a restarted prompt (< 160 slots) needs room
     # above it; without compaction the cursor would pass the end with the second wave of episodes
     longest = int(ref.valid_NL.sum(1).max())

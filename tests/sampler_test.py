@@ -240,12 +240,12 @@ def _count_calls(monkeypatch, *names):
 
     calls = {name: [] for name in names}
     for name in names:
-        real = getattr(sampling, name)
+        real = getattr(sampler_lib, name)
 
         def counted(*args, _real=real, _name=name):
             calls[_name].append(args[4].shape[0])  # [rows in the call, width] in both signatures
             return _real(*args)
-        monkeypatch.setattr(sampling, name, counted)
+        monkeypatch.setattr(sampler_lib, name, counted)
     return calls
 
 
@@ -282,7 +282,7 @@ def _count_shared_prefills(monkeypatch):
     from igpo_jax.rollout import sampler as sampler_lib
 
     calls, real = [], sampler_lib._shared_prefill_call
-    monkeypatch.setattr(sampling, "_shared_prefill_call", lambda *a: calls.append(a[3].shape) or real(*a))
+    monkeypatch.setattr(sampler_lib, "_shared_prefill_call", lambda *a: calls.append(a[3].shape) or real(*a))
     return calls
 
 
@@ -360,7 +360,7 @@ def test_restart_samples_as_a_fresh_start_and_compaction_keeps_the_math(tiny, mo
 
     _, model = tiny
     compactions, real_compact = [], sampler_lib._compact_call
-    monkeypatch.setattr(sampling, "_compact_call", lambda c: compactions.append(int(c.length)) or real_compact(c))
+    monkeypatch.setattr(sampler_lib, "_compact_call", lambda c: compactions.append(int(c.length)) or real_compact(c))
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [44]]
     budgets, seeds = [6, 3, 9, 4, 7], [5, 6, 7, 8, 9]
     params = SamplingParams(temperature=1.0)
