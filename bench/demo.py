@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from igpo_jax.metrics import read_jsonl
+from igpo_jax.reporting.metrics import read_jsonl
 
 
 def main():

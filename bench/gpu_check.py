@@ -42,8 +42,8 @@ from igpo_jax.model import config as model_config
 from igpo_jax.model import fused_attention
 from igpo_jax.model.blockwise_attention import blockwise_attention
 from igpo_jax.model.qwen import Decoder
-from igpo_jax.sampling import Sampler, SamplingParams
-from igpo_jax.update import UpdateBatch, UpdateConfig, compute_logprobs, make_optimizer, train_step
+from igpo_jax.rollout.sampler import Sampler, SamplingParams
+from igpo_jax.training.update import UpdateBatch, UpdateConfig, compute_logprobs, make_optimizer, train_step
 
 # device_kind substring → (dense bf16 FLOP/s, HBM bytes/s), vendor figures (SXM parts)
 DEVICE_PEAKS = {

@@ -22,7 +22,7 @@ import sys
 import time
 
 from bench.sweep_summary import paired_difference, per_question
-from igpo_jax.metrics import read_jsonl
+from igpo_jax.reporting.metrics import read_jsonl
 
 
 def summarise(records: list[dict], wall_s: float) -> dict:

@@ -27,7 +27,7 @@ from flax import nnx
 from bench.common import reference_smollm2, timed
 from igpo_jax.model.embedded import smollm2_gguf_path
 from igpo_jax.model.weights import load_gguf
-from igpo_jax.sampling import Sampler, SamplingParams
+from igpo_jax.rollout.sampler import Sampler, SamplingParams
 
 DRAM_BYTES_PER_S = 10e9  # measured read bandwidth of the dev machine (DESIGN.md)
 

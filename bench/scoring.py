@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from bench.common import timed
-from igpo_jax.agent.trajectories import Episode, Trajectories
+from igpo_jax.rollout.trajectories import Episode, Trajectories
 from igpo_jax.igpo.scoring import pseudo_turns, score_one_pass, score_per_turn
 from igpo_jax.model.attention_mask import causal_mask, positions_from_valid
 from igpo_jax.model.embedded import smollm2_gguf_path

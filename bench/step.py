@@ -99,12 +99,12 @@ class Step:
         from flax import nnx
 
         from igpo_jax import components
-        from igpo_jax.agent.rollout import make_sampler, rollout, row_seeds
+        from igpo_jax.rollout.episodes import make_sampler, rollout, row_seeds
         from igpo_jax.igpo import pipeline, scoring
-        from igpo_jax.sampling import Sampler
+        from igpo_jax.rollout.sampler import Sampler
         from igpo_jax.train import (algorithm_config, old_logp_source, padded_length, prefix_layout, update_config,
                                     update_rows)
-        from igpo_jax.update import UpdateBatch, Updater, compute_logprobs
+        from igpo_jax.training.update import UpdateBatch, Updater, compute_logprobs
 
         config = make_config(self.shape, on, self.run_dir)
         num_rows = self.shape["questions"] * self.shape["n"]
@@ -225,7 +225,8 @@ def startup_child(run_dir: str) -> None:
     """A fresh program's start-up: cache from the environment, model, world, two steps (demo shape, on).
     Prints the wall and CPU seconds of each phase (CPU seconds hold up better on a shared machine),
     the sub-phases of both steps, then the STARTUP line (start-up in wall and in CPU seconds)."""
-    from igpo_jax import compilation_cache, components
+    from igpo_jax import components
+    from igpo_jax.runtime import compilation_cache
 
     compilation_cache.enable()
     compilation_cache.counts()

@@ -27,9 +27,9 @@ import json
 import math
 import os
 
-from igpo_jax import world
+from igpo_jax.data import world
 from igpo_jax.components import world_arguments
-from igpo_jax.metrics import read_jsonl
+from igpo_jax.reporting.metrics import read_jsonl
 from igpo_jax.plot import arm_of, curve, mean_curve
 from igpo_jax.reporting.samples import validation_samples_path
 

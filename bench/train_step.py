@@ -32,10 +32,10 @@ import numpy as np
 from flax import nnx
 
 from bench.common import CPU_MATMUL_PEAK_FLOPS, forward_flops, reference_smollm2, timed
-from igpo_jax import host_memory
+from igpo_jax.runtime import host_memory
 from igpo_jax.model.embedded import smollm2_gguf_path
 from igpo_jax.model.weights import load_gguf
-from igpo_jax.update import UpdateBatch, UpdateConfig, make_optimizer, train_step
+from igpo_jax.training.update import UpdateBatch, UpdateConfig, make_optimizer, train_step
 
 
 def main():

@@ -9,7 +9,9 @@ Needs SERPER_API_KEY in the environment (or --config.search.engine=local with a 
 launch/retriever.sh) and accelerators: plan memory first with
 `python -m igpo_jax.plan --preset=Qwen2.5-7B-Instruct --mesh=fsdp=8`. Expect validation F1 to
 rise over ~60 steps towards the paper's 60.2 average (a public reproduction landed 5–10 points
-lower); each step is dominated by rollout time.
+lower); each step is dominated by rollout time. Not run here yet; measured: its memory plan on
+fsdp=8, compiled peak 50.3 GB of 77.3 usable per H100-80G (2026-12-06).
+Record: bench/results/qwen2_5_7b_igpo.md.
 """
 
 from igpo_jax.config_base import base_config
@@ -20,14 +22,12 @@ def get_config():
     c.run_dir = "runs/qwen2_5_7b_igpo"
     c.model.path = "/ckpt/Qwen2.5-7B-Instruct"
     # float32 master weights, bf16 compute (the reference's FSDP mixed precision): bf16 params
-    # would not train at lr 1e-6 (config_base.validate says why). Sampling uses a bf16 copy, and
-    # the frozen reference policy is stored in bf16 (it only ever computes in bf16).
+    # would not train at lr 1e-6 (config_base.validate says why)
     c.model.param_dtype = "float32"
     c.model.dtype = "bfloat16"
     c.model.remat = True
-    # the update, scoring and π_ref forwards as one lax.scan over the stacked layers: each layer's
-    # weight gradients are finished inside its own iteration (unrolled, XLA:CPU deferred many
-    # layers' and held their [32768, 18944] operands: 68.3 GB compiled update against 38.8 GB)
+    # the forwards as one lax.scan over the layers: each layer's weight gradients finish inside its
+    # own iteration (unrolled, the compiled peak does not fit 80 GB; bench/results/qwen2_5_7b_igpo.md)
     c.model.scan_layers = True
     c.model.attention = "blockwise"  # O(length) attention memory in forward and backward
     c.model.attention_block = 512
@@ -50,11 +50,8 @@ def get_config():
     c.rollout.max_turns = 10
     c.rollout.max_new_tokens = 2000
     c.rollout.context_length = 32768
-    # 64 of the 512 rollouts decode at once (continuous batching): the KV cache is 15 GB a device
-    # on fsdp=8, not 120 GB. `plan --config=<this> --device=H100-80G --compile`: see the figures
-    # in tests/plan_test.py and the closing notes; scanned layers (model.scan_layers) took the
-    # compiled update from 68.3 GB to 38.8 GB, the compiled peak from 79.7 GB (does NOT fit) to
-    # 50.3 GB of 77.3 usable
+    # 64 of the 512 rollouts decode at once (continuous batching): a 15 GB KV cache a device on
+    # fsdp=8, not 120 GB
     c.rollout.max_concurrent_rows = 64
     c.algorithm.use_info_gain = True
     c.algorithm.info_gain_type = "prob_diff"

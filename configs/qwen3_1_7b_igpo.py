@@ -3,8 +3,12 @@
     python -m igpo_jax.train --config=configs/qwen3_1_7b_igpo.py --config.model.path=/ckpt/Qwen3-1.7B \\
         --config.data.train_files=data/train.parquet --config.data.test_files=data/test.parquet
 
-Fits one 80 GB GPU (fp32 master weights, bf16 compute, remat) (check with `python -m igpo_jax.plan --preset=Qwen3-1.7B`).
+Meant for one 80 GB GPU (fp32 master weights, bf16 compute, remat). Plan it first:
+`python -m igpo_jax.plan --config=configs/qwen3_1_7b_igpo.py --devices=1 --device=H100-80G`
+says a 148 GB peak at these settings (the KV cache of 64 rows × 16384 slots is 120 GB;
+2026-12-07): bound --config.rollout.max_concurrent_rows (e.g. 16) before a run.
 Qwen3's chat template has its own <think> handling; the forced prefix stays '<think>'.
+Not run here yet: no record in bench/results/.
 """
 
 from igpo_jax.config_base import base_config
@@ -15,8 +19,7 @@ def get_config():
     c.run_dir = "runs/qwen3_1_7b_igpo"
     c.model.path = "/ckpt/Qwen3-1.7B"
     # float32 master weights, bf16 compute (the reference's FSDP mixed precision): bf16 params
-    # would not train at lr 1e-6 (config_base.validate says why). Sampling uses a bf16 copy, and
-    # the frozen reference policy is stored in bf16 (it only ever computes in bf16).
+    # would not train at lr 1e-6 (config_base.validate says why)
     c.model.param_dtype = "float32"
     c.model.dtype = "bfloat16"
     c.model.remat = True

@@ -17,11 +17,12 @@ import ml_collections
 from absl import flags, logging
 from flax import nnx
 
-from igpo_jax import compilation_cache, data, distributed, host_memory, sharding, world, xla_flags
-from igpo_jax.agent.rollout import RolloutConfig
+from igpo_jax.data import examples as examples_lib, tfds as tfds_lib, world
+from igpo_jax.runtime import compilation_cache, distributed, host_memory, sharding, xla_flags
+from igpo_jax.rollout.episodes import RolloutConfig
 from igpo_jax.model import embedded, tokenizer as tokenizer_lib, weights
 from igpo_jax.model.qwen import abstract_decoder
-from igpo_jax.sampling import SamplingParams
+from igpo_jax.rollout.sampler import SamplingParams
 from igpo_jax.search.clients import BlockingSearchClient, make_search_client
 
 
@@ -33,7 +34,7 @@ def mesh_and_rules(config: ml_collections.ConfigDict):
 
 @dataclasses.dataclass(frozen=True)
 class DataFiles:
-    train: tuple[str, ...]  # parquet paths, or tfds_source.TfdsSource entries (data.load_examples reads both)
+    train: tuple[str, ...]  # parquet paths, or tfds.TfdsSource entries (load_examples reads both)
     test: tuple[str, ...]
     corpus: str  # '' unless the run serves its own corpus
 
@@ -62,15 +63,21 @@ def data_files(config: ml_collections.ConfigDict) -> DataFiles:
         return DataFiles((str(files.train),), (str(files.test),), str(files.corpus))
     split = lambda s: tuple(p for p in (x.strip() for x in s.split(",")) if p)
     if config.data.get("tfds") is not None and config.data.tfds.name:  # a TFDS dataset instead (optional)
-        from igpo_jax import tfds_source
-
-        train, test = tfds_source.sources_from_config(config.data.tfds)
+        train, test = tfds_lib.sources_from_config(config.data.tfds)
         return DataFiles(train, test or split(config.data.test_files), config.search.serve_corpus)
     return DataFiles(split(config.data.train_files), split(config.data.test_files), config.search.serve_corpus)
 
 
-def load_examples(files: tuple[str, ...], limit: int = 0) -> tuple[data.Example, ...]:
-    examples = data.load_examples(list(files)) if files else ()
+def load_examples(files: tuple[str, ...], limit: int = 0) -> tuple[examples_lib.Example, ...]:
+    """The examples of a run's files, in order: parquet paths, or TFDS sources (each reader's own
+    module; `tensorflow_datasets` is imported only when a TFDS source is read)."""
+    examples = []
+    for source in files:
+        if isinstance(source, tfds_lib.TfdsSource):
+            examples.extend(tfds_lib.load_examples(source))
+        else:
+            examples.extend(examples_lib.load_examples(source))
+    examples = tuple(examples)
     return examples[:limit] if limit else examples
 
 

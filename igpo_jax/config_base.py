@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from igpo_jax.agent.rollout import STOP_STRINGS
+from igpo_jax.rollout.episodes import STOP_STRINGS
 from igpo_jax.igpo.advantages import NORM_MODES
 from igpo_jax.igpo.loss import AGG_MODES, KL_ESTIMATORS
 from igpo_jax.igpo.scoring import DEFAULT_PSEUDO_TURN_TEMPLATE
@@ -65,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train_files = ""  # comma-separated parquet files in the reference's format
     c.data.test_files = ""
     # Or a prepared TensorFlow Datasets dataset (optional: `pip install tensorflow-datasets`, no
-    # TensorFlow needed; prepared as array_record). See igpo_jax/tfds_source.py.
+    # TensorFlow needed; prepared as array_record). See igpo_jax/data/tfds.py.
     c.data.tfds = ml_collections.ConfigDict()
     c.data.tfds.name = ""  # 'name[/config][:version]'; set → train questions come from it, not train_files
     c.data.tfds.data_dir = ""  # '' → TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.world_questions = 400
     c.data.world_two_hop_fraction = 0.5  # the rest are one-hop
     c.data.world_test_fraction = 0.1  # held-out questions: about entities no training question asks about
-    # the question kinds asked (names from igpo_jax.world.QUESTION_KINDS, e.g. "person.birthplace"); () = all
+    # the question kinds asked (names from igpo_jax.data.world.QUESTION_KINDS, e.g. "person.birthplace"); () = all
     c.data.world_question_kinds = ()
     c.data.train_batch_size = 32  # questions per step
     c.data.val_batch_size = 32
@@ -166,7 +166,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.actor.micro_batch_size = 0  # rollouts per forward/backward; 0 → the mini-batch
     # token budget per device of a packed micro-batch (the reference's ppo_max_token_len_per_gpu
     # with dynamic batch size): rows are packed, with segment ids, into micro-batches of this many
-    # tokens (igpo_jax/batching/packing.py), so padding costs no FLOPs; 0 → padded micro-batches
+    # tokens (igpo_jax/training/packing.py), so padding costs no FLOPs; 0 → padded micro-batches
     c.actor.max_tokens_per_micro_batch = 0
     c.actor.ppo_epochs = 1
     c.actor.clip_ratio_low = 0.2
@@ -298,9 +298,9 @@ def _validate_data_source(d: ml_collections.ConfigDict) -> None:
     tfds = d.get("tfds")
     if tfds is not None and tfds.name:
         # Checks the field mapping only; tensorflow_datasets is not imported here.
-        from igpo_jax import tfds_source
+        from igpo_jax.data import tfds as tfds_lib
 
-        tfds_source.parse_fields(tfds.fields)
+        tfds_lib.parse_fields(tfds.fields)
         for key, value in (("data.train_files", d.train_files), ("data.synthetic_world", d.synthetic_world)):
             if value:
                 raise ValueError(f"config.data.tfds.name={tfds.name!r} and config.{key}={value!r} "

@@ -14,7 +14,7 @@ import time
 from igpo_jax.model.embedded import smollm2_gguf_path
 from igpo_jax.model.tokenizer import load_tokenizer, stop_token_ids
 from igpo_jax.model.weights import load_gguf
-from igpo_jax.sampling import Sampler, SamplingParams
+from igpo_jax.rollout.sampler import Sampler, SamplingParams
 
 QUESTIONS = ("What is the capital of France?", "Name a mammal that can fly.")
 

@@ -18,9 +18,12 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from igpo_jax import checkpoint, components, data, sharding
-from igpo_jax.agent.rollout import make_sampler, rollout
-from igpo_jax.evaluation import format_table, summary
+from igpo_jax import components
+from igpo_jax.data import examples as examples_lib
+from igpo_jax.runtime import sharding
+from igpo_jax.training import checkpoint
+from igpo_jax.rollout.episodes import make_sampler, rollout
+from igpo_jax.igpo.evaluation import format_table, summary
 from igpo_jax.igpo import pipeline, scoring
 from igpo_jax.reporting import progress, samples
 
@@ -38,7 +41,7 @@ def evaluate(config, policy, tokenizer, examples, out_dir: str, sampled: bool = 
             open(os.path.join(out_dir, "episodes.jsonl"), "w") as f, \
             progress.bar(len(examples), "evaluate", show, unit="ep", leave=True) as bar:
         on_progress = progress.rollout_callback(bar)
-        for chunk in data.evaluation_batches(examples, batch):
+        for chunk in examples_lib.evaluation_batches(examples, batch):
             traj, _ = rollout(chunk, 1, sampler, tokenizer, search, rcfg, seed=0, on_progress=on_progress)
             scores = None
             if p_gold:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from igpo_jax import checkpoint, components
+from igpo_jax import components
+from igpo_jax.training import checkpoint
 from igpo_jax.model.weights import export_hf
 
 

@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Sequence
 
-from igpo_jax.metrics import read_jsonl
+from igpo_jax.reporting.metrics import read_jsonl
 
 DEFAULT_KEYS = ("reward/mean", "reward/f1", "ig/mean", "val/f1", "actor/pg_loss", "response_length/mean")
 INSTALL_HINT = "pip install matplotlib"

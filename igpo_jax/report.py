@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Sequence
 
 from igpo_jax import plot
-from igpo_jax.metrics import read_jsonl
+from igpo_jax.reporting.metrics import read_jsonl
 from igpo_jax.reporting import samples as samples_lib
 from igpo_jax.reporting.html import RunView, flatten, render_page
 

@@ -3,8 +3,11 @@
     python -m igpo_jax.train --config=configs/demo.py [--config.trainer.total_training_steps=8 …]
 
 Reads top to bottom: config → mesh → data → policy and frozen reference → search back-end →
-resume → loop (rollout → gold-answer scoring → rewards/advantages → update → metrics,
-validation, checkpoint). Metrics of step s are converted to floats while step s + 1 runs.
+resume → loop, one function per phase of DESIGN.md's data flow: `rollout_phase` (episodes with
+search) → `advantages_phase` (gold-answer scoring, rewards, advantages) → `update_phase` (π_old,
+π_ref and the shared-prefix layout in `update_batch`, then the optimiser steps) → `step_metrics`
+→ `finish_step` (validation, metrics record, checkpoint). Metrics of step s are converted to
+floats while step s + 1 runs.
 
 Multi-host (`jax.distributed`, one process per host): every process reads the same global batch
 of questions and rolls out only its own questions × n rows — the rows its devices hold in the
@@ -18,10 +21,12 @@ Host-side metrics are combined across processes (host_metrics.py); process 0 wri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -32,16 +37,19 @@ from ml_collections import config_flags
 
 from flax import nnx
 
-from igpo_jax import checkpoint, components, distributed, config_base, data, host_memory, host_metrics, \
-    metrics as metrics_lib, sharding
-from igpo_jax.agent.rollout import make_sampler, rollout, row_seeds
-from igpo_jax.agent.trajectories import Trajectories
-from igpo_jax.evaluation import episode_record, summary
+from igpo_jax import components, config_base
+from igpo_jax.data import examples as examples_lib
+from igpo_jax.reporting import host_metrics, metrics as metrics_lib
+from igpo_jax.runtime import distributed, host_memory, sharding
+from igpo_jax.training import checkpoint
+from igpo_jax.rollout.episodes import make_sampler, rollout, row_seeds
+from igpo_jax.rollout.trajectories import Trajectories
+from igpo_jax.igpo.evaluation import episode_record, summary
 from igpo_jax.igpo import pipeline, scoring
 from igpo_jax.model import shared_prefix
 from igpo_jax.reporting import progress, samples as samples_lib
 from igpo_jax.reporting.next_steps import next_steps
-from igpo_jax.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs, optimiser_steps
+from igpo_jax.training.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs, optimiser_steps
 
 
 LENGTH_BUCKET = 128  # token rows are padded to a multiple of this, so the update compiles rarely
@@ -173,7 +181,7 @@ def validate(config, model, tokenizer, search, examples, dialect_penalty, show: 
         sampler = make_sampler(model, tokenizer, rcfg, batch)
         with progress.bar(len(mine), "validation", show, unit="ep") as bar:
             on_progress = progress.rollout_callback(bar)
-            for chunk in data.evaluation_batches(mine, batch):
+            for chunk in examples_lib.evaluation_batches(mine, batch):
                 traj, _ = rollout(chunk, 1, sampler, tokenizer, search, rcfg, seed=0, on_progress=on_progress)
                 records += [episode_record(ep, rcfg.dialect, dialect_penalty, int(t))
                             for ep, t in zip(traj.episodes, traj.num_turns_N)]
@@ -228,6 +236,156 @@ def global_host_metrics(local: dict[str, float], rows: int, generated_tokens: in
                                 [g["tokens"] for g in gathered])
 
 
+@dataclasses.dataclass
+class Run:
+    """What every step of a run works with, built once by `train`. `actor` (scores turns) and
+    `sampling_model` (generates) are this process's views of the policy, refreshed after each
+    update."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    local_mesh: jax.sharding.Mesh  # rollout and scoring: this process's devices
+    rules: sharding.Rules
+    rows: slice  # this process's rows of the global update batch
+    num_rows: int  # rows of the global update batch: train_batch_size × rollout.n
+    policy: nnx.Module
+    reference: nnx.Module | None  # π_ref, frozen; None without the KL loss
+    tokenizer: object
+    ucfg: UpdateConfig
+    alg: pipeline.AlgorithmConfig
+    old_source: str  # where π_old's log-probs come from (old_logp_source)
+    updater: Updater
+    rcfg: object  # the rollout's config
+    sampler: object
+    search: object
+    show: bool  # progress bars
+    actor: nnx.Module
+    sampling_model: nnx.Module
+
+
+@contextlib.contextmanager
+def phase(name: str, timings: dict[str, float], peaks: dict[str, float], steps_bar) -> Iterator[None]:
+    """One phase of a step: named on the steps bar while it runs, timed and memory-traced (end_phase)."""
+    steps_bar.set_postfix_str(name)
+    tic = time.perf_counter()
+    yield
+    end_phase(timings, name, tic, peaks)
+
+
+def rollout_phase(run: Run, examples, step: int) -> tuple[Trajectories, dict[str, float]]:
+    """Rollout: this process's questions × rollout.n episodes, sampled by its local policy, with
+    search; each row's seed comes from its global index."""
+    with sharding.activate(run.local_mesh, run.rules), \
+            progress.bar(run.rows.stop - run.rows.start, f"step {step + 1} rollout", run.show, unit="ep") as bar:
+        traj, rollout_stats = rollout(examples, run.config.rollout.n, run.sampler, run.tokenizer, run.search,
+                                      run.rcfg, seeds=row_seeds(rollout_seed(run.config, step), run.num_rows)[run.rows],
+                                      on_progress=progress.rollout_callback(bar))
+    run.sampler.free_cache()  # its KV cache is not needed again until the next rollout
+    return traj, rollout_stats
+
+
+def advantages_phase(run: Run, traj: Trajectories, step: int):
+    """Gold-answer scoring (IGPO only) → rewards → advantages. Returns (scores or None,
+    advantage_NL, reward metrics); with old_source 'scoring' the scores carry π_old's log-probs."""
+    scores = None
+    if run.alg.use_info_gain:
+        pts = scoring.pseudo_turns(run.tokenizer, [pipeline.ANSWER_SPLIT.join(ep.golden_answers)
+                                                   for ep in traj.episodes],
+                                   run.config.algorithm.pseudo_turn_template)
+        with sharding.activate(run.local_mesh, run.rules), \
+                progress.bar(traj.num_rollouts, f"step {step + 1} scoring", run.show, unit="ep") as bar:
+            # the scoring model is the policy the update starts from: π_old from its pass
+            scores = scoring.score_one_pass(run.actor, traj, pts, run.config.algorithm.scoring_batch_size,
+                                            token_logprobs=run.old_source == "scoring", on_batch=bar.update)
+    outcomes = pipeline.score_outcomes(traj, run.rcfg.dialect, run.alg.format_penalty)
+    advantage_NL, reward_metrics = pipeline.advantages_for(
+        traj, outcomes, None if scores is None else scores.mean_logp_NT,
+        None if scores is None else scores.valid_NT, run.alg, step, run.config.trainer.total_training_steps)
+    return scores, advantage_NL, reward_metrics
+
+
+def update_batch(run: Run, traj: Trajectories, scores, advantage_NL: np.ndarray):
+    """(the global UpdateBatch, its shared-prefix layout or None): every process's rows padded to
+    one length, π_old's log-probs (from scoring, recomputed, or none: π_θ itself) and π_ref's."""
+    length = padded_length(distributed.allgather_max(traj.tokens_NL.shape[1]))
+    host_rows = update_rows(traj, advantage_NL, length)
+    if run.old_source == "scoring":
+        host_rows["old_logp_NL"] = np.pad(scores.token_logp_NL, ((0, 0), (0, length - traj.tokens_NL.shape[1])))
+    spec = sharding.logical_to_spec(("batch", "length"), run.rules, run.mesh, (run.num_rows, length))
+    global_rows = distributed.host_local_batch_to_global(host_rows, run.mesh, spec)
+    micro = run.ucfg.micro_batch_size
+    tokens_NL = global_rows["tokens_NL"]
+    # each group's prompt computed once for its G rows, in every forward and backward below
+    split_N, layout = prefix_layout(run.config, run.ucfg, traj, run.num_rows)
+    shared = {}
+    if layout is not None:
+        global_rows["prefix_len_N"] = distributed.host_local_batch_to_global(
+            split_N, run.mesh, jax.sharding.PartitionSpec(spec[0]))
+        shared = dict(prefix_len_N=global_rows["prefix_len_N"], layout=layout,
+                      needed_NL=global_rows["loss_mask_NL"] > 0)
+    if run.old_source == "recompute":
+        global_rows["old_logp_NL"] = compute_logprobs(run.policy, tokens_NL, global_rows["valid_NL"], micro,
+                                                      **shared)
+    ref_logp = compute_logprobs(run.reference, tokens_NL, global_rows["valid_NL"], micro, **shared) \
+        if run.reference is not None else jnp.zeros(tokens_NL.shape, jnp.float32, device=tokens_NL.sharding)
+    return UpdateBatch(**{"old_logp_NL": None, **global_rows}, ref_logp_NL=ref_logp), layout
+
+
+def update_phase(run: Run, traj: Trajectories, scores, advantage_NL: np.ndarray, step: int) -> list[dict]:
+    """Update: the optimiser steps of the clipped loss (+ KL) over the global batch; then this
+    process's views of the new policy. Returns each optimiser step's metrics."""
+    batch, layout = update_batch(run, traj, scores, advantage_NL)
+    with progress.bar(optimiser_steps(run.ucfg, run.num_rows), f"step {step + 1} update", run.show,
+                      unit="opt step") as bar:
+        update_metrics = run.updater.update(batch, on_step=(lambda: bar.update(1)) if run.show else None,
+                                            layout=layout)
+    jax.block_until_ready(update_metrics)  # the phase's time is its compute, not its dispatch
+    # the update donated the old params, which a local view shares buffers with
+    run.actor = process_local_policy(run.policy, run.mesh, run.local_mesh, run.actor)
+    run.sampling_model = components.in_dtype(run.actor, run.config.rollout.dtype, run.sampling_model)
+    return update_metrics
+
+
+def step_metrics(run: Run, traj: Trajectories, rollout_stats, reward_metrics, update_metrics,
+                 timings: dict[str, float], peaks: dict[str, float]) -> dict[str, float]:
+    """The step's metrics: host-side ones combined across processes, then the update's (global)."""
+    generated = int(traj.loss_mask_NL.sum())
+    host_side = {}
+    host_side.update(rollout_stats)
+    host_side.update(reward_metrics)
+    host_side.update({f"search/{k}": v for k, v in run.search.stats.as_metrics(prefix="").items()})
+    host_side.update({f"time/{k}_s": v for k, v in timings.items()})
+    host_side.update({f"memory/peak_rss_after_{k}_gib": v for k, v in peaks.items()})
+    host_side["time/rollout_tok_s"] = generated / max(timings["rollout"], 1e-9)
+    host_side["time/update_tok_s"] = (float(traj.valid_NL.sum()) * run.ucfg.ppo_epochs
+                                      / max(timings["update"], 1e-9))
+    host_side["response_length/mean"] = generated / traj.num_rollouts
+    out = {}
+    out.update(global_host_metrics(host_side, traj.num_rollouts, generated))
+    out.update({f"actor/{k}": v for k, v in update_metrics[-1].items()})  # global already
+    return out
+
+
+def finish_step(run: Run, done: int, metrics: dict[str, float], val_examples, writer, ckpt, batches,
+                steps_bar) -> list:
+    """Validation when due, the step's metrics record, and a checkpoint when due; returns the
+    records written."""
+    t = run.config.trainer
+    if t.test_freq and (done % t.test_freq == 0 or done == t.total_training_steps) and val_examples:
+        steps_bar.set_postfix_str("validation")
+        with sharding.activate(run.local_mesh, run.rules):
+            metrics.update(validate(run.config, run.sampling_model, run.tokenizer, run.search, val_examples,
+                                    run.alg.format_penalty, show=run.show, step=done))
+    written = [writer.write(done, metrics)]  # prints the step's console line now
+    steps_bar.update(1)
+    if t.save_freq and (done % t.save_freq == 0 or done == t.total_training_steps):
+        # metrics up to the checkpoint reach disk first: a run killed after this save
+        # resumes at done + 1 and would otherwise never write this step's record
+        written.append(writer.flush())
+        ckpt.save(done, run.policy, run.updater, batches)
+    return written
+
+
 def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
     """Runs (or resumes) the configured training; returns the per-step metrics written."""
     config_base.validate(config)
@@ -245,14 +403,13 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
     train_examples = components.load_examples(files.train)
     val_examples = components.load_examples(files.test, config.data.val_max_questions)
     # every process iterates the same global batches and takes its own questions from each
-    batches = data.BatchIterator(train_examples, config.data.train_batch_size, seed=config.seed,
-                                 shuffle=config.data.shuffle)
+    batches = examples_lib.BatchIterator(train_examples, config.data.train_batch_size, seed=config.seed,
+                                         shuffle=config.data.shuffle)
 
     with sharding.activate(mesh, rules):
         policy, tokenizer = components.load_policy(config, mesh, rules)
         reference = components.frozen_copy(policy) if config.actor.use_kl_loss else None  # before any restore
         ucfg, alg = update_config(config), algorithm_config(config)
-        old_source = old_logp_source(config, ucfg, num_rows)
         updater = Updater(policy, ucfg)
         ckpt = checkpoint.RunCheckpointer(os.path.join(config.run_dir, checkpoint.CHECKPOINTS_SUBDIR),
                                           config.trainer.max_checkpoints)
@@ -270,6 +427,9 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
         total = config.trainer.total_training_steps
         history = []
         with components.search_backend(config, files.corpus) as search:
+            run = Run(config, mesh, local_mesh, rules, rows, num_rows, policy, reference, tokenizer, ucfg, alg,
+                      old_logp_source(config, ucfg, num_rows), updater, rcfg, sampler, search, show, actor,
+                      sampling_model)
             if config.trainer.val_before_train and start_step == 0 and val_examples:
                 # step 0: the policy before any update (the reference's val_before_train)
                 with sharding.activate(local_mesh, rules):
@@ -277,100 +437,20 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                                                             alg.format_penalty, step=0)))
             steps_bar = progress.bar(total, "train", show, unit="step", leave=True, initial=start_step)
             for step in range(start_step, total):
-                timings, peaks, step_metrics = {}, {}, {}
-                tic = time.perf_counter()
-                examples = next(batches)[questions]
-                steps_bar.set_postfix_str("rollout")
-                with sharding.activate(local_mesh, rules), \
-                        progress.bar(rows.stop - rows.start, f"step {step + 1} rollout", show, unit="ep") as bar:
-                    traj, rollout_stats = rollout(examples, group_size, sampler, tokenizer, search, rcfg,
-                                                  seeds=row_seeds(rollout_seed(config, step), num_rows)[rows],
-                                                  on_progress=progress.rollout_callback(bar))
-                sampler.free_cache()  # its KV cache is not needed again until the next rollout
-                end_phase(timings, "rollout", tic, peaks)
-                steps_bar.set_postfix_str("scoring")
-
-                tic = time.perf_counter()
-                scores = None
-                if alg.use_info_gain:
-                    pts = scoring.pseudo_turns(tokenizer, [pipeline.ANSWER_SPLIT.join(ep.golden_answers)
-                                                           for ep in traj.episodes],
-                                               config.algorithm.pseudo_turn_template)
-                    with sharding.activate(local_mesh, rules), \
-                            progress.bar(traj.num_rollouts, f"step {step + 1} scoring", show, unit="ep") as bar:
-                        # the scoring model is the policy the update starts from: π_old from its pass
-                        scores = scoring.score_one_pass(actor, traj, pts, config.algorithm.scoring_batch_size,
-                                                        token_logprobs=old_source == "scoring", on_batch=bar.update)
-                outcomes = pipeline.score_outcomes(traj, rcfg.dialect, alg.format_penalty)
-                advantage_NL, reward_metrics = pipeline.advantages_for(
-                    traj, outcomes, None if scores is None else scores.mean_logp_NT,
-                    None if scores is None else scores.valid_NT, alg, step, total)
-                end_phase(timings, "scoring", tic, peaks)
+                timings, peaks = {}, {}
+                with phase("rollout", timings, peaks, steps_bar):
+                    examples = next(batches)[questions]
+                    traj, rollout_stats = rollout_phase(run, examples, step)
+                with phase("scoring", timings, peaks, steps_bar):
+                    scores, advantage_NL, reward_metrics = advantages_phase(run, traj, step)
                 if samples_due(config, step + 1) and jax.process_index() == 0:
                     with sharding.activate(local_mesh, rules):
-                        write_rollout_samples(config, actor, tokenizer, traj, examples, scores, advantage_NL, step + 1)
-
-                steps_bar.set_postfix_str("update")
-                tic = time.perf_counter()
-                length = padded_length(distributed.allgather_max(traj.tokens_NL.shape[1]))
-                host_rows = update_rows(traj, advantage_NL, length)
-                if old_source == "scoring":
-                    host_rows["old_logp_NL"] = np.pad(scores.token_logp_NL, ((0, 0), (0, length - traj.tokens_NL.shape[1])))
-                spec = sharding.logical_to_spec(("batch", "length"), rules, mesh, (num_rows, length))
-                global_rows = distributed.host_local_batch_to_global(host_rows, mesh, spec)
-                micro = ucfg.micro_batch_size
-                tokens_NL = global_rows["tokens_NL"]
-                # each group's prompt computed once for its G rows, in every forward and backward below
-                split_N, layout = prefix_layout(config, ucfg, traj, num_rows)
-                shared = {}
-                if layout is not None:
-                    global_rows["prefix_len_N"] = distributed.host_local_batch_to_global(
-                        split_N, mesh, jax.sharding.PartitionSpec(spec[0]))
-                    shared = dict(prefix_len_N=global_rows["prefix_len_N"], layout=layout,
-                                  needed_NL=global_rows["loss_mask_NL"] > 0)
-                if old_source == "recompute":
-                    global_rows["old_logp_NL"] = compute_logprobs(policy, tokens_NL, global_rows["valid_NL"], micro,
-                                                                  **shared)
-                ref_logp = compute_logprobs(reference, tokens_NL, global_rows["valid_NL"], micro, **shared) \
-                    if reference is not None else jnp.zeros(tokens_NL.shape, jnp.float32, device=tokens_NL.sharding)
-                batch = UpdateBatch(**{"old_logp_NL": None, **global_rows}, ref_logp_NL=ref_logp)
-                with progress.bar(optimiser_steps(ucfg, num_rows), f"step {step + 1} update", show,
-                                  unit="opt step") as bar:
-                    update_metrics = updater.update(batch, on_step=(lambda: bar.update(1)) if show else None,
-                                                    layout=layout)
-                jax.block_until_ready(update_metrics)  # the phase's time is its compute, not its dispatch
-                # the update donated the old params, which a local view shares buffers with
-                actor = process_local_policy(policy, mesh, local_mesh, actor)
-                sampling_model = components.in_dtype(actor, config.rollout.dtype, sampling_model)
-                end_phase(timings, "update", tic, peaks)
-
-                generated = int(traj.loss_mask_NL.sum())
-                host_side = {}
-                host_side.update(rollout_stats)
-                host_side.update(reward_metrics)
-                host_side.update({f"search/{k}": v for k, v in search.stats.as_metrics(prefix="").items()})
-                host_side.update({f"time/{k}_s": v for k, v in timings.items()})
-                host_side.update({f"memory/peak_rss_after_{k}_gib": v for k, v in peaks.items()})
-                host_side["time/rollout_tok_s"] = generated / max(timings["rollout"], 1e-9)
-                host_side["time/update_tok_s"] = (float(traj.valid_NL.sum()) * ucfg.ppo_epochs
-                                                  / max(timings["update"], 1e-9))
-                host_side["response_length/mean"] = generated / traj.num_rollouts
-                step_metrics.update(global_host_metrics(host_side, traj.num_rollouts, generated))
-                step_metrics.update({f"actor/{k}": v for k, v in update_metrics[-1].items()})  # global already
-
-                done = step + 1
-                if config.trainer.test_freq and (done % config.trainer.test_freq == 0 or done == total) and val_examples:
-                    steps_bar.set_postfix_str("validation")
-                    with sharding.activate(local_mesh, rules):
-                        step_metrics.update(validate(config, sampling_model, tokenizer, search, val_examples,
-                                                     alg.format_penalty, show=show, step=done))
-                history.append(writer.write(done, step_metrics))  # prints the step's console line now
-                steps_bar.update(1)
-                if config.trainer.save_freq and (done % config.trainer.save_freq == 0 or done == total):
-                    # metrics up to the checkpoint reach disk first: a run killed after this save
-                    # resumes at done + 1 and would otherwise never write this step's record
-                    history.append(writer.flush())
-                    ckpt.save(done, policy, updater, batches)
+                        write_rollout_samples(config, run.actor, tokenizer, traj, examples, scores, advantage_NL,
+                                              step + 1)
+                with phase("update", timings, peaks, steps_bar):
+                    update_metrics = update_phase(run, traj, scores, advantage_NL, step)
+                metrics = step_metrics(run, traj, rollout_stats, reward_metrics, update_metrics, timings, peaks)
+                history += finish_step(run, step + 1, metrics, val_examples, writer, ckpt, batches, steps_bar)
             steps_bar.close()
         history.append(writer.close())
         ckpt.close()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train on a multi-host Cloud TPU VM slice (v4/v5e/v5p/v6e): the same command runs on every
-# worker; igpo_jax.distributed.initialize() (first thing in train's main) finds the other hosts
+# worker; igpo_jax.runtime.distributed.initialize() (first thing in train's main) finds the other hosts
 # from the TPU metadata, so no coordinator address is needed.
 #
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a bash launch/tpu_pod.sh \

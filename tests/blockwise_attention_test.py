@@ -203,7 +203,7 @@ def test_update_and_scoring_forwards_pass_the_compact_mask_to_blockwise_models()
     """update.token_logprobs and the one-pass IG scoring hand a blockwise model its O(length)
     MaskSpec (causal_spec / copies_spec) and give what the dense model gives with its bool mask."""
     from igpo_jax.igpo.scoring import one_pass_mean_logp
-    from igpo_jax.update import token_logprobs
+    from igpo_jax.training.update import token_logprobs
 
     dense_model = Decoder(_tiny("dense", attention_chunk=16), nnx.Rngs(0))
     block_model = Decoder(_tiny("blockwise", attention_block=16), nnx.Rngs(0))
@@ -235,7 +235,7 @@ def test_update_and_scoring_forwards_pass_the_compact_mask_to_blockwise_models()
 
 
 def test_the_blockwise_update_forward_builds_no_length_squared_mask():
-    from igpo_jax.update import token_logprobs
+    from igpo_jax.training.update import token_logprobs
 
     def square_bool_masks(model):
         graphdef, state = nnx.split(model)

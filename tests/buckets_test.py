@@ -1,6 +1,6 @@
 """buckets: the shapes that sampling and scoring pad to."""
 
-from igpo_jax.buckets import power_of_two, quarter_octave, quarter_octave_floor
+from igpo_jax.rollout.buckets import power_of_two, quarter_octave, quarter_octave_floor
 
 
 def test_power_of_two_rounds_up_and_respects_the_minimum():

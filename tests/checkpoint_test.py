@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from igpo_jax import checkpoint
-from igpo_jax.data import BatchIterator, Example, Message
+from igpo_jax.training import checkpoint
+from igpo_jax.data.examples import BatchIterator, Example, Message
 from igpo_jax.model.config import ModelConfig
 from igpo_jax.model.qwen import Decoder
-from igpo_jax.update import UpdateConfig, Updater, make_optimizer
+from igpo_jax.training.update import UpdateConfig, Updater, make_optimizer
 
 CONFIG = ModelConfig("qwen2", 128, 32, 64, 2, 4, 2, 8, qkv_bias=True)
 EXAMPLES = tuple(Example(index=str(i), data_source="t", question=f"q{i}", golden_answers=("a",),
@@ -168,10 +168,10 @@ SHARDED_RESTORE = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 8)
     from jax.sharding import NamedSharding, PartitionSpec as P
     from flax import nnx
-    from igpo_jax import checkpoint
+    from igpo_jax.training import checkpoint
     from igpo_jax.model.config import ModelConfig
     from igpo_jax.model.qwen import Decoder
-    from igpo_jax.update import UpdateConfig, Updater
+    from igpo_jax.training.update import UpdateConfig, Updater
 
     mesh = jax.make_mesh((4, 2), ("a", "b"))
 

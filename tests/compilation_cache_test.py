@@ -7,14 +7,14 @@ import os
 import subprocess
 import sys
 
-from igpo_jax import compilation_cache
+from igpo_jax.runtime import compilation_cache
 from tests.train_test import tiny_model_dir  # noqa: F401  (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _DRIVER = """
 import dataclasses, json, sys
-from igpo_jax import compilation_cache
+from igpo_jax.runtime import compilation_cache
 compilation_cache.enable(sys.argv[1])
 compilation_cache.counts()  # start counting before anything compiles
 from igpo_jax.train import train

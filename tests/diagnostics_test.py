@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from igpo_jax.agent.trajectories import Episode
+from igpo_jax.rollout.trajectories import Episode
 from igpo_jax.igpo import diagnostics
 
 

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from igpo_jax import data, evaluate as evaluate_lib
+from igpo_jax import evaluate as evaluate_lib
+from igpo_jax.data import examples as examples_lib
 from igpo_jax.components import load_policy
-from tests.rollout_test import ScriptedSampler
+from tests.episodes_test import ScriptedSampler
 from tests.samples_test import FIELDS
 from tests.train_test import load_config, tiny_model_dir  # noqa: F401  (fixture)
 
@@ -25,11 +26,11 @@ QUESTIONS = [  # (data_source, question, gold, scripted turns after the forced '
 
 
 def test_evaluate_writes_the_hand_computed_table(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
-    examples = [data.Example(index=str(i), data_source=src, question=q, golden_answers=tuple(g.split("<|answer_split|>")),
-                             prompt=(data.Message("user", q),), split="test")
+    examples = [examples_lib.Example(index=str(i), data_source=src, question=q, golden_answers=tuple(g.split("<|answer_split|>")),
+                                     prompt=(examples_lib.Message("user", q),), split="test")
                 for i, (src, q, g, _) in enumerate(QUESTIONS)]
     fixture = tmp_path / "test.parquet"
-    data.write_examples(fixture, examples)
+    examples_lib.write_examples(fixture, examples)
 
     c = load_config("demo")
     c.data.synthetic_world = False
@@ -46,7 +47,7 @@ def test_evaluate_writes_the_hand_computed_table(tiny_model_dir, tmp_path, monke
     scripts = [turns for *_, turns in QUESTIONS]
     monkeypatch.setattr(evaluate_lib, "make_sampler",
                         lambda model, tok, rcfg, batch: ScriptedSampler(model, tok, scripts))
-    table = evaluate_lib.evaluate(c, policy, tokenizer, data.load_examples(fixture), str(tmp_path / "eval"))
+    table = evaluate_lib.evaluate(c, policy, tokenizer, examples_lib.load_examples(fixture), str(tmp_path / "eval"))
 
     assert table["nq"]["f1"] == pytest.approx((1 + 2 / 3) / 2)
     assert table["nq"]["em"] == pytest.approx(0.5)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from igpo_jax.agent.trajectories import Episode
-from igpo_jax.evaluation import episode_record, format_table, summary
+from igpo_jax.rollout.trajectories import Episode
+from igpo_jax.igpo.evaluation import episode_record, format_table, summary
 
 
 def _episode(source, gold, response, searches=1):

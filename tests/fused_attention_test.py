@@ -144,7 +144,7 @@ def test_the_decoder_routes_the_update_forward_through_the_fused_call(monkeypatc
     'cuda', jax.nn.dot_product_attention made to run its XLA implementation, and fp32 let through
     the route (cuDNN's bf16 is checked above): every layer calls it with implementation='cudnn'
     and the log-probs and gradients are the blockwise model's."""
-    from igpo_jax.update import token_logprobs
+    from igpo_jax.training.update import token_logprobs
 
     calls = []
     real = jax.nn.dot_product_attention

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from igpo_jax import host_memory
+from igpo_jax.runtime import host_memory
 
 pytestmark = pytest.mark.skipif(host_memory._glibc() is None, reason="needs glibc (Linux)")
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(host_memory._glibc() is None, reason="needs glib
 # they are resident; every other one freed leaves ~50 MB of holes that only a trim returns
 _HOLES = textwrap.dedent("""
     import ctypes
-    from igpo_jax import host_memory
+    from igpo_jax.runtime import host_memory
     assert host_memory.configure()
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
@@ -51,7 +51,7 @@ def test_configure_and_release_are_safe_to_repeat():
 # memory handed back when `retained()` ends
 _REUSE = textwrap.dedent("""
     import contextlib, ctypes, resource, sys, threading
-    from igpo_jax import host_memory
+    from igpo_jax.runtime import host_memory
     assert host_memory.configure()
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p

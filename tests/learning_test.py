@@ -193,7 +193,7 @@ def test_sweep_summary_pairs_validation_episodes_by_question(tmp_path, capsys):
 
 def test_sweep_summary_breaks_validation_down_by_world_question_kind(tmp_path, capsys):
     from bench import sweep_summary
-    from igpo_jax import world
+    from igpo_jax.data import world
     from igpo_jax.components import world_arguments
     from igpo_jax.reporting.samples import validation_samples_path, write_jsonl_at
 

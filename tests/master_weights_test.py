@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from igpo_jax import components, config_base, update
+from igpo_jax import components, config_base
+from igpo_jax.training import update
 from igpo_jax.model.weights import load_hf
-from igpo_jax.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs
+from igpo_jax.training.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs
 from tests.conftest import write_tiny_hf_model
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -81,7 +82,7 @@ def _changed(model, batch):
 def _gradient(model, batch):
     """The update's own float32 gradient of this one-step batch (ρ = 1)."""
     graphdef, params = nnx.split(model)
-    _, grads, _ = update._summed_gradients(graphdef, params, batch, UpdateConfig(lr=1e-6, use_kl_loss=False), 1, True)
+    _, grads, _ = update.summed_gradients(graphdef, params, batch, UpdateConfig(lr=1e-6, use_kl_loss=False), 1, True)
     return [np.asarray(g) for g in jax.tree.leaves(grads)]
 
 

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from igpo_jax import metrics
-from igpo_jax.metrics import MetricsWriter, Timer, read_jsonl
+from igpo_jax.reporting import metrics
+from igpo_jax.reporting.metrics import MetricsWriter, Timer, read_jsonl
 
 
 class RecordingScalar:

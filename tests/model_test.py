@@ -169,7 +169,7 @@ def test_remat_layers_share_one_trace(tmp_path, monkeypatch):
 
 def test_a_remat_model_also_samples_over_its_kv_cache(tmp_path):
     # the configs that train with remat sample with the same model: the cached path must not remat
-    from igpo_jax.sampling import Sampler, SamplingParams
+    from igpo_jax.rollout.sampler import Sampler, SamplingParams
 
     write_tiny_hf_model("llama", tmp_path)
     outputs = []
@@ -181,7 +181,7 @@ def test_a_remat_model_also_samples_over_its_kv_cache(tmp_path):
 
 
 def test_a_remat_model_computes_micro_batched_logprobs(tmp_path):
-    from igpo_jax.update import compute_logprobs
+    from igpo_jax.training.update import compute_logprobs
 
     write_tiny_hf_model("llama", tmp_path)
     tokens, valid = _left_padded_batch(32)

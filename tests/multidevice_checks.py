@@ -13,9 +13,9 @@ import sys
 import jax
 import numpy as np
 
-from igpo_jax import sharding
+from igpo_jax.runtime import sharding
 from igpo_jax.model.weights import load_hf
-from igpo_jax.sampling import Sampler, SamplingParams
+from igpo_jax.rollout.sampler import Sampler, SamplingParams
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 61], [7, 7, 12], [100, 2, 33, 4, 9], [1, 2, 3, 4]]
 
@@ -70,8 +70,8 @@ UPDATE_CFG = dict(lr=1e-3, eps=1e-3, micro_batch_size=4)
 def one_update(model, mesh=None, rules=sharding.DEFAULT_RULES):
     """One Updater.update step (2 micro-batches) on `update_batch_np`; with `mesh`, the batch is
     placed by the 'batch' rule (each process passing its own rows). Returns (loss, updater)."""
-    from igpo_jax import distributed
-    from igpo_jax.update import UpdateBatch, UpdateConfig, Updater
+    from igpo_jax.runtime import distributed
+    from igpo_jax.training.update import UpdateBatch, UpdateConfig, Updater
 
     host = update_batch_np(model.cfg.vocab_size)
     if mesh is None:
@@ -138,9 +138,9 @@ def check_plan(model_dir: str):
 
     from flax import nnx
 
-    from igpo_jax import plan
+    from igpo_jax.planning import memory
     from igpo_jax.model.kv_cache import KVCache
-    from igpo_jax.update import UpdateConfig, make_optimizer
+    from igpo_jax.training.update import UpdateConfig, make_optimizer
 
     assert len(jax.devices()) == 8, jax.devices()
     rules = sharding.DEFAULT_RULES
@@ -152,7 +152,7 @@ def check_plan(model_dir: str):
         params = nnx.state(model, nnx.Param)
         opt_state = make_optimizer(UpdateConfig()).init(params)  # as Updater does
         cache = KVCache.init(model.cfg, 8, 64, mesh=mesh, rules=rules)
-        p = plan.plan(model.cfg, shape, rules, rollout_batch=8, context=64)
+        p = memory.plan(model.cfg, shape, rules, rollout_batch=8, context=64)
         out.append(dict(mesh=shape, dtype=dtype,
                         allocated=dict(params=_bytes_on_device0(params), opt_state=_bytes_on_device0(opt_state),
                                        kv_cache=_bytes_on_device0(cache)),
@@ -168,7 +168,7 @@ def check_multiprocess(model_dir: str, coordinator: str, process_id: str, out_di
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from igpo_jax import distributed
+    from igpo_jax.runtime import distributed
 
     assert distributed.initialize(coordinator, 2, int(process_id))
     assert jax.process_count() == 2 and len(jax.devices()) == 8 and len(jax.local_devices()) == 4

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from igpo_jax import sharding
+from igpo_jax.runtime import sharding
 from tests.conftest import write_tiny_hf_model
 from tests.process_pair import run_process_pair
 
@@ -98,7 +98,7 @@ def test_two_processes_update_and_checkpoint(tmp_path):
 
 
 def test_distributed_resolve_from_flags_slurm_and_tpu():
-    from igpo_jax.distributed import DistributedConfigError, first_slurm_host, resolve
+    from igpo_jax.runtime.distributed import DistributedConfigError, first_slurm_host, resolve
 
     assert resolve(env={}) is None  # a laptop: single process
     assert resolve("10.0.0.1:1234", 2, 1, env={}) == dict(coordinator_address="10.0.0.1:1234",

@@ -14,7 +14,7 @@ import jax
 
 
 def main(model_dir: str, run_dir: str, steps: str, coordinator: str, process_id: str) -> None:
-    from igpo_jax import distributed
+    from igpo_jax.runtime import distributed
     from igpo_jax.train import train
     from tests.multihost_train_test import multihost_config
 

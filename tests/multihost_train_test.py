@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from igpo_jax import checkpoint, components, host_metrics
+from igpo_jax import components
+from igpo_jax.reporting import host_metrics
+from igpo_jax.training import checkpoint
 from igpo_jax.train import train
 from tests.process_pair import run_process_pair
 from tests.train_test import smoke_config, tiny_model_dir  # noqa: F401  (fixture)

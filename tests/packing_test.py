@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from igpo_jax.batching import packing
+from igpo_jax.training import packing
 from igpo_jax.igpo.loss import AGG_MODES, agg_loss
 from igpo_jax.model.config import ModelConfig
 from igpo_jax.model.qwen import Decoder
@@ -68,7 +68,7 @@ def _tiny_model():
 def test_packed_micro_batches_give_the_padded_loss_and_gradients():
     """The same mini-batch, (a) padded, one micro-batch per 2 rows, (b) packed to a 24-token budget:
     equal loss and gradients (fp32, 1e-5), in every loss_agg_mode."""
-    from igpo_jax import update
+    from igpo_jax.training import update
 
     model = _tiny_model()
     graphdef, params = nnx.split(model)
@@ -88,10 +88,10 @@ def test_packed_micro_batches_give_the_padded_loss_and_gradients():
     batch = update.UpdateBatch(*(jnp.asarray(x) for x in (tokens, valid, loss_mask, adv, old, ref)))
     for mode in AGG_MODES:
         cfg = update.UpdateConfig(loss_agg_mode=mode, entropy_coeff=0.01)
-        loss_a, grads_a, _ = update._summed_gradients(graphdef, params, batch, cfg, 2, False, None)
+        loss_a, grads_a, _ = update.summed_gradients(graphdef, params, batch, cfg, 2, False, None)
         micro, counts = update.packed_micro_batches(batch, cfg, budget=24)
         assert micro.tokens_NL.shape[1:] == (1, 24)  # one packed row per micro-batch
-        loss_b, grads_b, _ = update._summed_packed_gradients(graphdef, params, micro, counts, cfg, False)
+        loss_b, grads_b, _ = update.summed_packed_gradients(graphdef, params, micro, counts, cfg, False)
         assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-5, abs=1e-7), mode
         for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
             np.testing.assert_allclose(np.asarray(gb), np.asarray(ga), rtol=1e-4, atol=1e-6, err_msg=mode)
@@ -99,7 +99,7 @@ def test_packed_micro_batches_give_the_padded_loss_and_gradients():
 
 def test_updater_with_a_token_budget_matches_padded_micro_batches():
     """Updater.update, two optimiser steps: padded micro-batches vs packed ones give the same params."""
-    from igpo_jax import update
+    from igpo_jax.training import update
 
     rng = np.random.default_rng(3)
     n, l = 4, 12

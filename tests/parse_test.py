@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from igpo_jax.agent.parse import (Answer, FormatError, ParseLimits, ToolCall, extract_answer, format_error,
-                                  parse_action)
+from igpo_jax.rollout.parse import Answer, FormatError, ParseLimits, ToolCall, extract_answer, format_error, parse_action
 
 
 def qwen_call(queries, name="web_search") -> str:

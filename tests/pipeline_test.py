@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from igpo_jax.agent.trajectories import Episode, Trajectories
+from igpo_jax.rollout.trajectories import Episode, Trajectories
 from igpo_jax.igpo.pipeline import AlgorithmConfig, advantages_for, score_outcomes
 
 

@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-from igpo_jax import plan, sharding
+from igpo_jax import plan
+from igpo_jax.planning import memory
+from igpo_jax.runtime import sharding
 from igpo_jax.model import config as model_config
 from tests.conftest import write_tiny_hf_model
 from tests.multidevice_test import _run_check
@@ -27,21 +29,21 @@ def test_planned_bytes_equal_allocated_bytes_on_8_devices(tmp_path):
 
 
 def test_shard_shape_divides_by_the_mesh_axes_of_each_dimension():
-    mesh = plan.abstract_mesh({"data": 2, "fsdp": 4, "tensor": 2})
+    mesh = memory.abstract_mesh({"data": 2, "fsdp": 4, "tensor": 2})
     rules = sharding.DEFAULT_RULES
-    assert plan.shard_shape((64, 4, 16), ("embed", "heads", "head_dim"), mesh, rules) == (16, 2, 16)
+    assert memory.shard_shape((64, 4, 16), ("embed", "heads", "head_dim"), mesh, rules) == (16, 2, 16)
     # batch spans data × fsdp = 8
-    assert plan.shard_shape((16, 100), ("batch", "length"), mesh, rules) == (2, 100)
+    assert memory.shard_shape((16, 100), ("batch", "length"), mesh, rules) == (2, 100)
     # 3 kv heads do not divide over tensor=2: replicated on that axis
-    assert plan.shard_shape((8, 3, 64, 64), plan.KV_AXES, mesh, rules) == (1, 3, 64, 64)
-    assert plan.shard_shape((5,), None, mesh, rules) == (5,)
+    assert memory.shard_shape((8, 3, 64, 64), memory.KV_AXES, mesh, rules) == (1, 3, 64, 64)
+    assert memory.shard_shape((5,), None, mesh, rules) == (5,)
 
 
 def test_tiny_config_by_hand():
     """2 layers, D 8, F 16, 2 heads, 1 kv head, head dim 4, vocab 32, fp32, untied, no bias."""
     cfg = model_config.ModelConfig("llama", 32, 8, 16, 2, 2, 1, 4)
     mesh = {"fsdp": 2, "tensor": 1}
-    p = plan.plan(cfg, mesh, rollout_batch=4, context=10, micro_batch=2, update_len=6)
+    p = memory.plan(cfg, mesh, rollout_batch=4, context=10, micro_batch=2, update_len=6)
     # embed 32×8 + lm_head 8×32 + final norm 8 + 2 × (norms 2×8 + q 8×2×4 + k, v 8×1×4 + o 2×4×8
     # + mlp 3×8×16): every tensor has one 'embed' dim, halved by fsdp = 2
     per_layer = 2 * 8 + 64 + 32 + 32 + 64 + 3 * 128
@@ -58,9 +60,9 @@ def test_tiny_config_by_hand():
 
 
 def test_fits_uses_headroom():
-    p = plan.Plan(params=10 * plan.GiB, opt_state=0, reference=0, kv_cache=4 * plan.GiB, grads=0, activations=0)
-    assert plan.fits(p, "v5e", headroom=0.1)[0]  # 14 ≤ 14.4 GiB
-    assert not plan.fits(p, "v5e", headroom=0.2)[0]  # 14 > 12.8 GiB
+    p = memory.Plan(params=10 * memory.GiB, opt_state=0, reference=0, kv_cache=4 * memory.GiB, grads=0, activations=0)
+    assert memory.fits(p, "v5e", headroom=0.1)[0]  # 14 ≤ 14.4 GiB
+    assert not memory.fits(p, "v5e", headroom=0.2)[0]  # 14 > 12.8 GiB
 
 
 def test_cli_for_qwen2_5_7b_on_fsdp_8(capsys):
@@ -79,8 +81,8 @@ def test_cli_reads_a_model_dir_and_rejects_bad_meshes(tmp_path):
                       "--rollout_batch=4", "--context=16", "--device=v5e"])
     assert "fits" in text
     with pytest.raises(ValueError, match="NAME=SIZE"):
-        plan.parse_mesh("fsdp:8")
-    assert math.prod(plan.parse_mesh("data=2,fsdp=4,tensor=2").values()) == 16
+        memory.parse_mesh("fsdp:8")
+    assert math.prod(memory.parse_mesh("data=2,fsdp=4,tensor=2").values()) == 16
 
 
 def test_config_plan_reads_the_experiment_keys():

@@ -10,10 +10,8 @@ import re
 
 import pytest
 
-from igpo_jax.agent.parse import Answer, ToolCall, parse_action
-from igpo_jax.agent.prompts import (QWEN_TOOL_CALL_PROMPT, SEARCH_TAGS_PROMPT, format_error_feedback,
-                                    information_block, render_system_prompt, render_template, tool_message,
-                                    web_search_tool)
+from igpo_jax.rollout.parse import Answer, ToolCall, parse_action
+from igpo_jax.rollout.prompts import QWEN_TOOL_CALL_PROMPT, SEARCH_TAGS_PROMPT, format_error_feedback, information_block, render_system_prompt, render_template, tool_message, web_search_tool
 
 
 def test_qwen_prompt_has_date_and_the_tool_schema():
@@ -75,7 +73,7 @@ SHIPPED_CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]
 @pytest.mark.parametrize("name", SHIPPED_CONFIGS)
 def test_every_shipped_config_pins_the_prompts_date(name):
     from igpo_jax import components
-    from igpo_jax.agent.prompts import DEFAULT_PROMPTS
+    from igpo_jax.rollout.prompts import DEFAULT_PROMPTS
     from tests.train_test import load_config
 
     c = load_config(name)

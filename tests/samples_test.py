@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from igpo_jax.agent.rollout import RolloutConfig, rollout
+from igpo_jax.rollout.episodes import RolloutConfig, rollout
 from igpo_jax.reporting import samples
-from tests.rollout_test import QUESTIONS, QWEN_ANSWER, QWEN_CALL, TODAY, ScriptedSampler, mock_search, \
+from tests.episodes_test import QUESTIONS, QWEN_ANSWER, QWEN_CALL, TODAY, ScriptedSampler, mock_search, \
     tiny_llama  # noqa: F401  (fixtures)
 
 FIELDS = {"index", "data_source", "question", "golden_answers", "answer", "f1", "em", "no_format_f1", "format_ok",

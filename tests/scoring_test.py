@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from igpo_jax.agent.trajectories import Episode, Trajectories
+from igpo_jax.rollout.trajectories import Episode, Trajectories
 from igpo_jax.igpo.scoring import (
     PseudoTurn, block_inputs, first_alias, pseudo_turn, pseudo_turns, score_one_pass, score_per_turn)
 from igpo_jax.model.weights import load_hf
@@ -122,7 +122,7 @@ def test_token_logprobs_of_the_scoring_pass_equal_the_update_forward(tmp_path):
     """π_old from the one-pass scoring = compute_logprobs (the update's own forward, on the update's
     right-padded rows) at every loss token, on a multi-turn batch with ragged rows, a left-padded
     row, loss tokens after the last turn_start (the final turn) and two scoring micro-batches."""
-    from igpo_jax.update import compute_logprobs
+    from igpo_jax.training.update import compute_logprobs
 
     write_tiny_hf_model("qwen2", tmp_path)
     model = load_hf(str(tmp_path))

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from igpo_jax import distributed, sharding
+from igpo_jax.runtime import distributed, sharding
 from igpo_jax.model import shared_prefix
 from igpo_jax.model.weights import load_hf
-from igpo_jax.update import UpdateBatch, UpdateConfig, _gradient_program, compute_logprobs
+from igpo_jax.training.update import UpdateBatch, UpdateConfig, _gradient_program, compute_logprobs
 from tests.shared_prefix_test import G, ragged_groups
 
 

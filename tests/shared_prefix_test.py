@@ -15,7 +15,7 @@ from flax import nnx
 
 from igpo_jax.model import shared_prefix
 from igpo_jax.model.weights import load_hf
-from igpo_jax.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs, token_logprobs, train_step
+from igpo_jax.training.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs, token_logprobs, train_step
 from tests.conftest import write_tiny_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +127,7 @@ def test_train_step_with_a_shared_prefix_equals_the_unshared_one(model, num_micr
     out = {}
     for share in (False, True):
         batch, layout = _update_batch(model, share)
-        from igpo_jax.update import _gradient_program
+        from igpo_jax.training.update import _gradient_program
 
         loss, grads, metrics = _gradient_program(graphdef, params)(graphdef, params, batch, cfg, num_micro, False,
                                                                    layout)

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from igpo_jax import checkpoint, components, config_base, metrics
+from igpo_jax import components, config_base
+from igpo_jax.reporting import metrics
+from igpo_jax.training import checkpoint
 from igpo_jax.train import algorithm_config, train, update_config
 from tests.conftest import write_tiny_hf_model
 
@@ -143,8 +145,8 @@ def test_resume_after_a_kill_continues_exactly(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("name", sorted(os.path.splitext(os.path.basename(p))[0]
                                          for p in glob.glob(os.path.join(REPO, "configs", "*.py"))))
 def test_every_config_builds_its_pipeline_on_a_tiny_model(name, tiny_model_dir):
-    from igpo_jax.agent.rollout import make_sampler
-    from igpo_jax.update import Updater
+    from igpo_jax.rollout.episodes import make_sampler
+    from igpo_jax.training.update import Updater
 
     c = load_config(name)
     c.model.path = tiny_model_dir
@@ -195,7 +197,7 @@ def test_bad_config_values_fail_fast_naming_the_key():
 
 
 def test_frozen_copy_keeps_its_values_when_the_policy_buffers_are_donated(tiny_model_dir):
-    from igpo_jax.update import UpdateBatch, UpdateConfig, Updater
+    from igpo_jax.training.update import UpdateBatch, UpdateConfig, Updater
     c = load_config("demo")
     c.model.path = tiny_model_dir
     policy, _ = components.load_policy(c)
@@ -212,7 +214,7 @@ def test_frozen_copy_keeps_its_values_when_the_policy_buffers_are_donated(tiny_m
 
 
 def test_rollout_dtype_samples_from_a_cast_copy_that_follows_the_policy(tiny_model_dir):
-    from igpo_jax.update import UpdateBatch, UpdateConfig, Updater
+    from igpo_jax.training.update import UpdateBatch, UpdateConfig, Updater
     c = load_config("demo")
     c.model.path = tiny_model_dir
     policy, _ = components.load_policy(c)

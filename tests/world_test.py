@@ -1,4 +1,4 @@
-"""Tests for igpo_jax.world: determinism, answerability from the corpus, and the file formats."""
+"""Tests for igpo_jax.data.world: determinism, answerability from the corpus, and the file formats."""
 
 import json
 import time
@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from igpo_jax import data, world
+from igpo_jax.data import examples as examples_lib, world
 
 REFERENCE_DEV_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "igpo_dev.parquet"
 
@@ -111,17 +111,17 @@ def test_names_are_distinct_and_fictional(default_world):
 def test_parquet_round_trips_through_the_reader(tmp_path, default_world):
     files = world.write_world(tmp_path, seed=0)
     for path in (files.train, files.test):
-        assert pq.read_schema(path).remove_metadata() == data.PARQUET_SCHEMA_WITH_DOCS
+        assert pq.read_schema(path).remove_metadata() == examples_lib.PARQUET_SCHEMA_WITH_DOCS
     by_index = {q.index: q for q in default_world.questions}
-    train = data.load_examples(files.train)
-    test = data.load_examples(files.test)
+    train = examples_lib.load_examples(files.train)
+    test = examples_lib.load_examples(files.test)
     assert len(train) + len(test) == len(default_world.questions)
     for example, split in [(e, "train") for e in train] + [(e, "test") for e in test]:
         q = by_index[example.index]
         assert example == q.to_example()
         assert example.split == split
         assert example.golden_answers == q.answers
-        assert example.prompt == (data.Message("user", q.question),)
+        assert example.prompt == (examples_lib.Message("user", q.question),)
         assert example.supporting_doc_ids == q.supporting_doc_ids and example.supporting_doc_ids
         assert example.data_source in ("synthetic_1hop", "synthetic_2hop")
 
@@ -155,11 +155,11 @@ def test_corpus_is_search_r1_jsonl(tmp_path, default_world):
 def test_command_line_writes_the_files(tmp_path, capsys):
     world.main([f"--out={tmp_path}", "--seed=2", "--num_questions=30"])
     assert "corpus.jsonl" in capsys.readouterr().out
-    examples = data.load_examples([tmp_path / "train.parquet", tmp_path / "test.parquet"])
+    examples = examples_lib.load_examples([tmp_path / "train.parquet", tmp_path / "test.parquet"])
     assert len(examples) == 30
     world.main([f"--out={tmp_path / 'kinds'}", "--num_questions=20", "--two_hop_fraction=0",
                 "--question_kinds=person.birth_year, company.founded"])
-    examples = data.load_examples([tmp_path / "kinds" / "train.parquet", tmp_path / "kinds" / "test.parquet"])
+    examples = examples_lib.load_examples([tmp_path / "kinds" / "train.parquet", tmp_path / "kinds" / "test.parquet"])
     assert len(examples) == 20 and all(e.question.startswith("In which year was") for e in examples)
 
 

@@ -1,6 +1,6 @@
 """The programs' XLA flags: appended once, the user's own setting wins."""
 
-from igpo_jax.xla_flags import add_cpu_memory_flags
+from igpo_jax.runtime.xla_flags import add_cpu_memory_flags
 
 
 def test_flags_are_appended_once_and_user_settings_win():

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from igpo_jax.agent.trajectories import Episode
+from igpo_jax.rollout.trajectories import Episode
 
 
 def collapse_fraction(advantage_NL: np.ndarray, loss_mask_NL: np.ndarray, group_id_N: np.ndarray,

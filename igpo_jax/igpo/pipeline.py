@@ -14,8 +14,8 @@ import dataclasses
 import jax
 import numpy as np
 
-from igpo_jax.agent.trajectories import Trajectories
-from igpo_jax.data import ANSWER_SEPARATOR as ANSWER_SPLIT  # the reference's alias separator
+from igpo_jax.rollout.trajectories import Trajectories
+from igpo_jax.data.examples import ANSWER_SEPARATOR as ANSWER_SPLIT  # the reference's alias separator
 from igpo_jax.igpo import diagnostics
 from igpo_jax.igpo.advantages import compute_advantages, curriculum_weights
 from igpo_jax.igpo.rewards import info_gain, score_outcome

@@ -10,10 +10,10 @@ Information gain (jnp, jitted with `info_gain_type` static):
 where mean_logp_NT[:, k] is scored on the context before slot k; the final turn's slot
 (k = T_i - 1) and slots past it are never information-gain rewards.
 
-The answer-tag extraction and balance check live here rather than in agent/parse.py so that
+The answer-tag extraction and balance check live here rather than in rollout/parse.py so that
 rewards depend on nothing above them; they follow the reference's reward function (each tag's
 opens and closes counted on their own), which is what the paper's numbers were scored with.
-One difference: tags are matched case-sensitively, as agent/parse.py reads them (the
+One difference: tags are matched case-sensitively, as rollout/parse.py reads them (the
 reference lower-cases the whole response first).
 """
 
@@ -27,8 +27,8 @@ import string
 import jax
 import jax.numpy as jnp
 
-from igpo_jax.agent.parse import extract_answer  # one definition for rollouts and rewards
-from igpo_jax.data import ANSWER_SEPARATOR as ANSWER_SPLIT  # the reference's alias separator
+from igpo_jax.rollout.parse import extract_answer  # one definition for rollouts and rewards
+from igpo_jax.data.examples import ANSWER_SEPARATOR as ANSWER_SPLIT  # the reference's alias separator
 
 DEFAULT_TAGS = ("think", "tool_call", "answer")  # Search-R1 dialect: ("think", "search", "answer")
 DEFAULT_FORMAT_PENALTY = -2.0

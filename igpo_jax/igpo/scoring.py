@@ -47,9 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from igpo_jax.agent.trajectories import Trajectories
-from igpo_jax.buckets import power_of_two, quarter_octave
-from igpo_jax.data import ANSWER_SEPARATOR as ANSWER_SPLIT  # the reference's alias separator
+from igpo_jax.rollout.trajectories import Trajectories
+from igpo_jax.rollout.buckets import power_of_two, quarter_octave
+from igpo_jax.data.examples import ANSWER_SEPARATOR as ANSWER_SPLIT  # the reference's alias separator
 from igpo_jax.model.attention_mask import causal_mask, copies_spec, positions_from_valid
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
 

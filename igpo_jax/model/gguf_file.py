@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 import numpy as np
 from absl import logging
 
-from igpo_jax import compilation_cache
+from igpo_jax.runtime import compilation_cache
 
 ENV = "IGPO_JAX_WEIGHTS_CACHE"
 FORMAT = 1  # bump when an entry's layout changes

@@ -48,7 +48,7 @@ class KVCache:
         def zeros(shape, dtype, axes):
             if mesh is None:
                 return jnp.zeros(shape, dtype)
-            from igpo_jax import sharding
+            from igpo_jax.runtime import sharding
 
             rule_table = rules if rules is not None else sharding.DEFAULT_RULES
             return jnp.zeros(shape, dtype, device=sharding.named_sharding(mesh, rule_table, axes, shape))

@@ -29,7 +29,7 @@ from igpo_jax.model.blockwise_attention import blockwise_attention
 from igpo_jax.model.config import ModelConfig
 from igpo_jax.model.kv_cache import KVCache
 from igpo_jax.model.projection import project
-from igpo_jax.sharding import constrain, sequence_parallel_attention
+from igpo_jax.runtime.sharding import constrain, sequence_parallel_attention
 
 _MASKED = -1e30  # finite, so a fully masked (padding) query row gives a uniform softmax, not NaN
 
@@ -273,7 +273,7 @@ def scan_layers(layers, layer_step, carry, invariants: tuple, remat: bool):
     compile and to load from the compilation cache), and under a gradient each layer's backward,
     its weight gradients included, is done inside its own loop iteration: unrolled, XLA may defer
     the weight-gradient dots of many layers past later layers' backward and hold their [T, F]
-    operands meanwhile (plan.py). The stack copies the layer weights in their own dtype, so the
+    operands meanwhile (planning/memory.py). The stack copies the layer weights in their own dtype, so the
     gradients stay in it (float32 masters get float32 gradients, as unscanned).
 
     `invariants` (positions, masks: the same for every layer) ride in the carry behind an

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from igpo_jax.model.projection import project
-from igpo_jax.sharding import constrain
+from igpo_jax.runtime.sharding import constrain
 
 
 def _logits(hidden_CD, weight_DV, dtype):

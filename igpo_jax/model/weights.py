@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from igpo_jax import sharding as sharding_lib
+from igpo_jax.runtime import sharding as sharding_lib
 from igpo_jax.model import config as config_lib, gguf_file
 from igpo_jax.model.config import ModelConfig
 from igpo_jax.model.qwen import Decoder, abstract_decoder

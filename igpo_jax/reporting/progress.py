@@ -59,7 +59,7 @@ def line_buffered_stdout(stream=None) -> bool:
 
 
 def rollout_callback(b):
-    """An `on_progress(turns, episodes)` for `agent.rollout.rollout` that advances `b` by the
+    """An `on_progress(turns, episodes)` for `episodes.rollout` that advances `b` by the
     episodes finished and shows the turns ended so far."""
     turns = [0]
 

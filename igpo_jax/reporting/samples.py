@@ -37,11 +37,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from igpo_jax.agent.parse import ParseLimits, ToolCall, parse_action
-from igpo_jax.agent.rollout import RolloutConfig, chat_frame
-from igpo_jax.agent.trajectories import Trajectories
-from igpo_jax.data import Example
-from igpo_jax.evaluation import episode_record
+from igpo_jax.rollout.parse import ParseLimits, ToolCall, parse_action
+from igpo_jax.rollout.episodes import RolloutConfig, chat_frame
+from igpo_jax.rollout.trajectories import Trajectories
+from igpo_jax.data.examples import Example
+from igpo_jax.igpo.evaluation import episode_record
 from igpo_jax.igpo.rewards import info_gain
 
 SAMPLES_SUBDIR = "samples"

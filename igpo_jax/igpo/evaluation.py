@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Sequence
 
-from igpo_jax.agent.trajectories import Episode
+from igpo_jax.rollout.trajectories import Episode
 from igpo_jax.igpo.pipeline import ANSWER_SPLIT, FORMAT_TAGS
 from igpo_jax.igpo.rewards import score_outcome
 

@@ -10,7 +10,8 @@ The format (IGPO_SPEC §6) is one row per question:
                      the question, last = the one stating the answer; the synthetic world writes it)
 Rows are validated when loaded, so that a bad file fails before any model is built, with a
 message that names the file, the row and the field. A prepared TFDS dataset can stand in for
-the files (`tfds_source`, optional): its records pass through the same validation.
+the files (`tfds`, optional): its reader imports this module and passes its records through the
+same validation (`parse_row`); this module never imports it.
 
 The iterator's whole state is a few integers (seed, epoch, position), so a checkpoint can
 store it and a resumed run sees exactly the batches it would have seen.
@@ -94,24 +95,19 @@ class Example:
 def load_examples(paths: PathLike | Sequence[PathLike]) -> tuple[Example, ...]:
     """Reads and validates one parquet file or several (concatenated in the order given).
 
-    An entry may instead be a `tfds_source.TfdsSource` (a split of a prepared TensorFlow
-    Datasets dataset); it yields the same validated examples, and needs the optional
-    `tensorflow-datasets` package only when one is given.
+    TFDS splits are read by `tfds.load_examples`; `components.load_examples` takes a run's mix
+    of both.
     """
-    if isinstance(paths, (str, os.PathLike)) or dataclasses.is_dataclass(paths):  # one source
+    if isinstance(paths, (str, os.PathLike)):  # one file
         paths = [paths]
     if not paths:
         raise ValueError("load_examples: no data files given")
     examples: list[Example] = []
     for path in paths:
-        if isinstance(path, (str, os.PathLike)):
-            examples.extend(_load_file(path))
-        else:
-            from igpo_jax import tfds_source  # imports data: not at module level
-
-            if not isinstance(path, tfds_source.TfdsSource):
-                raise TypeError(f"load_examples: {path!r} is neither a file path nor a TfdsSource")
-            examples.extend(tfds_source.load_examples(path))
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"load_examples: {path!r} is not a file path "
+                            f"(components.load_examples reads TFDS sources as well)")
+        examples.extend(_load_file(path))
     return tuple(examples)
 
 
@@ -126,11 +122,13 @@ def _load_file(path: PathLike) -> list[Example]:
     if table.num_rows == 0:
         raise DataError(path, None, None, "the file has no rows")
     table = table.select(list(REQUIRED_COLUMNS))
-    return [_parse_row(path, row_number, row)
+    return [parse_row(path, row_number, row)
             for row_number, row in enumerate(table.to_pylist())]
 
 
-def _parse_row(path: PathLike, row_number: int, row: dict[str, Any]) -> Example:
+def parse_row(path: PathLike, row_number: int, row: dict[str, Any]) -> Example:
+    """One row of the reference's format (a dict of its columns) as a validated Example; a
+    problem raises a DataError naming `path`, the row and the field."""
     def fail(field: str, problem: str) -> DataError:
         return DataError(path, row_number, field, problem)
 

@@ -10,7 +10,7 @@ import torch
 
 from igpo_jax.model.qwen import forward_padded
 from igpo_jax.model.weights import load_hf
-from igpo_jax.sampling import FINISH_LENGTH, FINISH_STOP, Sampler, SamplingParams, sample_tokens
+from igpo_jax.rollout.sampler import FINISH_LENGTH, FINISH_STOP, Sampler, SamplingParams, sample_tokens
 from tests.conftest import write_tiny_hf_model
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 61], [7, 7, 12], [100, 2, 33, 4, 9]]
@@ -84,7 +84,7 @@ def test_top_p_keeps_the_smallest_nucleus():
 
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
 def test_top_p_threshold_keeps_the_same_nucleus_as_sorting(top_p):
-    from igpo_jax.sampling import top_p_threshold
+    from igpo_jax.rollout.sampler import top_p_threshold
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(8, 3000)).astype(np.float32) * 3
@@ -103,7 +103,7 @@ def test_top_p_threshold_keeps_the_same_nucleus_as_sorting(top_p):
 
 def test_inverse_cdf_draws_follow_the_distribution_across_cdf_blocks():
     # 600 tokens span three CDF blocks; tokens 255 | 256 straddle the first boundary; 257–519 are empty (p = 0)
-    from igpo_jax.sampling import categorical_inverse_cdf
+    from igpo_jax.rollout.sampler import categorical_inverse_cdf
 
     probs = np.zeros(600)
     probs[[3, 255, 256, 520, 599]] = [0.1, 0.2, 0.3, 0.25, 0.15]
@@ -236,23 +236,23 @@ def test_attention_span_is_the_smallest_power_of_two_that_holds_the_call(tiny):
 
 def _count_calls(monkeypatch, *names):
     """Record the batch size of every call to the sampler's device functions `names`."""
-    from igpo_jax import sampling
+    from igpo_jax.rollout import sampler as sampler_lib
 
     calls = {name: [] for name in names}
     for name in names:
-        real = getattr(sampling, name)
+        real = getattr(sampler_lib, name)
 
         def counted(*args, _real=real, _name=name):
             calls[_name].append(args[4].shape[0])  # [rows in the call, width] in both signatures
             return _real(*args)
-        monkeypatch.setattr(sampling, name, counted)
+        monkeypatch.setattr(sampler_lib, name, counted)
     return calls
 
 
 def _decode_cache_size():
-    from igpo_jax import sampling
+    from igpo_jax.rollout import sampler as sampler_lib
 
-    return sampling._decode_call._cache_size()
+    return sampler_lib._decode_call._cache_size()
 
 
 def test_prompt_that_does_not_fit_finishes_with_context(tiny):
@@ -279,10 +279,10 @@ GROUPS = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2 + [PROMPTS[2]] * 3  # 3 distinct pr
 
 
 def _count_shared_prefills(monkeypatch):
-    from igpo_jax import sampling
+    from igpo_jax.rollout import sampler as sampler_lib
 
-    calls, real = [], sampling._shared_prefill_call
-    monkeypatch.setattr(sampling, "_shared_prefill_call", lambda *a: calls.append(a[3].shape) or real(*a))
+    calls, real = [], sampler_lib._shared_prefill_call
+    monkeypatch.setattr(sampler_lib, "_shared_prefill_call", lambda *a: calls.append(a[3].shape) or real(*a))
     return calls
 
 
@@ -356,11 +356,11 @@ def test_the_common_prefix_is_not_shared_where_it_would_cost_more(tiny, monkeypa
 
 def test_restart_samples_as_a_fresh_start_and_compaction_keeps_the_math(tiny, monkeypatch):
     """A 2-row sampler runs 5 sequences by restarting freed rows; each equals its own generate()."""
-    from igpo_jax import sampling
+    from igpo_jax.rollout import sampler as sampler_lib
 
     _, model = tiny
-    compactions, real_compact = [], sampling._compact_call
-    monkeypatch.setattr(sampling, "_compact_call", lambda c: compactions.append(int(c.length)) or real_compact(c))
+    compactions, real_compact = [], sampler_lib._compact_call
+    monkeypatch.setattr(sampler_lib, "_compact_call", lambda c: compactions.append(int(c.length)) or real_compact(c))
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [44]]
     budgets, seeds = [6, 3, 9, 4, 7], [5, 6, 7, 8, 9]
     params = SamplingParams(temperature=1.0)
@@ -434,7 +434,7 @@ def test_compaction_lets_rows_whose_searches_return_apart_finish_in_a_small_cach
 
 
 def test_make_sampler_always_compacts(smollm2, smollm2_tokenizer):
-    from igpo_jax.agent.rollout import RolloutConfig, make_sampler
+    from igpo_jax.rollout.episodes import RolloutConfig, make_sampler
 
     unbounded = make_sampler(smollm2, smollm2_tokenizer, RolloutConfig(), 8)
     bounded = make_sampler(smollm2, smollm2_tokenizer, RolloutConfig(max_concurrent_rows=4), 8)

@@ -3,11 +3,11 @@
 `plan.py --compile` lowers and compiles, for the config's mesh (simulated CPU devices are fine:
 `jax_num_cpu_devices`), with `jax.ShapeDtypeStruct` inputs carrying their shardings (no weights
 allocated):
-  decode   `sampling._decode_loop` (the sampler's jitted decode steps) over the KV cache of
+  decode   `sampler.decode_loop` (the sampler's jitted decode steps) over the KV cache of
            `concurrent_rows` × context slots, from the sampling copy
   scoring  `scoring.one_pass_mean_logp` (all turns' gold-answer log-probs and π_old's token
            log-probs in one forward) over `scoring_rows` rows
-  update   `update._summed_gradients` (the π_θ forward + backward of one micro-batch, float32
+  update   `update.summed_gradients` (the π_θ forward + backward of one micro-batch, float32
            gradients) for one micro-batch (padded rows, or one packed row of the token budget per
            device)
 and reads `compiled.memory_analysis()`: arguments + outputs + temporaries − aliased (donated)
@@ -34,13 +34,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from igpo_jax import sharding
+from igpo_jax.runtime import sharding
 from igpo_jax.igpo.scoring import one_pass_mean_logp
 from igpo_jax.model.kv_cache import KVCache
 from igpo_jax.model.qwen import abstract_decoder
-from igpo_jax.plan import PSEUDO_TURN_TOKENS, Plan, Settings
-from igpo_jax.sampling import SamplingParams, _decode_loop, _Rows
-from igpo_jax.update import UpdateBatch, UpdateConfig, _summed_gradients
+from igpo_jax.planning.memory import PSEUDO_TURN_TOKENS, Plan, Settings
+from igpo_jax.rollout.sampler import DecodeRows, SamplingParams, decode_loop
+from igpo_jax.training.update import UpdateBatch, UpdateConfig, summed_gradients
 
 DECODE_STEPS = 8
 
@@ -105,11 +105,11 @@ def compile_decode(cfg, st: Settings, mesh, rules) -> int:
     cache = jax.tree.map(lambda x: _sds(x.shape, x.dtype, mesh, rules, axes(x)), cache)
     row = lambda dtype: _sds((b,), dtype, mesh, rules, ("batch",))
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b))
-    rows = _Rows(row(jnp.int32), row(jnp.bool_), row(jnp.int32), row(jnp.int32),
+    rows = DecodeRows(row(jnp.int32), row(jnp.bool_), row(jnp.int32), row(jnp.int32),
                  jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=sharding.named_sharding(mesh, rules, ("batch",), keys.shape)))
     stop = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
     table = jax.ShapeDtypeStruct((cfg.vocab_size,), jnp.bool_, sharding=NamedSharding(mesh, PartitionSpec()))
-    fn = jax.jit(_decode_loop, static_argnums=(0, 6, 7), donate_argnums=(2,))
+    fn = jax.jit(decode_loop, static_argnums=(0, 6, 7), donate_argnums=(2,))
     with sharding.activate(mesh, rules):
         return program_bytes(fn.lower(graphdef, state, cache, rows, stop, table, SamplingParams(), DECODE_STEPS).compile())
 
@@ -136,7 +136,7 @@ def compile_update(cfg, st: Settings, mesh, rules, loss_agg_mode: str = "seq-mea
     batch = UpdateBatch(arr(jnp.int32), arr(jnp.bool_), arr(jnp.float32), arr(jnp.float32), arr(jnp.float32),
                         arr(jnp.float32))
     ucfg = UpdateConfig(use_kl_loss=st.with_reference, loss_agg_mode=loss_agg_mode)
-    fn = jax.jit(_summed_gradients, static_argnums=(0, 3, 4, 6))  # as update._gradients_fp32
+    fn = jax.jit(summed_gradients, static_argnums=(0, 3, 4, 6))  # as update._gradients_fp32
     with sharding.activate(mesh, rules):
         return program_bytes(fn.lower(graphdef, state, batch, ucfg, 1, False, None).compile())
 

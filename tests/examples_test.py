@@ -1,4 +1,4 @@
-"""Tests for igpo_jax.data: the parquet reader's validation and the resumable batch iterator."""
+"""Tests for igpo_jax.data.examples: the parquet reader's validation and the resumable batch iterator."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from igpo_jax import data
+from igpo_jax.data import examples as examples_lib
 
 REFERENCE_DEV_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "igpo_dev.parquet"
 
@@ -25,15 +25,15 @@ def _row(i, question=None, ground_truth=None, prompt=None):
     }
 
 
-def _write_rows(path, rows, schema=data.PARQUET_SCHEMA):
+def _write_rows(path, rows, schema=examples_lib.PARQUET_SCHEMA):
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return path
 
 
 def _examples(n):
-    return tuple(data.Example(index=str(i), data_source="nq", question=f"q{i}",
-                              golden_answers=(f"a{i}",),
-                              prompt=(data.Message("user", f"q{i}"),), split="train")
+    return tuple(examples_lib.Example(index=str(i), data_source="nq", question=f"q{i}",
+                                      golden_answers=(f"a{i}",),
+                                      prompt=(examples_lib.Message("user", f"q{i}"),), split="train")
                  for i in range(n))
 
 
@@ -43,9 +43,9 @@ def _examples(n):
 
 @pytest.mark.skipif(not REFERENCE_DEV_FILE.exists(), reason="reference dev file not present")
 def test_reads_the_reference_dev_file():
-    examples = data.load_examples(REFERENCE_DEV_FILE)
+    examples = examples_lib.load_examples(REFERENCE_DEV_FILE)
     assert len(examples) == 3197
-    assert pq.read_schema(REFERENCE_DEV_FILE).remove_metadata() == data.PARQUET_SCHEMA
+    assert pq.read_schema(REFERENCE_DEV_FILE).remove_metadata() == examples_lib.PARQUET_SCHEMA
     assert {e.data_source for e in examples} == {
         "nq", "tq", "hotpotqa", "2wiki", "musique", "Bamboogle", "popqa"}
     assert len({e.index for e in examples}) == len(examples)
@@ -68,11 +68,11 @@ def test_reads_a_small_fixture(tmp_path):
                         {"content": "Thinking.", "role": "assistant"},
                         {"content": "What is the real question?", "role": "user"}]),
     ])
-    first, second = data.load_examples(path)
-    assert first == data.Example(
+    first, second = examples_lib.load_examples(path)
+    assert first == examples_lib.Example(
         index="nq_0", data_source="nq", question="Who wrote book 0?",
         golden_answers=("Author 0", "A. 0"),
-        prompt=(data.Message("user", "Who wrote book 0?"),), split="train")
+        prompt=(examples_lib.Message("user", "Who wrote book 0?"),), split="train")
     assert second.question == "What is the real question?"
     assert second.chat_messages()[0] == {"role": "system", "content": "You are helpful."}
 
@@ -80,32 +80,32 @@ def test_reads_a_small_fixture(tmp_path):
 def test_reads_several_files_in_order(tmp_path):
     a = _write_rows(tmp_path / "a.parquet", [_row(0), _row(1)])
     b = _write_rows(tmp_path / "b.parquet", [_row(2)])
-    assert [e.index for e in data.load_examples([b, a])] == ["nq_2", "nq_0", "nq_1"]
+    assert [e.index for e in examples_lib.load_examples([b, a])] == ["nq_2", "nq_0", "nq_1"]
 
 
 def test_integer_index_as_in_search_r1_files(tmp_path):
-    schema = data.PARQUET_SCHEMA.set(4, pa.field("extra_info", pa.struct(
+    schema = examples_lib.PARQUET_SCHEMA.set(4, pa.field("extra_info", pa.struct(
         [("index", pa.int64()), ("split", pa.string())])))
     row = _row(0) | {"extra_info": {"index": 7, "split": "test"}}
-    (example,) = data.load_examples(_write_rows(tmp_path / "int.parquet", [row], schema))
+    (example,) = examples_lib.load_examples(_write_rows(tmp_path / "int.parquet", [row], schema))
     assert example.index == "7"
 
 
 def test_write_then_load_round_trips(tmp_path):
     examples = _examples(5)
-    data.write_examples(tmp_path / "out.parquet", examples)
-    assert data.load_examples(tmp_path / "out.parquet") == examples
-    assert pq.read_schema(tmp_path / "out.parquet").remove_metadata() == data.PARQUET_SCHEMA
+    examples_lib.write_examples(tmp_path / "out.parquet", examples)
+    assert examples_lib.load_examples(tmp_path / "out.parquet") == examples
+    assert pq.read_schema(tmp_path / "out.parquet").remove_metadata() == examples_lib.PARQUET_SCHEMA
 
 
 def _load_error(path):
-    with pytest.raises(data.DataError) as info:
-        data.load_examples(path)
+    with pytest.raises(examples_lib.DataError) as info:
+        examples_lib.load_examples(path)
     return str(info.value)
 
 
 def test_missing_column_names_file_and_column(tmp_path):
-    table = pa.Table.from_pylist([_row(0), _row(1)], schema=data.PARQUET_SCHEMA)
+    table = pa.Table.from_pylist([_row(0), _row(1)], schema=examples_lib.PARQUET_SCHEMA)
     path = tmp_path / "no_reward.parquet"
     pq.write_table(table.drop_columns(["reward_model"]), path)
     message = _load_error(path)
@@ -127,7 +127,7 @@ def test_empty_alias_is_rejected(tmp_path):
 
 
 def test_non_string_prompt_content_names_file_row_and_field(tmp_path):
-    schema = data.PARQUET_SCHEMA.set(1, pa.field("prompt", pa.list_(pa.struct(
+    schema = examples_lib.PARQUET_SCHEMA.set(1, pa.field("prompt", pa.list_(pa.struct(
         [("content", pa.int64()), ("role", pa.string())]))))
     path = _write_rows(tmp_path / "int_content.parquet",
                        [_row(0, prompt=[{"content": 42, "role": "user"}])], schema)
@@ -144,7 +144,7 @@ def test_null_prompt_content_names_its_row(tmp_path):
 
 
 def test_non_list_prompt_names_file_row_and_field(tmp_path):
-    schema = data.PARQUET_SCHEMA.set(1, pa.field("prompt", pa.string()))
+    schema = examples_lib.PARQUET_SCHEMA.set(1, pa.field("prompt", pa.string()))
     path = _write_rows(tmp_path / "str_prompt.parquet",
                        [_row(0, prompt="Who wrote it?")], schema)
     message = _load_error(path)
@@ -167,7 +167,7 @@ def test_empty_file_is_rejected(tmp_path):
 
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.parquet"):
-        data.load_examples(tmp_path / "nowhere.parquet")
+        examples_lib.load_examples(tmp_path / "nowhere.parquet")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,15 +184,15 @@ def _take(iterator, n):
 
 def test_same_seed_gives_same_order_and_different_seed_a_different_one():
     examples = _examples(50)
-    first = _take(data.BatchIterator(examples, 5, seed=3), 10)
-    assert first == _take(data.BatchIterator(examples, 5, seed=3), 10)
-    assert first != _take(data.BatchIterator(examples, 5, seed=4), 10)
+    first = _take(examples_lib.BatchIterator(examples, 5, seed=3), 10)
+    assert first == _take(examples_lib.BatchIterator(examples, 5, seed=3), 10)
+    assert first != _take(examples_lib.BatchIterator(examples, 5, seed=4), 10)
     # Shuffled, not file order.
     assert first[0] != ["0", "1", "2", "3", "4"]
 
 
 def test_epoch_rollover_drops_the_remainder_and_reshuffles():
-    iterator = data.BatchIterator(_examples(10), 3, seed=0)
+    iterator = examples_lib.BatchIterator(_examples(10), 3, seed=0)
     assert iterator.batches_per_epoch == 3
     epoch0 = _take(iterator, 3)
     assert iterator.epoch == 0
@@ -206,7 +206,7 @@ def test_epoch_rollover_drops_the_remainder_and_reshuffles():
 
 
 def test_without_drop_remainder_each_epoch_covers_every_example():
-    iterator = data.BatchIterator(_examples(10), 3, seed=0, drop_remainder=False)
+    iterator = examples_lib.BatchIterator(_examples(10), 3, seed=0, drop_remainder=False)
     assert iterator.batches_per_epoch == 4
     epoch0 = _take(iterator, 4)
     assert [len(batch) for batch in epoch0] == [3, 3, 3, 1]
@@ -215,17 +215,17 @@ def test_without_drop_remainder_each_epoch_covers_every_example():
 
 
 def test_without_shuffle_batches_follow_file_order():
-    assert _take(data.BatchIterator(_examples(4), 2, seed=0, shuffle=False), 3) == [
+    assert _take(examples_lib.BatchIterator(_examples(4), 2, seed=0, shuffle=False), 3) == [
         ["0", "1"], ["2", "3"], ["0", "1"]]
 
 
 def test_restore_mid_epoch_continues_with_identical_batches():
     examples = _examples(23)
-    original = data.BatchIterator(examples, 4, seed=11)
+    original = examples_lib.BatchIterator(examples, 4, seed=11)
     _take(original, 3)  # mid-epoch: 5 batches per epoch
     saved = json.loads(json.dumps(original.state()))  # as a checkpoint would store it
     expected = _take(original, 12)  # crosses two epoch boundaries
-    resumed = data.BatchIterator(examples, 4, seed=0)  # the seed comes from the state
+    resumed = examples_lib.BatchIterator(examples, 4, seed=0)  # the seed comes from the state
     resumed.restore(saved)
     assert _take(resumed, 12) == expected
 
@@ -239,30 +239,30 @@ def test_restore_anywhere_continues_identically(num_examples, batch_size, seed, 
     if drop_remainder and batch_size > num_examples:
         return
     examples = _examples(num_examples)
-    original = data.BatchIterator(examples, batch_size, seed, drop_remainder=drop_remainder)
+    original = examples_lib.BatchIterator(examples, batch_size, seed, drop_remainder=drop_remainder)
     _take(original, batches_before)
     state = original.state()
-    resumed = data.BatchIterator(examples, batch_size, seed, drop_remainder=drop_remainder)
+    resumed = examples_lib.BatchIterator(examples, batch_size, seed, drop_remainder=drop_remainder)
     resumed.restore(state)
     assert _take(resumed, 6) == _take(original, 6)
 
 
 def test_restore_rejects_a_different_data_set():
-    state = data.BatchIterator(_examples(10), 2, seed=0).state()
+    state = examples_lib.BatchIterator(_examples(10), 2, seed=0).state()
     with pytest.raises(ValueError, match="10 examples"):
-        data.BatchIterator(_examples(12), 2, seed=0).restore(state)
+        examples_lib.BatchIterator(_examples(12), 2, seed=0).restore(state)
 
 
 def test_epoch_order_is_a_permutation():
-    order = data.epoch_order(1000, seed=5, epoch=2)
+    order = examples_lib.epoch_order(1000, seed=5, epoch=2)
     assert sorted(order.tolist()) == list(range(1000))
-    assert order.tolist() != data.epoch_order(1000, seed=5, epoch=3).tolist()
+    assert order.tolist() != examples_lib.epoch_order(1000, seed=5, epoch=3).tolist()
 
 
 def test_batch_larger_than_data_is_rejected():
     with pytest.raises(ValueError, match="larger than the data"):
-        data.BatchIterator(_examples(3), 4, seed=0)
+        examples_lib.BatchIterator(_examples(3), 4, seed=0)
 
 
 def test_evaluation_batches_cover_everything_once_in_order():
-    assert _indices(data.evaluation_batches(_examples(5), 2)) == [["0", "1"], ["2", "3"], ["4"]]
+    assert _indices(examples_lib.evaluation_batches(_examples(5), 2)) == [["0", "1"], ["2", "3"], ["4"]]

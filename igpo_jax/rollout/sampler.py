@@ -33,7 +33,7 @@ the others keep their caches; the row's old slots become holes. With `compact_ca
 cursor does not just run on into those holes: when the cache runs short, one gather moves each
 row's valid slots to the front (order kept, so causality and RoPE positions are unchanged) and the
 cursor drops to the longest row. The cache then has to hold the longest live sequence, not the sum
-of all sequences a row has held (agent/rollout.py bounds its memory this way).
+of all sequences a row has held (episodes.py bounds its memory this way).
 
 Shared prompt prefill (`share_prompt_prefill=True`): rows that start from the same tokens (the G
 rollouts of a question) are prefilled once. The distinct prompts run as a small batch over a
@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from igpo_jax.buckets import power_of_two, quarter_octave, quarter_octave_floor
+from igpo_jax.rollout.buckets import power_of_two, quarter_octave, quarter_octave_floor
 from igpo_jax.model.kv_cache import KVCache, extend
 
 FINISH_STOP = "stop"  # a stop token id or a stop string
@@ -150,7 +150,7 @@ def categorical_inverse_cdf(logits_BV, keys_B):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class _Rows:
+class DecodeRows:
     """Per-row decode state on the device (a sub-batch of the cache's rows)."""
 
     input_B: jax.Array  # token fed at the next step (the pending token)
@@ -160,7 +160,7 @@ class _Rows:
     key_B: jax.Array  # per-row PRNG keys
 
 
-def _decode_loop(graphdef, state, cache: KVCache, rows: _Rows, stop_ids, may_end_stop_V, params, steps: int):
+def decode_loop(graphdef, state, cache: KVCache, rows: DecodeRows, stop_ids, may_end_stop_V, params, steps: int):
     """Up to min(`steps`, room) decode steps; returns early when any active row stops or hits a
     candidate. `steps` fixes the output shape (static); room = size − length (traced) is the
     cache space left, so a nearly full cache does not compile a new loop for every remaining
@@ -227,11 +227,11 @@ def _scatter_rows(cache: KVCache, idx, sub: KVCache, n_real):
 def _decode_call(graphdef, state, cache, idx, rows, stop_ids_and_table, params, steps, compact, span):
     stop_ids, may_end = stop_ids_and_table
     if not compact:
-        sub, rows, tokens, logps, n_steps = _decode_loop(graphdef, state, cache.window(span), rows, stop_ids,
-                                                         may_end, params, steps)
+        sub, rows, tokens, logps, n_steps = decode_loop(graphdef, state, cache.window(span), rows, stop_ids,
+                                                        may_end, params, steps)
         return cache.put_window(sub), rows, tokens, logps, n_steps
     safe_idx, n_real = _real_rows(cache, idx)
-    sub, rows, tokens, logps, n_steps = _decode_loop(
+    sub, rows, tokens, logps, n_steps = decode_loop(
         graphdef, state, _gather_rows(cache, safe_idx, span), rows, stop_ids, may_end, params, steps)
     return _scatter_rows(cache, safe_idx, sub, n_real), rows, tokens, logps, n_steps
 
@@ -477,7 +477,7 @@ class Sampler:
         def per_row(fn, default, dtype):
             return np.asarray([fn(self.rows[r]) if r in in_call else default for r in row_index], dtype)
 
-        rows = _Rows(
+        rows = DecodeRows(
             input_B=_on_device(per_row(lambda h: h.pending[-1], 0, np.int32)),
             active_B=_on_device(per_row(lambda h: True, False, bool)),
             count_B=_on_device(per_row(lambda h: len(h.out.tokens), 0, np.int32)),

@@ -19,7 +19,7 @@ import json
 import re
 from typing import Sequence
 
-from igpo_jax.agent.parse import DIALECTS, TOOL_NAME
+from igpo_jax.rollout.parse import DIALECTS, TOOL_NAME
 
 
 def web_search_tool(max_queries: int = 3) -> dict:

@@ -31,7 +31,7 @@ class Episode:
     finish_reason: str  # 'answer' | 'max_turns' | 'context' | 'length' | 'format_error'
     num_searches: int = 0
     search_failures: int = 0
-    # the question's supporting documents (data.Example.supporting_doc_ids; last: the answer's)
+    # the question's supporting documents (examples.Example.supporting_doc_ids; last: the answer's)
     supporting_doc_ids: tuple[str, ...] = ()
     # per turn, the ids of the documents its search returned (SearchHit.url: the local retriever's
     # doc id, a web engine's link); None for a turn that did not search

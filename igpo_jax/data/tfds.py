@@ -6,15 +6,15 @@ written by `download_and_prepare(file_format='array_record')`) with `tfds.data_s
 decodes records with numpy only. Datasets prepared as TFRecord need TensorFlow to read and are
 not supported here; re-prepare them as array_record.
 
-A source is a dataset, a split and a mapping from the fields of `data.Example` to TFDS feature
+A source is a dataset, a split and a mapping from the fields of `examples.Example` to TFDS feature
 paths ('/' between nested feature names, as TFDS writes them):
 
   question        a string feature; becomes the prompt's single user message   } exactly
   prompt          a Sequence({role, content}) feature (the reference's prompt)   } one of these
   golden_answers  a string (aliases joined by '<|answer_split|>') or a Sequence of strings
   data_source     string; unmapped → the dataset's name
-  ability         string; unmapped → data.DEFAULT_ABILITY
-  answer_style    string; unmapped → data.DEFAULT_ANSWER_STYLE
+  ability         string; unmapped → examples.DEFAULT_ABILITY
+  answer_style    string; unmapped → examples.DEFAULT_ANSWER_STYLE
   index           string or integer; unmapped → the row number within the split as read
   split           string; unmapped → the split's name (e.g. 'train' for 'train[:500]')
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from igpo_jax import data
+from igpo_jax.data import examples as examples_lib
 
 PIP_PACKAGE = "tensorflow-datasets"
 PIP_HINT = f"pip install {PIP_PACKAGE}==4.9.10"  # the version the tests build and read datasets with
@@ -82,7 +82,7 @@ class TfdsSource:
 
     @property
     def label(self) -> str:
-        """How errors name the source (the `path` of a `data.DataError`)."""
+        """How errors name the source (the `path` of a `examples.DataError`)."""
         where = f" in {self.data_dir}" if self.data_dir else ""
         return f"TFDS dataset '{self.name}' split '{self.split}'{where}"
 
@@ -151,19 +151,19 @@ def import_tfds():
     return tfds
 
 
-def load_examples(source: TfdsSource) -> list[data.Example]:
+def load_examples(source: TfdsSource) -> list[examples_lib.Example]:
     """Reads and validates every record of the source's split, in the split's order."""
     tfds = import_tfds()
     data_dir = os.path.expanduser(source.data_dir) if source.data_dir else None
     try:
         records = tfds.data_source(source.name, split=source.split, data_dir=data_dir, download=False)
     except Exception as e:  # TFDS raises many types; all mean "cannot open"
-        raise data.DataError(source.label, None, None,
-                             f"cannot open it ({type(e).__name__}: {_short(e)}); it must be "
-                             f"prepared (array_record) under the data_dir") from e
+        raise examples_lib.DataError(source.label, None, None,
+                                     f"cannot open it ({type(e).__name__}: {_short(e)}); it must be "
+                                     f"prepared (array_record) under the data_dir") from e
     num_rows = len(records)
     if num_rows == 0:
-        raise data.DataError(source.label, None, None, "the split has no rows")
+        raise examples_lib.DataError(source.label, None, None, "the split has no rows")
     getitems = getattr(records, "__getitems__", None)
     mapping = source.mapping()
     examples = []
@@ -172,21 +172,21 @@ def load_examples(source: TfdsSource) -> list[data.Example]:
         try:
             chunk = getitems(list(rows)) if getitems else [records[i] for i in rows]
         except Exception as e:
-            raise data.DataError(source.label, None, None, f"cannot read rows {rows.start}–"
-                                 f"{rows.stop - 1} ({type(e).__name__}: {_short(e)})") from e
+            raise examples_lib.DataError(source.label, None, None, f"cannot read rows {rows.start}–"
+                                         f"{rows.stop - 1} ({type(e).__name__}: {_short(e)})") from e
         examples.extend(_example(source, mapping, row, record) for row, record in zip(rows, chunk))
     return examples
 
 
-def _example(source: TfdsSource, mapping: dict[str, str], row: int, record: Any) -> data.Example:
-    def fail(field: str, problem: str) -> data.DataError:
+def _example(source: TfdsSource, mapping: dict[str, str], row: int, record: Any) -> examples_lib.Example:
+    def fail(field: str, problem: str) -> examples_lib.DataError:
         base = field.split("[")[0]
         suffix = f" (TFDS feature '{mapping[base]}')" if base in mapping else ""
-        return data.DataError(source.label, row, field, problem + suffix)
+        return examples_lib.DataError(source.label, row, field, problem + suffix)
 
     if not isinstance(record, Mapping):
-        raise data.DataError(source.label, row, None,
-                             f"expected a record of features, found {type(record).__name__}")
+        raise examples_lib.DataError(source.label, row, None,
+                                     f"expected a record of features, found {type(record).__name__}")
 
     values = {field: _normalise(_feature(source, record, row, field, feature), lambda p, f=field: fail(f, p))
               for field, feature in mapping.items()}
@@ -203,19 +203,19 @@ def _example(source: TfdsSource, mapping: dict[str, str], row: int, record: Any)
     if isinstance(answers, list):
         if not all(isinstance(a, str) for a in answers):
             raise fail("golden_answers", f"expected strings, found {answers!r:.80}")
-        answers = data.ANSWER_SEPARATOR.join(answers)
+        answers = examples_lib.ANSWER_SEPARATOR.join(answers)
 
     reference_row = {
         "data_source": values.get("data_source", _base_name(source.name)),
         "prompt": prompt,
-        "ability": values.get("ability", data.DEFAULT_ABILITY),
+        "ability": values.get("ability", examples_lib.DEFAULT_ABILITY),
         "reward_model": {"ground_truth": answers,
-                         "style": values.get("answer_style", data.DEFAULT_ANSWER_STYLE)},
+                         "style": values.get("answer_style", examples_lib.DEFAULT_ANSWER_STYLE)},
         "extra_info": {"index": values.get("index", row), "split": values.get("split", _split_name(source.split))},
     }
     try:
-        return data._parse_row(source.label, row, reference_row)
-    except data.DataError as e:
+        return examples_lib.parse_row(source.label, row, reference_row)
+    except examples_lib.DataError as e:
         field, rest = _example_field(e.field, "question" if "question" in values else "prompt")
         raise fail(field + rest, e.problem) from None
 
@@ -226,8 +226,8 @@ def _feature(source: TfdsSource, record: Mapping, row: int, field: str, path: st
         if not isinstance(value, Mapping) or part not in value:
             known = ", ".join(sorted(_feature_paths(record))) or "none"
             missing = "/".join(path.split("/")[:depth + 1])
-            raise data.DataError(source.label, row, field,
-                                 f"TFDS feature '{missing}' not found (the record's features: {known})")
+            raise examples_lib.DataError(source.label, row, field,
+                                         f"TFDS feature '{missing}' not found (the record's features: {known})")
         value = value[part]
     return value
 

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from igpo_jax.agent.prompts import format_error_feedback, information_block, render_system_prompt
-from igpo_jax.agent.rollout import RolloutConfig, chat_frame, make_sampler, rollout
-from igpo_jax.data import Example, Message
+from igpo_jax.rollout.prompts import format_error_feedback, information_block, render_system_prompt
+from igpo_jax.rollout.episodes import RolloutConfig, chat_frame, make_sampler, rollout
+from igpo_jax.data.examples import Example, Message
 from igpo_jax.model.qwen import forward_padded
 from igpo_jax.model.weights import load_hf
-from igpo_jax.sampling import FINISH_LENGTH, FINISH_STOP, RowOutput, SamplingParams
+from igpo_jax.rollout.sampler import FINISH_LENGTH, FINISH_STOP, RowOutput, SamplingParams
 from igpo_jax.search.clients import BlockingSearchClient, MockSearchClient, SearchResult
 from tests.conftest import write_tiny_hf_model
 
@@ -206,7 +206,7 @@ def test_real_sampler_rows_are_the_rendered_chat_and_logprobs_match_a_full_forwa
 
 
 def parse_reason(text, dialect):
-    from igpo_jax.agent.parse import parse_action
+    from igpo_jax.rollout.parse import parse_action
 
     return parse_action(text, dialect).reason
 
@@ -220,7 +220,7 @@ def test_context_overflow_ends_the_episode_cleanly(tiny_llama, smollm2_tokenizer
         tokenize=False, add_generation_prompt=True) + "<think>", add_special_tokens=False))
     # room for the prompt and one turn, not for the feedback that follows. The group's one distinct
     # prompt is prefilled apart (shared prefill) and takes its length rounded to a quarter octave
-    from igpo_jax.buckets import quarter_octave
+    from igpo_jax.rollout.buckets import quarter_octave
 
     prefill_width = min(1 << (prompt_len - 2).bit_length(), quarter_octave(prompt_len - 1, 16))
     config = RolloutConfig(**{**config.__dict__, "cache_size": prefill_width + 24})
@@ -386,7 +386,7 @@ def test_concurrency_bounded_rollout_gives_the_unbounded_trajectories(tiny_llama
     layouts round differently, ~1e-6). Rounding can still flip a draw that lands on a boundary of
     the inverse CDF: with plain temperature-1 sampling over this random model's ~49k near-equal
     probabilities that happened within ~100 draws, hence top-k (or greedy) here."""
-    from igpo_jax import sampling
+    from igpo_jax.rollout import sampler as sampler_lib
 
     tok = smollm2_tokenizer
     model = _chatty_stopper(tiny_llama, tok)
@@ -397,8 +397,8 @@ def test_concurrency_bounded_rollout_gives_the_unbounded_trajectories(tiny_llama
                 steps_per_call=4, overlap_search=False)
     unbounded = RolloutConfig(cache_size=1024, **base)
     ref, _ = rollout(questions, 2, make_sampler(model, tok, unbounded, 6), tok, mock_search, unbounded, seed=5)
-    compactions, real = [], sampling._compact_call
-    monkeypatch.setattr(sampling, "_compact_call", lambda c: compactions.append(1) or real(c))
+    compactions, real = [], sampler_lib._compact_call
+    monkeypatch.setattr(sampler_lib, "_compact_call", lambda c: compactions.append(1) or real(c))
     # the shared cursor sits at the longest row, so a restarted prompt (< 160 slots) needs room
     # above it; without compaction the cursor would pass the end with the second wave of episodes
     longest = int(ref.valid_NL.sum(1).max())

@@ -30,14 +30,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from igpo_jax.batching import packing
+from igpo_jax.training import packing
 from igpo_jax.igpo.loss import policy_loss
 from igpo_jax.model import shared_prefix
 from igpo_jax.model.attention_mask import causal_mask, causal_spec, positions_from_valid
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
-from igpo_jax.optim import leafwise
-from igpo_jax.sharding import constrain
-from igpo_jax.xla_flags import FP32_TRAIN_STEP_COMPILER_OPTIONS
+from igpo_jax.training import leafwise
+from igpo_jax.runtime.sharding import constrain
+from igpo_jax.runtime.xla_flags import FP32_TRAIN_STEP_COMPILER_OPTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,7 @@ class UpdateConfig:
     schedule: str = "constant"  # 'constant' | 'cosine' (both after the linear warmup)
     ppo_mini_batch_size: int = 0  # rows per optimiser step; 0 → the whole batch
     micro_batch_size: int = 0  # rows per forward/backward; 0 → the whole mini-batch
-    # > 0: micro-batches packed to this many tokens (batching/packing.py; micro_batch_size unused)
+    # > 0: micro-batches packed to this many tokens (packing.py; micro_batch_size unused)
     max_tokens_per_micro_batch: int = 0
     ppo_epochs: int = 1
     clip_ratio_low: float = 0.2
@@ -304,8 +304,8 @@ def _float32_zeros_like(params):
     return jax.tree.map(zeros, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def _summed_gradients(graphdef, params, batch: UpdateBatch, cfg: UpdateConfig, num_micro: int,
-                      use_current_as_old: bool, layout=None):
+def summed_gradients(graphdef, params, batch: UpdateBatch, cfg: UpdateConfig, num_micro: int,
+                     use_current_as_old: bool, layout=None):
     """Loss, float32 gradients and metrics of one mini-batch, summed over its micro-batches."""
     mask = batch.loss_mask_NL.astype(jnp.float32)
     counts = (jnp.sum(mask), jnp.sum(jnp.any(mask > 0, axis=1)).astype(jnp.float32))
@@ -318,13 +318,13 @@ def _summed_gradients(graphdef, params, batch: UpdateBatch, cfg: UpdateConfig, n
 # use_current_as_old (argument 5) is traced: one program for every mini-batch, where a static flag
 # built, loaded and traced the largest program of a run twice (a warm start-up spent ~7 s CPU
 # deserialising each copy, and as long again tracing it)
-_gradients_fp32 = jax.jit(_summed_gradients, static_argnums=(0, 3, 4, 6),
+_gradients_fp32 = jax.jit(summed_gradients, static_argnums=(0, 3, 4, 6),
                           compiler_options=FP32_TRAIN_STEP_COMPILER_OPTIONS)
-_gradients_other = jax.jit(_summed_gradients, static_argnums=(0, 3, 4, 6))
+_gradients_other = jax.jit(summed_gradients, static_argnums=(0, 3, 4, 6))
 
 
 def _gradient_program(graphdef, params):
-    """The jitted `_summed_gradients` compiled for the model's compute dtype."""
+    """The jitted `summed_gradients` compiled for the model's compute dtype."""
     return _gradients_fp32 if nnx.merge(graphdef, params).cfg.dtype == "float32" else _gradients_other
 
 
@@ -373,9 +373,9 @@ def _packed_micro_loss(params, graphdef, micro: PackedBatch, cfg: UpdateConfig, 
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))  # use_current_as_old traced, as in _gradients_fp32
-def _summed_packed_gradients(graphdef, params, micro: PackedBatch, counts, cfg: UpdateConfig,
-                             use_current_as_old: bool):
-    """`_summed_gradients` over packed micro-batches (already split: [num_micro, R, W])."""
+def summed_packed_gradients(graphdef, params, micro: PackedBatch, counts, cfg: UpdateConfig,
+                            use_current_as_old: bool):
+    """`summed_gradients` over packed micro-batches (already split: [num_micro, R, W])."""
     loss_of_micro = lambda p, m: _packed_micro_loss(p, graphdef, m, cfg, use_current_as_old)
     return _scan_gradients(loss_of_micro, params, micro, counts)
 
@@ -385,7 +385,7 @@ def packed_train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: Upda
     """`train_step` with the mini-batch packed into micro-batches of cfg.max_tokens_per_micro_batch
     tokens per packed row (the same loss and gradients; packing.py)."""
     micro, counts = packed_micro_batches(batch, cfg, cfg.max_tokens_per_micro_batch, rows_per_micro)
-    loss, grads, metrics = _summed_packed_gradients(graphdef, params, micro, counts, cfg, use_current_as_old)
+    loss, grads, metrics = summed_packed_gradients(graphdef, params, micro, counts, cfg, use_current_as_old)
     params, opt_state, step_metrics = _apply_gradients(params, opt_state, grads, loss, cfg)
     return params, opt_state, {**metrics, **step_metrics}
 
@@ -400,7 +400,7 @@ def _finite_and_lr(loss, grad_norm, count, cfg: UpdateConfig):
 
 def _apply_gradients(params, opt_state, grads, loss, cfg: UpdateConfig):
     """AdamW step with clipping, or nothing when the loss or the gradient norm is not finite;
-    `params` and `opt_state` are donated. Leaf by leaf, each a small program (optim/leafwise.py):
+    `params` and `opt_state` are donated. Leaf by leaf, each a small program (leafwise.py):
     one program for the whole tree was the slowest of a warm start to load."""
     grad_norm = leafwise.global_norm(grads)
     finite, skipped, lr = _finite_and_lr(loss, grad_norm, opt_state[1][0].count, cfg)  # Adam's step counter

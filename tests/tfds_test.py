@@ -1,8 +1,8 @@
-"""Tests for igpo_jax.tfds_source: questions from a prepared TFDS dataset, without TensorFlow.
+"""Tests for igpo_jax.data.tfds: questions from a prepared TFDS dataset, without TensorFlow.
 
 The round-trip tests build tiny datasets on the fly (array_record, in a temporary data_dir, no
-network) with the real `tensorflow_datasets` and read them back through `data.load_examples`;
-the error tests also run on a fake `tensorflow_datasets` module, so they need no install.
+network) with the real `tensorflow_datasets` and read them back through `tfds.load_examples` (and
+`components.load_examples`, a run's reader); the error tests also run on a fake `tensorflow_datasets` module, so they need no install.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import types
 import numpy as np
 import pytest
 
-from igpo_jax import config_base, data
-from igpo_jax.tfds_source import TfdsSource
+from igpo_jax import components, config_base
+from igpo_jax.data import examples as examples_lib
+from igpo_jax.data import tfds as tfds_lib
+from igpo_jax.data.tfds import TfdsSource
 
 
 def _reference_row(i, split="train"):
@@ -87,37 +89,35 @@ def test_reference_layout_reads_the_same_examples_as_the_parquet_reader(tfds_dat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist(rows, schema=data.PARQUET_SCHEMA), parquet)
-    from_parquet = data.load_examples(parquet)
+    pq.write_table(pa.Table.from_pylist(rows, schema=examples_lib.PARQUET_SCHEMA), parquet)
+    from_parquet = examples_lib.load_examples(parquet)
 
-    from_tfds = data.load_examples(TfdsSource("tiny_reference_qa:1.0.0", "train", tfds_data_dir))
+    from_tfds = tuple(tfds_lib.load_examples(TfdsSource("tiny_reference_qa:1.0.0", "train", tfds_data_dir)))
     assert from_tfds == from_parquet
     assert from_tfds[0].question == "Who wrote book 0? (é, 漢字)"
     assert from_tfds[3].golden_answers == ("Author 3", "A. 3")
-    assert from_tfds[3].prompt[0] == data.Message("system", "You are a search agent.")
+    assert from_tfds[3].prompt[0] == examples_lib.Message("system", "You are a search agent.")
     # Split slicing is TFDS's; a list of sources concatenates like a list of files.
-    both = data.load_examples([TfdsSource("tiny_reference_qa", "train[:2]", tfds_data_dir),
-                               TfdsSource("tiny_reference_qa", "test", tfds_data_dir)])
+    both = components.load_examples((TfdsSource("tiny_reference_qa", "train[:2]", tfds_data_dir),
+                                     TfdsSource("tiny_reference_qa", "test", tfds_data_dir)))
     assert [e.index for e in both] == ["train_0", "train_1", "test_0", "test_1", "test_2"]
     assert "tensorflow" not in sys.modules  # TFDS read it with numpy alone
 
 
 def test_field_mapping_reads_a_flat_dataset(tfds_data_dir):
-    examples = data.load_examples(TfdsSource("tiny_flat_qa", "train", tfds_data_dir, FLAT_FIELDS))
-    expected = tuple(data.Example(
+    examples = tuple(tfds_lib.load_examples(TfdsSource("tiny_flat_qa", "train", tfds_data_dir, FLAT_FIELDS)))
+    expected = tuple(examples_lib.Example(
         index=str(100 + i), data_source="tiny_flat_qa", question=f"What is the capital of country {i}?",
         golden_answers=(f"City {i}", f"C{i}"),
-        prompt=(data.Message("user", f"What is the capital of country {i}?"),), split="train")
+        prompt=(examples_lib.Message("user", f"What is the capital of country {i}?"),), split="train")
         for i in range(5))
     assert examples == expected
     mapped_source = TfdsSource("tiny_flat_qa", "train[1:2]", tfds_data_dir,
                                FLAT_FIELDS + (("data_source", "source"),))
-    assert data.load_examples(mapped_source)[0].data_source == "popqa"
+    assert tfds_lib.load_examples(mapped_source)[0].data_source == "popqa"
 
 
 def test_a_config_names_the_dataset_instead_of_files(tfds_data_dir):
-    from igpo_jax import components
-
     config = config_base.base_config()
     config.data.tfds.name = "tiny_reference_qa"
     config.data.tfds.data_dir = tfds_data_dir
@@ -136,8 +136,8 @@ def test_a_config_names_the_dataset_instead_of_files(tfds_data_dir):
 
 
 def test_a_bad_record_names_dataset_split_row_field_and_feature(tfds_data_dir):
-    with pytest.raises(data.DataError) as error:
-        data.load_examples(TfdsSource("tiny_flat_qa", "bad", tfds_data_dir, FLAT_FIELDS))
+    with pytest.raises(examples_lib.DataError) as error:
+        tfds_lib.load_examples(TfdsSource("tiny_flat_qa", "bad", tfds_data_dir, FLAT_FIELDS))
     assert (error.value.row, error.value.field) == (1, "golden_answers")
     assert str(error.value) == ("TFDS dataset 'tiny_flat_qa' split 'bad' in " + tfds_data_dir +
                                 ", row 1, field 'golden_answers': empty ground truth "
@@ -146,18 +146,18 @@ def test_a_bad_record_names_dataset_split_row_field_and_feature(tfds_data_dir):
 
 def test_a_wrong_mapping_names_the_missing_feature_and_the_features_there(tfds_data_dir):
     fields = (("question", "question"), ("golden_answers", "answer/text"))
-    with pytest.raises(data.DataError, match=r"row 0, field 'golden_answers': TFDS feature 'answer' "
+    with pytest.raises(examples_lib.DataError, match=r"row 0, field 'golden_answers': TFDS feature 'answer' "
                                              r"not found \(the record's features: answers, id, "
                                              r"question, source\)"):
-        data.load_examples(TfdsSource("tiny_flat_qa", "train", tfds_data_dir, fields))
+        tfds_lib.load_examples(TfdsSource("tiny_flat_qa", "train", tfds_data_dir, fields))
 
 
 def test_a_missing_dataset_or_split_fails_naming_it(tfds_data_dir):
-    with pytest.raises(data.DataError, match=r"TFDS dataset 'tiny_reference_qa' split 'validation'"
+    with pytest.raises(examples_lib.DataError, match=r"TFDS dataset 'tiny_reference_qa' split 'validation'"
                                              r".*Unknown split 'validation'"):
-        data.load_examples(TfdsSource("tiny_reference_qa", "validation", tfds_data_dir))
-    with pytest.raises(data.DataError, match=r"TFDS dataset 'no_such_qa' split 'train'.*cannot open"):
-        data.load_examples(TfdsSource("no_such_qa", "train", tfds_data_dir))
+        tfds_lib.load_examples(TfdsSource("tiny_reference_qa", "validation", tfds_data_dir))
+    with pytest.raises(examples_lib.DataError, match=r"TFDS dataset 'no_such_qa' split 'train'.*cannot open"):
+        tfds_lib.load_examples(TfdsSource("no_such_qa", "train", tfds_data_dir))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,10 +186,10 @@ def test_numpy_values_as_tfds_decodes_them_become_plain_examples(fake_tfds):
         "id": np.int64(7), "meta": {"src": b"tq"},
     }]}
     fields = (("question", "q"), ("golden_answers", "a"), ("index", "id"), ("data_source", "meta/src"))
-    (example,) = data.load_examples(TfdsSource("qa:1.0.0", "train[:1]", "", fields))
-    assert example == data.Example(index="7", data_source="tq", question="Where is Paris?",
-                                   golden_answers=("France", "République française"),
-                                   prompt=(data.Message("user", "Where is Paris?"),), split="train")
+    (example,) = tfds_lib.load_examples(TfdsSource("qa:1.0.0", "train[:1]", "", fields))
+    assert example == examples_lib.Example(index="7", data_source="tq", question="Where is Paris?",
+                                           golden_answers=("France", "République française"),
+                                           prompt=(examples_lib.Message("user", "Where is Paris?"),), split="train")
 
 
 @pytest.mark.parametrize("record, field, problem", [
@@ -204,8 +204,8 @@ def test_bad_values_fail_naming_row_field_and_feature(fake_tfds, record, field, 
     good = {"q": b"Fine?", "a": b"yes"}
     fake_tfds["qa"] = {"train": [good, good, record]}
     source = TfdsSource("qa", "train", "", (("question", "q"), ("golden_answers", "a")))
-    with pytest.raises(data.DataError) as error:
-        data.load_examples(source)
+    with pytest.raises(examples_lib.DataError) as error:
+        tfds_lib.load_examples(source)
     assert (error.value.path, error.value.row, error.value.field) == \
         ("TFDS dataset 'qa' split 'train'", 2, field)
     assert problem in error.value.problem
@@ -216,15 +216,15 @@ def test_a_bad_prompt_message_is_named_by_its_position(fake_tfds):
     record = _reference_row(0)
     record["prompt"] = {"role": [b"system", b"user"], "content": [b"sys", 5]}
     fake_tfds["ref"] = {"train": [record]}
-    with pytest.raises(data.DataError, match=r"row 0, field 'prompt\[1\]\.content': expected a string, "
+    with pytest.raises(examples_lib.DataError, match=r"row 0, field 'prompt\[1\]\.content': expected a string, "
                                              r"found int 5 \(TFDS feature 'prompt'\)"):
-        data.load_examples(TfdsSource("ref", "train"))
+        tfds_lib.load_examples(TfdsSource("ref", "train"))
 
 
 def test_an_empty_split_fails(fake_tfds):
     fake_tfds["qa"] = {"train": []}
-    with pytest.raises(data.DataError, match="the split has no rows"):
-        data.load_examples(TfdsSource("qa", "train", "", FLAT_FIELDS))
+    with pytest.raises(examples_lib.DataError, match="the split has no rows"):
+        tfds_lib.load_examples(TfdsSource("qa", "train", "", FLAT_FIELDS))
 
 
 def test_missing_tensorflow_datasets_says_which_package_to_install(monkeypatch):
@@ -232,7 +232,7 @@ def test_missing_tensorflow_datasets_says_which_package_to_install(monkeypatch):
     with pytest.raises(ImportError, match=r"optional package 'tensorflow-datasets'.*"
                                           r"pip install tensorflow-datasets==4\.9\.10.*"
                                           r"TensorFlow itself is not needed"):
-        data.load_examples(TfdsSource("qa", "train"))
+        tfds_lib.load_examples(TfdsSource("qa", "train"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ class HasOptState(Protocol):  # update.Updater
     opt_state: Any
 
 
-class HasIteratorState(Protocol):  # data.BatchIterator
+class HasIteratorState(Protocol):  # examples.BatchIterator
     def state(self) -> dict[str, int]: ...
 
     def restore(self, state: dict[str, int]) -> None: ...

@@ -57,12 +57,12 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from igpo_jax.agent.parse import Answer, FormatError, ParseLimits, ToolCall, extract_answer, parse_action
-from igpo_jax.agent.prompts import format_error_feedback, information_block, render_system_prompt
-from igpo_jax.agent.trajectories import Episode, Trajectories
-from igpo_jax.data import Example
+from igpo_jax.rollout.parse import Answer, FormatError, ParseLimits, ToolCall, extract_answer, parse_action
+from igpo_jax.rollout.prompts import format_error_feedback, information_block, render_system_prompt
+from igpo_jax.rollout.trajectories import Episode, Trajectories
+from igpo_jax.data.examples import Example
 from igpo_jax.model.tokenizer import render_chat, stop_token_ids
-from igpo_jax.sampling import APPEND_GATHER_DIVISOR, FINISH_CONTEXT, FINISH_LENGTH, RowOutput, Sampler, SamplingParams
+from igpo_jax.rollout.sampler import APPEND_GATHER_DIVISOR, FINISH_CONTEXT, FINISH_LENGTH, RowOutput, Sampler, SamplingParams
 from igpo_jax.search.clients import SearchResult, format_results
 
 STOP_STRINGS = {"qwen_tool_call": ("</tool_call>", "</answer>"), "search_tags": ("</search>", "</answer>")}
@@ -87,7 +87,7 @@ class RolloutConfig:
     format_error_ends_episode: bool = False
     overlap_search: bool = True
     steps_per_call: int = 32
-    min_span: int = 1024  # smallest cache window that decoding attends over (sampling.py)
+    min_span: int = 1024  # smallest cache window that decoding attends over (sampler.py)
     share_prompt_prefill: bool = True  # prefill a group's prompt once for its G rows
     max_concurrent_rows: int = 0  # episodes decoding at once (the cache's rows); 0 → all of them
     append_gather_divisor: int = APPEND_GATHER_DIVISOR  # appends of ≤ rows / this extend only their rows
@@ -111,7 +111,7 @@ class RolloutConfig:
 
 
 class SamplerLike(Protocol):
-    """What the rollout needs from `sampling.Sampler` (tests substitute scripted policies)."""
+    """What the rollout needs from `sampler.Sampler` (tests substitute scripted policies)."""
     batch_size: int
 
     def start(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], max_new_tokens: int) -> None: ...
@@ -139,7 +139,7 @@ def make_sampler(model, tokenizer, config: RolloutConfig, num_rows: int, **sampl
     """A Sampler with the dialect's stop strings, the tokenizer's stop ids and the config's limits,
     for `num_rows` rollouts: min(num_rows, max_concurrent_rows) cache rows when that is set.
 
-    The cache is compacted when it runs short (sampling.py): the rows share one slot cursor, and
+    The cache is compacted when it runs short (sampler.py): the rows share one slot cursor, and
     each append of a search result (rows' searches come back at different times) advances it for
     all of them, so without compaction a wide batch ran out of slots after its searches although
     every row's own tokens fit (measured: 21 of 96 greedy validation episodes ended at 'context'

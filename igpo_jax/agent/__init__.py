@@ -1,1 +1,0 @@
-"""Agent layer: prompts, tool-call parsing, multi-turn rollout."""

@@ -1,1 +1,0 @@
-"""Batching of update rows: token-budget packing (packing.py)."""

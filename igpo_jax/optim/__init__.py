@@ -1,1 +1,0 @@
-"""Optimiser plumbing: how an optax transformation is applied to the policy's parameters."""
