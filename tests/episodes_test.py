@@ -71,6 +71,7 @@ class ScriptedSampler:
         self.model, self.tokenizer, self.scripts = model, tokenizer, scripts
         self.batch_size = len(scripts)
         self.history: list[list[int]] = []
+        self.released: list[int] = []
 
     def start(self, prompts, seeds, max_new_tokens):
         self.history = [list(p) for p in prompts]
@@ -87,6 +88,12 @@ class ScriptedSampler:
 
     def decoding_rows(self):
         return sorted(self.decoding)
+
+    def blocked_rows(self):
+        return []
+
+    def release(self, row_ids):
+        self.released += list(row_ids)
 
     def decode(self):
         row = min(self.decoding)  # one row per call, so rows stop in different calls
@@ -228,7 +235,10 @@ def test_context_overflow_ends_the_episode_cleanly(tiny_llama, smollm2_tokenizer
     _check_rows(tiny_llama, traj)
     assert [e.finish_reason for e in traj.episodes] == ["context", "context"]
     assert stats["rollout/finish_context"] == 1.0
-    assert (traj.num_turns_N <= 2).all()
+    # the turn whose feedback did not fit is the last one: no empty turn after it, which would make
+    # it a non-final turn with an information gain and put the outcome on a turn of no tokens
+    np.testing.assert_array_equal(traj.num_turns_N, [1, 1])
+    assert all(len(_turn_tokens(traj, i, 0)) > 0 for i in range(2))
 
 
 # ----------------------------------------------------------------------------- scripted policies
@@ -434,3 +444,54 @@ def test_config_keys_reach_the_rollout_and_are_validated():
     config.rollout.max_concurrent_rows = -2
     with pytest.raises(ValueError, match="rollout.max_concurrent_rows=-2 must be an integer ≥ 0"):
         config_base.validate(config)
+
+
+QWEN_BAD_JSON = "plan</think>\n<tool_call>\n{not json}\n</tool_call>"
+
+
+@pytest.mark.parametrize("dialect, bad, answer", [
+    ("qwen_tool_call", QWEN_BAD_JSON, QWEN_ANSWER),
+    ("search_tags", "plan</think>\n<search>a</search><search>b</search><search>c</search><search>d</search>",
+     "found it</think>\n<answer>Kel</answer>")])
+def test_the_outcome_is_judged_on_the_policys_own_turns(tiny_llama, smollm2_tokenizer, mock_search, dialect, bad,
+                                                        answer):
+    """A turn the rollout cannot run (bad JSON, too many queries), its feedback, then a right answer:
+    the feedback's own tags ('after </think>', '<answer> final answer </answer>') are not the
+    policy's, so the episode is well formed and scores F1 1 — in training and in evaluation."""
+    from igpo_jax.igpo.evaluation import episode_record
+    from igpo_jax.igpo.pipeline import score_outcomes
+
+    tok = smollm2_tokenizer
+    config = RolloutConfig(dialect=dialect, today=TODAY, max_turns=3, max_new_tokens=64, max_queries=3)
+    traj, stats = rollout(QUESTIONS[:1], 1, ScriptedSampler(tiny_llama, tok, [[bad, answer]]), tok, mock_search,
+                          config)
+    episode = traj.episodes[0]
+    assert stats["rollout/format_errors_per_episode"] == 1 and episode.answer == "Kel"
+    assert "could not be run" in episode.response_text and "could not be run" not in episode.policy_text
+    assert episode.policy_text == "<think>" + bad + "\n<think>" + answer
+    outcomes = score_outcomes(traj, dialect, -2.0)
+    assert float(outcomes.reward_N[0]) == 1.0 and bool(outcomes.format_ok_N[0])
+    assert episode_record(episode, dialect, -2.0, num_turns=2)["f1"] == 1.0
+
+
+def test_search_tags_feedback_after_an_end_token_opens_a_new_message(tiny_llama, smollm2_tokenizer, mock_search):
+    """A search_tags turn that ends on <|im_end|> without a tag gets its feedback as a tool message
+    and a new assistant header, so the next turn is generated inside a message."""
+    tok = smollm2_tokenizer
+    config = RolloutConfig(dialect="search_tags", today=TODAY, forced_prefix="", max_turns=2, max_new_tokens=32)
+    sampler = ScriptedSampler(tiny_llama, tok, [["no tags here<|im_end|>", "<answer>Kel</answer>"]])
+    traj, _ = rollout(QUESTIONS[:1], 1, sampler, tok, mock_search, config)
+    _check_rows(tiny_llama, traj, sampler.history)
+    row = tok.decode(traj.tokens_NL[0, traj.turn_start_NT[0, 0]:int(traj.valid_NL[0].sum())].tolist())
+    assert row.startswith("no tags here<|im_end|>\n<|im_start|>tool\n<information>Your last turn could not be run")
+    assert row.endswith("</information><|im_end|>\n<|im_start|>assistant\n<answer>Kel</answer>")
+    assert row.count("<|im_end|>") == 2  # one end token each, none appended twice
+
+
+def test_an_ended_episode_hands_its_row_back(tiny_llama, smollm2_tokenizer, mock_search):
+    """Without max_concurrent_rows too: an ended row must not keep setting the shared cursor."""
+    tok = smollm2_tokenizer
+    config = RolloutConfig(today=TODAY, max_turns=3, max_new_tokens=64)
+    sampler = ScriptedSampler(tiny_llama, tok, [[QWEN_ANSWER], [QWEN_CALL, QWEN_ANSWER]])
+    rollout(QUESTIONS[:1], 2, sampler, tok, mock_search, config)
+    assert sorted(sampler.released) == [0, 1]

@@ -10,7 +10,8 @@ from igpo_jax.igpo.evaluation import episode_record, format_table, summary
 
 def _episode(source, gold, response, searches=1):
     return Episode(question_index="0", golden_answers=tuple(gold), data_source=source, response_text=response,
-                   final_turn_text=response, answer=None, finish_reason="answer", num_searches=searches)
+                   final_turn_text=response, answer=None, finish_reason="answer", num_searches=searches,
+                   policy_text=response)
 
 
 def test_summary_table_matches_hand_computed_values():

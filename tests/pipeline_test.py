@@ -17,9 +17,10 @@ def _traj():
     loss = np.array([[0, 1, 1, 0, 0, 1, 1, 0], [0, 1, 1, 1, 0, 0, 0, 0]], bool)
     turn = np.where(loss, np.array([[-1, 0, 0, -1, -1, 1, 1, -1], [-1, 0, 0, 0, -1, -1, -1, -1]]), -1)
     eps = (Episode("q", ("Kesmarin",), "s", "<search>a</search><answer>Kesmarin</answer>", "", "Kesmarin", "answer",
-                   supporting_doc_ids=("4",), retrieved_ids_per_turn=(("9", "4"), None)),
+                   supporting_doc_ids=("4",), retrieved_ids_per_turn=(("9", "4"), None),
+                   policy_text="<search>a</search>\n<answer>Kesmarin</answer>"),
            Episode("q", ("Kesmarin",), "s", "<answer>Rome</answer>", "", "Rome", "answer",
-                   supporting_doc_ids=("4",), retrieved_ids_per_turn=(None,)))
+                   supporting_doc_ids=("4",), retrieved_ids_per_turn=(None,), policy_text="<answer>Rome</answer>"))
     return Trajectories(tokens, np.ones((2, 8), bool), loss, turn.astype(np.int32),
                         np.array([[1, 5], [1, -1]], np.int32), np.array([2, 1], np.int32),
                         np.array([0, 0], np.int32), np.zeros((2, 8), np.float32), eps)
@@ -72,7 +73,7 @@ def test_info_gain_needs_scores():
 
 def test_grpo_groups_that_all_score_the_same_are_collapsed():
     traj = _traj()
-    same = dataclasses.replace(traj, episodes=tuple(dataclasses.replace(ep, response_text="no answer")
+    same = dataclasses.replace(traj, episodes=tuple(dataclasses.replace(ep, policy_text="no answer")
                                                     for ep in traj.episodes))
     _, metrics = advantages_for(same, score_outcomes(same, "search_tags", -2.0), None, None,
                                 AlgorithmConfig(use_info_gain=False), 0, 10)

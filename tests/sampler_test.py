@@ -440,3 +440,44 @@ def test_make_sampler_always_compacts(smollm2, smollm2_tokenizer):
     bounded = make_sampler(smollm2, smollm2_tokenizer, RolloutConfig(max_concurrent_rows=4), 8)
     assert (unbounded.batch_size, bounded.batch_size) == (8, 4)
     assert unbounded.compact_cache and bounded.compact_cache
+
+
+def test_a_full_row_ends_alone_and_the_others_fill_their_own_context(tiny):
+    """Spec §1: an episode is cut at its own context limit. A row of 40 prompt tokens fills a 64-slot
+    cache first; the row of 10 must go on until its own 64 slots are used, not end with it."""
+    _, model = tiny
+    s = Sampler(model, None, batch_size=2, cache_size=64, params=GREEDY, steps_per_call=4, min_span=16,
+                append_bucket=4, compact_cache=True)
+    out = s.generate([list(range(1, 41)), list(range(1, 11))], seeds=[0, 1], max_new_tokens=200)
+    assert [o.finish_reason for o in out] == ["context", "context"]
+    # a row's last sampled token stays pending: it ends when prompt + generated − 1 = 64 slots
+    assert [len(o.tokens) for o in out] == [64 - 40 + 1, 64 - 10 + 1]
+
+
+def test_an_append_that_fits_its_row_waits_for_room_instead_of_ending(tiny):
+    """A long stopped row sets the shared cursor; a short row's tool result fits its own context
+    but not above that cursor: it waits (blocked) until the long row's episode ends, then decodes.
+    A result that would pass the row's own limit ends that row alone."""
+    _, model = tiny
+    s = Sampler(model, None, batch_size=3, cache_size=64, params=GREEDY, steps_per_call=4, min_span=16,
+                append_bucket=4, compact_cache=True)
+    s.start([list(range(1, 51)), [7, 8, 9], [4, 5, 6]], seeds=[0, 1, 2], max_new_tokens=1)
+    assert sorted(s.decode()) == [0, 1, 2]  # one token each, then stopped (budget)
+    s.append(1, list(range(20, 40)), max_new_tokens=3)  # 4 + 20 of 64: fits the row, not above slot 50
+    s.append(2, list(range(1, 70)), max_new_tokens=3)  # 4 + 69 > 64: can never fit
+    assert s.blocked_rows() == [1] and s.decoding_rows() == [1]
+    assert s.decode() == {2: s.rows[2].out} and s.rows[2].out.finish_reason == "context"
+    s.release([0, 2])  # the long row's episode ends
+    out = s.decode()
+    while s.decoding_rows():
+        out.update(s.decode())
+    assert s.blocked_rows() == [] and out[1].finish_reason == "length" and len(out[1].tokens) == 3
+    alone = Sampler(model, None, batch_size=1, cache_size=64, params=GREEDY, steps_per_call=4, min_span=16,
+                    append_bucket=4)
+    alone.start([[7, 8, 9]], [1], 1)
+    alone.decode()
+    alone.append(0, list(range(20, 40)), max_new_tokens=3)
+    ref = alone.decode()
+    while alone.decoding_rows():
+        ref.update(alone.decode())
+    assert out[1].tokens == ref[0].tokens  # waiting changed nothing of what it samples

@@ -18,7 +18,7 @@ METRICS = ("f1", "em", "no_format_f1", "turns", "searches")
 
 
 def episode_record(ep: Episode, dialect: str, format_penalty: float, num_turns: int) -> dict:
-    score = score_outcome(ep.response_text, ANSWER_SPLIT.join(ep.golden_answers), format_penalty=format_penalty,
+    score = score_outcome(ep.policy_text, ANSWER_SPLIT.join(ep.golden_answers), format_penalty=format_penalty,
                           tags=FORMAT_TAGS[dialect])
     return {
         "index": ep.question_index, "data_source": ep.data_source, "golden_answers": list(ep.golden_answers),

@@ -50,9 +50,10 @@ class Outcomes:
 
 
 def score_outcomes(traj: Trajectories, dialect: str, format_penalty: float) -> Outcomes:
-    """Outcome reward per rollout: F1 of the first <answer> against every alias, or the penalty."""
+    """Outcome reward per rollout: F1 of the first <answer> against every alias, or the penalty,
+    judged on the policy's own turns (tool results and inserted feedback are not its words)."""
     tags = FORMAT_TAGS[dialect]
-    scores = [score_outcome(ep.response_text, ANSWER_SPLIT.join(ep.golden_answers),
+    scores = [score_outcome(ep.policy_text, ANSWER_SPLIT.join(ep.golden_answers),
                             format_penalty=format_penalty, tags=tags) for ep in traj.episodes]
     return Outcomes(reward_N=np.asarray([s.reward for s in scores], np.float32),
                     f1_N=np.asarray([s.no_format_f1 for s in scores], np.float32),

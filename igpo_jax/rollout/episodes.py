@@ -122,11 +122,13 @@ class SamplerLike(Protocol):
 
     def decoding_rows(self) -> list[int]: ...
 
+    def blocked_rows(self) -> list[int]: ...  # decoding rows waiting for cache room (a subset)
+
+    def release(self, row_ids: Sequence[int]) -> None: ...  # an ended episode's row: its slots are free
+
     # needed only with RolloutConfig.max_concurrent_rows < the number of rollouts
     def restart(self, row_ids: Sequence[int], prompts: Sequence[Sequence[int]], seeds: Sequence[int],
                 max_new_tokens: int) -> None: ...
-
-    def release(self, row_ids: Sequence[int]) -> None: ...
 
 
 class SearchLike(Protocol):
@@ -274,7 +276,6 @@ class _Rollout:
         self.seeds = [int(s) for s in seeds]
         self.episode_at: list[int | None] = list(range(slots))  # sampler row → episode (None: free)
         self.waiting = collections.deque(range(slots, len(rows)))  # episodes not started yet
-        self.refills = bool(self.waiting)  # rows are reused (Sampler.restart / release)
         t0 = time.perf_counter()
         self.sampler.start([r.tokens for r in rows[:slots]], self.seeds[:slots], self.config.max_new_tokens)
         self.timing["decode_s"] += time.perf_counter() - t0
@@ -287,16 +288,18 @@ class _Rollout:
         reported its last turn; then the next waiting episode takes the slot."""
         in_flight: dict[concurrent.futures.Future, list[tuple[int, RowOutput]]] = {}
         while any(e is not None for e in self.episode_at):
-            if self.sampler.decoding_rows() or not in_flight:
+            blocked = self.sampler.blocked_rows()
+            if self._runnable() or blocked or not in_flight:
                 t0 = time.perf_counter()
                 stopped = self.sampler.decode()  # with nothing decoding: the reports of rows that did not fit
                 self.timing["decode_s"] += time.perf_counter() - t0
-                if not stopped and not self.sampler.decoding_rows() and not in_flight:
+                if not stopped and not self._runnable() and not in_flight and self.sampler.blocked_rows() == blocked:
                     raise RuntimeError(f"rollout stalled: rows {self.episode_at} wait for a report that never comes")
                 round_rows, round_queries, feedback, freed, newly_finished = [], [], [], [], 0
                 for s, out in sorted(stopped.items()):
                     row = rows[self.episode_at[s]]
-                    step = self._after_turn(row, out)
+                    # a row whose continuation did not fit ended then; its report brings no new turn
+                    step = _Next(finish=row.finish) if row.finish is not None else self._after_turn(row, out)
                     if step.finish is not None:
                         newly_finished += row.finish is None  # a failed append counted its episode already
                         row.finish = step.finish
@@ -311,7 +314,7 @@ class _Rollout:
                 self._admit(rows, freed)
                 if round_rows:
                     in_flight[pool.submit(_search_round, self.search, round_queries)] = round_rows
-            must_wait = in_flight and (not self.config.overlap_search or not self.sampler.decoding_rows())
+            must_wait = in_flight and (not self.config.overlap_search or not self._runnable())
             t0 = time.perf_counter()
             done, _ = concurrent.futures.wait(in_flight, timeout=None if must_wait else 0,
                                               return_when=concurrent.futures.FIRST_COMPLETED)
@@ -322,13 +325,18 @@ class _Rollout:
                 self._continue(rows, [(s, out, self._tool_text(rows[self.episode_at[s]], results))
                                       for (s, out), results in zip(in_flight.pop(future), results_per_row)])
 
+    def _runnable(self) -> list[int]:
+        """Rows the next decode call advances (not those waiting for cache room)."""
+        blocked = set(self.sampler.blocked_rows())
+        return [r for r in self.sampler.decoding_rows() if r not in blocked]
+
     def _admit(self, rows: list[_Row], freed: list[int]) -> None:
         """Free the slots of ended episodes and start waiting episodes in them (one prefill)."""
         for s in freed:
             self.episode_at[s] = None
         slots = freed[:len(self.waiting)]
-        if self.refills and freed[len(slots):]:  # the queue is empty
-            self.sampler.release(freed[len(slots):])  # its slots become holes that compaction reclaims
+        if freed[len(slots):]:  # no episode waits for these: their slots become holes that compaction
+            self.sampler.release(freed[len(slots):])  # reclaims (an ended row must not set the cursor)
         if not slots:
             return
         episodes = [self.waiting.popleft() for _ in slots]
@@ -386,12 +394,20 @@ class _Rollout:
 
     def _continuation(self, out: RowOutput, tool_text: str, next_turn: int) -> list[int]:
         prefix = self.config.prefix(next_turn)
-        if self.frame is None:  # search_tags: the result goes inline, inside the same assistant message
-            return self.encode(information_block(tool_text) + prefix)
+        closed = bool(out.tokens) and out.tokens[-1] in self.stop_ids  # the model ended its message itself
+        if self.config.dialect == "search_tags":
+            if not closed:  # the result goes inline, inside the same assistant message
+                return self.encode(information_block(tool_text) + prefix)
+            # after its end token the text would stand outside any message: the result (format
+            # feedback: a search turn stops at </search> first) comes as the template's tool message,
+            # then a new assistant message opens
+            tool_text = information_block(tool_text).strip()
+        if self.frame is None:
+            self.frame = chat_frame(self.tokenizer)
         after_call = self.frame.after_call
-        if out.tokens and out.tokens[-1] in self.stop_ids:
-            # The model closed its message itself; that token is already in the row (it is fed as
-            # the pending token), so the template's copy of it must not be appended again.
+        if closed:
+            # that token is already in the row (it is fed as the pending token), so the template's
+            # copy of it must not be appended again
             emitted = self.tokenizer.decode(out.tokens[-1:])
             if after_call.startswith(emitted):
                 after_call = after_call[len(emitted):]
@@ -441,7 +457,8 @@ def _episode(row: _Row, tokenizer) -> Episode:
                    final_turn_text=final, answer=extract_answer(final), finish_reason=row.finish or CONTEXT,
                    num_searches=row.searches, search_failures=row.failures,
                    supporting_doc_ids=tuple(row.example.supporting_doc_ids),
-                   retrieved_ids_per_turn=tuple(row.retrieved.get(t) for t in range(len(row.turn_starts))))
+                   retrieved_ids_per_turn=tuple(row.retrieved.get(t) for t in range(len(row.turn_starts))),
+                   policy_text="\n".join(row.turn_texts))
 
 
 def _stats(rows: list[_Row], timing: dict[str, float]) -> dict[str, float]:

@@ -306,6 +306,11 @@ def _used_slots(valid_BS):
     return jnp.max(jnp.sum(valid_BS, axis=1, dtype=jnp.int32))
 
 
+@jax.jit
+def _slots_per_row(valid_BS):
+    return jnp.sum(valid_BS, axis=1, dtype=jnp.int32)
+
+
 @dataclasses.dataclass
 class RowOutput:
     """What one row generated since its last start/append."""
@@ -383,6 +388,10 @@ class Sampler:
         self.cache: KVCache | None = None
         self.rows: list[_HostRow] = []
         self._early: dict[int, RowOutput] = {}  # rows finished outside a decode call, reported by the next
+        # rows whose continuation fits their own context but not yet the shared cursor's room:
+        # fed as soon as other rows end or stop ('restart' or None: how to feed them)
+        self._blocked: dict[int, str | None] = {}
+        self._full: set[int] = set()  # stopped rows with no slot left of their own: an append ends them
 
     # ------------------------------------------------------------------------------ host API
 
@@ -398,14 +407,14 @@ class Sampler:
                                   self._mesh, self._rules)
         budgets = _per_row(max_new_tokens, len(prompts))
         self.rows = [_fresh_row(p, s, n) for p, s, n in zip(prompts, seeds, budgets)]
-        self._early = {}
+        self._early, self._blocked, self._full = {}, {}, set()
         self._feed_pending(list(range(len(prompts))), fresh="start")
 
     def free_cache(self):
         """Hands the KV cache back (between rollouts: the update and validation need the memory;
         the demo's 16-row × 1024-slot cache is 0.75 GB). The next `start` allocates a fresh one."""
         self.cache = None
-        self.rows, self._early = [], {}
+        self.rows, self._early, self._blocked, self._full = [], {}, {}, set()
 
     def restart(self, row_ids: Sequence[int], prompts: Sequence[Sequence[int]], seeds: Sequence[int],
                 max_new_tokens: int | Sequence[int]):
@@ -431,6 +440,7 @@ class Sampler:
             if self.rows[r].decoding:
                 raise ValueError(f"row {r} is still decoding; release only stopped rows")
             self._early.pop(r, None)
+            self._full.discard(r)
         mask = np.zeros((self.batch_size,), bool)
         mask[list(row_ids)] = True
         self.cache = _release_call(self.cache, _on_device(mask))
@@ -452,21 +462,34 @@ class Sampler:
         self._feed_pending(list(row_ids))
 
     def decoding_rows(self) -> list[int]:
+        """Rows that have not stopped: decoding, or waiting for room to feed their continuation."""
         return [i for i, r in enumerate(self.rows) if r.decoding]
+
+    def blocked_rows(self) -> list[int]:
+        """Rows whose continuation (an append or a restart's prompt) fits their own context but is
+        waiting for the shared cursor to have room: other rows must stop or end first."""
+        return sorted(self._blocked)
 
     def decode(self) -> dict[int, RowOutput]:
         """One device call; returns the rows that stopped in it (tokens since their last start)
         and rows whose start/append did not fit the cache (finish reason 'context')."""
+        self._feed_blocked()
         early, self._early = self._early, {}
-        active = self.decoding_rows()
+        active = [r for r in self.decoding_rows() if r not in self._blocked]
         if not active:
             return early
         length = int(self.cache.length)
         if self.cache_size - length < self.steps_per_call:  # compact for a full call, or for any room at all
             length = self._compact_if_it_frees(self.steps_per_call if length < self.cache_size else 1)
+        if length >= self.cache_size:
+            if not self.compact_cache:  # without compaction the cursor never comes back: all end
+                return {**early, **{i: self._finish(i, FINISH_CONTEXT) for i in active}}
+            early.update(self._end_rows_at_their_limit())  # the cursor drops to the next longest row
+            active = [r for r in self.decoding_rows() if r not in self._blocked]
+            if not active:
+                return early
+            length = int(self.cache.length)
         room = self.cache_size - length
-        if room <= 0:
-            return {**early, **{i: self._finish(i, FINISH_CONTEXT) for i in active}}
         bucket = power_of_two(len(active))
         compact = bucket < self.batch_size
         n = bucket if compact else self.batch_size
@@ -506,8 +529,11 @@ class Sampler:
             elif not still_active[j]:
                 stopped[r] = self._finish(r, FINISH_LENGTH)
         if int(self.cache.length) >= self.cache_size and self._compact_if_it_frees(1) >= self.cache_size:
-            for r in self.decoding_rows():
-                stopped[r] = self._finish(r, FINISH_CONTEXT)
+            if self.compact_cache:  # a row ends at its own context limit, not at another row's
+                stopped.update(self._end_rows_at_their_limit())
+            else:
+                for r in self.decoding_rows():
+                    stopped[r] = self._finish(r, FINISH_CONTEXT)
         return stopped
 
     def generate(self, prompts, seeds, max_new_tokens) -> list[RowOutput]:
@@ -535,6 +561,43 @@ class Sampler:
             length = int(self.cache.length)
         return length
 
+    def _end_rows_at_their_limit(self) -> dict[int, RowOutput]:
+        """With the cache compacted and still full, the rows that hold `cache_size` slots of their
+        own are at their context limit (IGPO_SPEC §1: an episode is cut at its own limit): a
+        decoding one ends with 'context'; a stopped one (waiting for a search) could take no
+        continuation, so its next append ends it. Their slots become holes and the cache is
+        compacted again, so the cursor drops to the longest row that can still grow."""
+        used = np.asarray(_slots_per_row(self.cache.valid_BS))
+        full = [r for r in range(len(self.rows)) if used[r] >= self.cache_size]
+        ended = {}
+        for r in full:
+            if self.rows[r].decoding and r not in self._blocked:
+                ended[r] = self._finish(r, FINISH_CONTEXT)
+            elif not self.rows[r].decoding:
+                self._full.add(r)
+        if full:
+            mask = np.zeros((self.batch_size,), bool)
+            mask[full] = True
+            self.cache = _compact_call(_release_call(self.cache, _on_device(mask)))
+        return ended
+
+    def _feed_blocked(self):
+        """Retry the blocked continuations; when no other row is decoding, the one holding the most
+        slots (the one that sets the cursor, so its own room is the cache's) is fed alone."""
+        if not self._blocked:
+            return
+        blocked, self._blocked = self._blocked, {}
+        for fresh in (None, "restart"):
+            rows = [r for r, f in blocked.items() if f == fresh]
+            if rows:
+                self._feed_pending(rows, fresh)
+        if self._blocked and not any(r not in self._blocked for r in self.decoding_rows()):
+            self._compact_if_it_frees(1)
+            used = np.asarray(_slots_per_row(self.cache.valid_BS))
+            r = max(self._blocked, key=lambda r: used[r])
+            if used[r] >= int(self.cache.length):  # it sets the cursor: alone it fits, at its own width
+                self._feed_pending([r], self._blocked.pop(r), exact=True)
+
     def _finish(self, r: int, reason: str) -> RowOutput:
         host = self.rows[r]
         host.decoding = False
@@ -549,15 +612,21 @@ class Sampler:
         before = len(self.tokenizer.decode(tail[:-1]))
         return any(text.find(s, max(0, before - len(s) + 1)) != -1 for s in self.stop_strings)
 
-    def _feed_pending(self, row_ids: list[int], fresh: str | None = None):
+    def _feed_pending(self, row_ids: list[int], fresh: str | None = None, exact: bool = False):
         """Write each row's pending tokens except the last into the cache, in one ragged extend.
         `fresh` ('start' | 'restart'): the rows hold nothing yet, so their prompts can be prefilled
         on their own (`_prefill_apart`): once per distinct prompt with `share_prompt_prefill`, and
         always for a restart (a few rows, while the others keep their caches)."""
+        full = [r for r in row_ids if r in self._full]  # no slot of their own left: they end here
+        for r in full:
+            self._early[r] = self._finish(r, FINISH_CONTEXT)
+        row_ids = [r for r in row_ids if r not in self._full]
         longest = max((len(self.rows[r].pending) - 1 for r in row_ids), default=0)
         if longest <= 0:
             return
-        width = power_of_two(longest, self.append_bucket)
+        # exact: the one row that sets the cursor, fed at its own length (one more compiled width,
+        # only when the cache is nearly full) so that a row never ends before its own limit
+        width = longest if exact else power_of_two(longest, self.append_bucket)
         feeds = {r: tuple(self.rows[r].pending[:-1]) for r in row_ids}
         if fresh == "start" and self.share_prompt_prefill and self._prefill_common_prefix(feeds, width):
             self._feed_pending(row_ids)  # the rest of each prompt: one ragged extend above the prefix
@@ -572,8 +641,17 @@ class Sampler:
         if length + written > self.cache_size:
             length = self._compact_if_it_frees(length + written - self.cache_size)
         if length + written > self.cache_size:
+            if fresh == "start" or not self.compact_cache:  # an empty cache, or one that never compacts
+                for r in row_ids:
+                    self._early[r] = self._finish(r, FINISH_CONTEXT)
+                return
+            # a row whose own tokens would pass the limit ends; the others wait for room
+            used = np.asarray(_slots_per_row(self.cache.valid_BS))
             for r in row_ids:
-                self._early[r] = self._finish(r, FINISH_CONTEXT)
+                if used[r] + len(self.rows[r].pending) > self.cache_size:
+                    self._early[r] = self._finish(r, FINISH_CONTEXT)
+                else:
+                    self._blocked[r] = fresh
             return
         for r in row_ids:
             self.rows[r].pending = self.rows[r].pending[-1:]

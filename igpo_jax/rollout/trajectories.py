@@ -25,7 +25,7 @@ class Episode:
     question_index: str
     golden_answers: tuple[str, ...]
     data_source: str
-    response_text: str  # everything after the prompt, tool results included
+    response_text: str  # everything after the prompt, tool results and inserted feedback included (for reading)
     final_turn_text: str  # the last assistant turn (where the answer should be)
     answer: str | None  # content of the first <answer> tag, None when missing
     finish_reason: str  # 'answer' | 'max_turns' | 'context' | 'length' | 'format_error'
@@ -36,6 +36,9 @@ class Episode:
     # per turn, the ids of the documents its search returned (SearchHit.url: the local retriever's
     # doc id, a web engine's link); None for a turn that did not search
     retrieved_ids_per_turn: tuple[tuple[str, ...] | None, ...] = ()
+    # the policy's own turns, each its forced prefix and what it generated, one per line: the text
+    # the outcome reward judges (IGPO_SPEC §2: never tool results or feedback the rollout inserts)
+    policy_text: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
