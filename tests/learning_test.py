@@ -104,13 +104,13 @@ MAX_FINAL_FORMAT_ERROR = 0.10
 # Information gain of the search turns whose results held the answer's document against the
 # others, each pooled over the 12 training steps (weighted by the turn counts): at least 0.3 apart,
 # and every step's answer-document gain above 0.3. Measured in the demo run of 2026-12-07
-# (metrics.jsonl): answer's document 0.68-0.91 a step (11-16 turns a step); other documents -0.10,
-# -0.02 and 0.00 at steps 1, 2 and 7 (4, 5 and 1 turns: the base model's forced search named the
-# wrong entity; none later), pooled -0.05: a gap of ~0.85.
+# (metrics.jsonl): answer's document 0.68-0.91 a step (11-16 turns a step), pooled 0.81; other
+# documents -0.02, -0.10 and 0.00 at steps 1, 2 and 7 (5, 4 and 1 turns: the base model's forced
+# search named the wrong entity; none at the other steps), pooled -0.05: a gap of 0.86.
 MIN_IG_GAP_ANSWER_DOC_OVER_OTHERS = 0.3
 MIN_IG_ANSWER_DOC = 0.3
 # P(gold) in the final turn's context (after the search result) above P(gold) before the search,
-# every step, by at least 0.2. Measured 0.50-0.97 against 0.006-0.15 (smallest gap 0.46, step 1).
+# every step, by at least 0.2. Measured 0.50-0.97 against 0.007-0.15 (smallest gap 0.46, step 1).
 MIN_P_GOLD_GAIN = 0.2
 
 
