@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tests leave nothing in ~/.cache: the weights cache is on only where a test turns it on (gguf_file_test)
 os.environ.setdefault("IGPO_JAX_WEIGHTS_CACHE", "off")
+
+# The reference dev file (Search-R1's parquet layout) lives in shared/ beside the checkout:
+# <parent of the repository>/shared/data/igpo_dev.parquet, where CI (a fresh clone with a copy of
+# shared/ beside it) has it. IGPO_JAX_DEV_FILE=/path/to/igpo_dev.parquet points elsewhere.
+DEV_FILE_ENV = "IGPO_JAX_DEV_FILE"
+DEFAULT_DEV_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "igpo_dev.parquet"
+
+
+@pytest.fixture(scope="session")
+def reference_dev_file() -> Path:
+    """The shared reference dev file; a test that needs it fails (never skips) where it is missing."""
+    path = Path(os.environ.get(DEV_FILE_ENV) or DEFAULT_DEV_FILE)
+    if not path.is_file():
+        pytest.fail(f"the reference dev file {path} is missing: the tests read it from shared/data/ beside "
+                    f"the checkout (copy shared/ there) or from ${DEV_FILE_ENV}", pytrace=False)
+    return path
+
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

@@ -1,16 +1,12 @@
 """Tests for igpo_jax.data.examples: the parquet reader's validation and the resumable batch iterator."""
 
 import json
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from igpo_jax.data import examples as examples_lib
-
-REFERENCE_DEV_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "igpo_dev.parquet"
 
 
 def _row(i, question=None, ground_truth=None, prompt=None):
@@ -41,11 +37,10 @@ def _examples(n):
 # Reader
 
 
-@pytest.mark.skipif(not REFERENCE_DEV_FILE.exists(), reason="reference dev file not present")
-def test_reads_the_reference_dev_file():
-    examples = examples_lib.load_examples(REFERENCE_DEV_FILE)
+def test_reads_the_reference_dev_file(reference_dev_file):
+    examples = examples_lib.load_examples(reference_dev_file)
     assert len(examples) == 3197
-    assert pq.read_schema(REFERENCE_DEV_FILE).remove_metadata() == examples_lib.PARQUET_SCHEMA
+    assert pq.read_schema(reference_dev_file).remove_metadata() == examples_lib.PARQUET_SCHEMA
     assert {e.data_source for e in examples} == {
         "nq", "tq", "hotpotqa", "2wiki", "musique", "Bamboogle", "popqa"}
     assert len({e.index for e in examples}) == len(examples)
@@ -54,7 +49,7 @@ def test_reads_the_reference_dev_file():
         assert e.golden_answers and all(e.golden_answers)
     # Several aliases are split on the separator, in their original order.
     first_multi = next(e for e in examples if len(e.golden_answers) > 1)
-    raw = pq.read_table(REFERENCE_DEV_FILE).to_pylist()
+    raw = pq.read_table(reference_dev_file).to_pylist()
     raw_row = next(r for r in raw if r["extra_info"]["index"] == first_multi.index)
     assert "<|answer_split|>".join(first_multi.golden_answers) == \
         raw_row["reward_model"]["ground_truth"].strip()

@@ -1,5 +1,6 @@
 """The learning experiment: world_igpo / world_grpo configs, their sweep, bench.learning's summary,
-and (slow) a few steps of world_igpo shrunk, checking the validation and diagnostic metrics."""
+and (slow) the demo's learning run: held-out F1 rises, the format holds, and searches that found the
+answer's document gain more information than the others."""
 
 from __future__ import annotations
 
@@ -83,52 +84,87 @@ def test_bench_summary_reads_step_zero_and_the_last_validation():
         summarise(records[1:], 1.0)
 
 
+# ------------------------------------------------------------------------- the slow learning run
+# configs/demo.py as it is (world_igpo's questions, seed 0, 12 steps of 4 questions × 4 rollouts at
+# lr 1e-5, greedy validation on 48 held-out questions at steps 0 and 12), ~10 minutes alone on
+# 2 cores. Its bounds, each with the measurement behind it and a margin for seed and code noise:
+#
+# The rise of val/no_format_f1 from step 0 to step 12: at least 0.25 (the demo's target, issue 29)
+# and at least two standard errors of the difference. Measured: the demo 0.458 ± 0.073 -> 0.917 ±
+# 0.040, +0.458, where two standard errors are 0.17 (bench/results/demo.md, 2026-12-07); world_igpo,
+# the same 12 steps validated on 96 questions, +0.395 to +0.479 in all 6 runs (3 seeds × IGPO/GRPO,
+# bench/results/world_igpo.md, 2026-12-06). A run that flips to one answer type on its way (IGPO
+# seed 0 at step 8: +0.09) was back by step 12 in every measured run.
+MIN_NO_FORMAT_F1_RISE = 0.25
+RISE_STANDARD_ERRORS = 2.0
+# The final format error: at most 0.10 (5 of 48 questions). Measured 0 at both validations of the
+# demo and at every validation of the 6 world_igpo runs but GRPO seed 2's 0.010; the learning
+# target is below 0.2 (bench/results/world_igpo.md).
+MAX_FINAL_FORMAT_ERROR = 0.10
+# Information gain of the search turns whose results held the answer's document against the
+# others, each pooled over the 12 training steps (weighted by the turn counts): at least 0.3 apart,
+# and every step's answer-document gain above 0.3. Measured in the demo run of 2026-12-07
+# (metrics.jsonl): answer's document 0.68-0.91 a step (11-16 turns a step), pooled 0.81; other
+# documents -0.02, -0.10 and 0.00 at steps 1, 2 and 7 (5, 4 and 1 turns: the base model's forced
+# search named the wrong entity; none at the other steps), pooled -0.05: a gap of 0.86.
+MIN_IG_GAP_ANSWER_DOC_OVER_OTHERS = 0.3
+MIN_IG_ANSWER_DOC = 0.3
+# P(gold) in the final turn's context (after the search result) above P(gold) before the search,
+# every step, by at least 0.2. Measured 0.50-0.97 against 0.007-0.15 (smallest gap 0.46, step 1).
+MIN_P_GOLD_GAIN = 0.2
+
+
+def pooled(records: list[dict], name: str) -> tuple[float, float]:
+    """(mean, count) of diag/ig_{name} over the records, weighted by diag/ig_{name}_count."""
+    count = sum(r[f"diag/ig_{name}_count"] for r in records)
+    total = sum(r[f"diag/ig_{name}"] * r[f"diag/ig_{name}_count"] for r in records if r[f"diag/ig_{name}_count"])
+    return (total / count if count else float("nan")), count
+
+
+def check_learning(records: list[dict], val_samples: dict[int, list[dict]], questions: int, steps: int):
+    """The learning run's records (metrics.jsonl) and validation samples (by step) meet the bounds above."""
+    by_step = {int(r["step"]): r for r in records}
+    assert sorted(by_step) == list(range(steps + 1))
+    first, last = by_step[0], by_step[steps]
+    for step, v in ((0, first), (steps, last)):
+        assert v["val/questions"] == questions
+        # the logged validation figures are those of the episodes written beside them
+        episodes = val_samples[step]
+        assert len(episodes) == questions
+        assert np.mean([e["no_format_f1"] for e in episodes]) == pytest.approx(v["val/no_format_f1"])
+        assert np.mean([e["f1"] for e in episodes]) == pytest.approx(v["val/f1"])
+        assert np.mean([not e["format_ok"] for e in episodes]) == pytest.approx(v["val/format_error"])
+    rise = last["val/no_format_f1"] - first["val/no_format_f1"]
+    noise = RISE_STANDARD_ERRORS * math.hypot(first["val/no_format_f1_se"], last["val/no_format_f1_se"])
+    assert rise >= max(MIN_NO_FORMAT_F1_RISE, noise), (first["val/no_format_f1"], last["val/no_format_f1"], noise)
+    assert last["val/format_error"] <= MAX_FINAL_FORMAT_ERROR
+    train_steps = [by_step[s] for s in range(1, steps + 1)]
+    for r in train_steps:
+        assert r["diag/searched_frac"] == 1.0, r["step"]  # turn 1 is forced to open <search>
+        assert r["diag/ig_answer_doc_count"] + r["diag/ig_other_doc_count"] == r["ig/count"], r["step"]
+        if r["diag/ig_answer_doc_count"]:
+            assert r["diag/ig_answer_doc"] >= MIN_IG_ANSWER_DOC, r["step"]
+        gain = r["diag/p_gold_final_context"] - r["diag/p_gold_before_search"]
+        assert gain >= MIN_P_GOLD_GAIN, (r["step"], gain)
+    (answer_ig, answer_n), (other_ig, other_n) = pooled(train_steps, "answer_doc"), pooled(train_steps, "other_doc")
+    assert answer_n and other_n, ("no search turn of one kind: the comparison needs both", answer_n, other_n)
+    assert answer_ig - other_ig >= MIN_IG_GAP_ANSWER_DOC_OVER_OTHERS, (answer_ig, other_ig)
+
+
 @pytest.mark.slow
-def test_a_few_steps_of_world_igpo_shrunk_report_validation_and_diagnostics(tmp_path):
+def test_the_demo_learns_to_answer_from_what_it_finds(tmp_path):
+    from igpo_jax.reporting.metrics import read_jsonl
+    from igpo_jax.reporting.samples import read_samples, validation_samples_path
     from igpo_jax.train import train
 
-    c = load_config("world_igpo")
+    c = load_config("demo")
     c.run_dir = str(tmp_path)
-    c.data.world_questions = 64
-    c.data.world_test_fraction = 0.25
-    c.data.val_max_questions = 4
-    c.data.val_batch_size = 4
-    c.data.train_batch_size = 2
-    c.rollout.n = 2
-    c.rollout.max_new_tokens = 12
-    c.rollout.max_tool_tokens = 64
-    c.rollout.context_length = 768
-    c.actor.ppo_mini_batch_size = 4  # the 4 rows of a step: one optimiser step
-    c.actor.micro_batch_size = 2
-    c.trainer.total_training_steps = 2
-    c.trainer.test_freq = 2
-    c.trainer.save_freq = 0
+    c.trainer.save_freq = 0  # no checkpoints: they change nothing the run learns
     c.trainer.use_tensorboard = False
-    history = train(c)
-    by_step = {r["step"]: r for r in history}
-    assert sorted(by_step) == [0, 1, 2]
-    for step in (0, 2):  # before the first update, and at the end
-        v = by_step[step]
-        assert v["val/questions"] == 4
-        assert -2.0 <= v["val/f1"] <= 1.0 and 0.0 <= v["val/no_format_f1"] <= 1.0
-        assert 0.0 <= v["val/format_error"] <= 1.0
-        assert 0.0 <= v["val/f1_se"] <= 1.5 and 0.0 <= v["val/no_format_f1_se"] <= 0.5
-        with open(os.path.join(str(tmp_path), "samples", f"val_step_{step:06d}.jsonl")) as f:
-            episodes = [json.loads(line) for line in f]
-        assert len(episodes) == 4 and all(e["answer"] is None or isinstance(e["answer"], str) for e in episodes)
-        assert np.mean([not e["format_ok"] for e in episodes]) == pytest.approx(v["val/format_error"])
-    for step in (1, 2):
-        r = by_step[step]
-        for key in ("diag/collapse_frac", "diag/searched_frac", "diag/answered_frac", "diag/format_ok_frac",
-                    "diag/answer_doc_found_frac", "diag/p_gold_before_search", "diag/p_gold_final_context"):
-            assert 0.0 <= r[key] <= 1.0, (key, r[key])
-        # the first turn is forced to open a search (one cut off by the tiny budget does not count)
-        assert r["diag/searched_frac"] > 0
-        # every search turn with an IG is one of the two kinds; a format-error turn is neither
-        counts = r["diag/ig_answer_doc_count"] + r["diag/ig_other_doc_count"]
-        assert 0 < counts <= r["ig/count"]
-        for key in ("diag/ig_answer_doc", "diag/ig_other_doc"):
-            assert key not in r or (math.isfinite(r[key]) and -1.0 <= r[key] <= 1.0)
+    train(c)
+    steps = c.trainer.total_training_steps
+    val_samples = {step: read_samples(validation_samples_path(tmp_path, step)) for step in (0, steps)}
+    check_learning(read_jsonl(tmp_path), val_samples, questions=c.data.val_max_questions, steps=steps)
 
 
 def test_sweep_summary_averages_each_arm_over_its_seeds(tmp_path, capsys):

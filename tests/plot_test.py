@@ -6,6 +6,7 @@ import json
 import struct
 import sys
 
+import matplotlib  # a pinned requirement (requirements.txt): a broken install fails here, not skips
 import pytest
 
 from igpo_jax import plot
@@ -32,7 +33,6 @@ def png_size(path) -> tuple[int, int]:
 
 
 def test_two_runs_on_one_png(tmp_path):
-    pytest.importorskip("matplotlib")
     igpo = write_run(tmp_path / "igpo", [0.1, 0.3, 0.5, 0.6])
     grpo = write_run(tmp_path / "grpo", [0.1, 0.2, 0.25, 0.3])
     out = tmp_path / "figs" / "curves.png"
@@ -75,7 +75,6 @@ def test_arms_and_their_mean_curve():
 
 
 def test_by_arm_draws_a_sweep_on_one_png(tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
     runs = [write_run(tmp_path / f"{arm}_seed{seed}", [0.1 * seed, 0.2, 0.3, 0.5 if arm == "igpo" else 0.3])
             for arm in ("igpo", "grpo") for seed in range(3)]
     drawn = []

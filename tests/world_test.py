@@ -2,14 +2,11 @@
 
 import json
 import time
-from pathlib import Path
-
+import bm25s
 import pyarrow.parquet as pq
 import pytest
 
 from igpo_jax.data import examples as examples_lib, world
-
-REFERENCE_DEV_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "igpo_dev.parquet"
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +75,6 @@ def test_two_hop_questions_need_two_documents(default_world):
 
 
 def test_documents_are_findable_by_bm25_from_the_question(default_world):
-    bm25s = pytest.importorskip("bm25s")
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize([d.contents for d in default_world.documents],
                                    stopwords="en", show_progress=False), show_progress=False)
@@ -126,11 +122,10 @@ def test_parquet_round_trips_through_the_reader(tmp_path, default_world):
         assert example.data_source in ("synthetic_1hop", "synthetic_2hop")
 
 
-@pytest.mark.skipif(not REFERENCE_DEV_FILE.exists(), reason="reference dev file not present")
-def test_parquet_schema_matches_the_reference_file(tmp_path):
+def test_parquet_schema_matches_the_reference_file(tmp_path, reference_dev_file):
     # the reference's schema, with one more extra_info field (supporting_doc_ids) after its own
     files = world.write_world(tmp_path, seed=0, num_questions=20)
-    ours, reference = (pq.read_schema(p).remove_metadata() for p in (files.train, REFERENCE_DEV_FILE))
+    ours, reference = (pq.read_schema(p).remove_metadata() for p in (files.train, reference_dev_file))
     assert ours.names == reference.names
     for name in reference.names:
         if name != "extra_info":
