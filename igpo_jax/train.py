@@ -55,6 +55,13 @@ from igpo_jax.training.update import UpdateBatch, UpdateConfig, Updater, compute
 LENGTH_BUCKET = 128  # token rows are padded to a multiple of this, so the update compiles rarely
 
 
+def loss_scale_factor(config: ml_collections.ConfigDict) -> float:
+    """C of loss_agg_mode 'seq-mean-token-sum-norm': actor.loss_scale_factor, or (0) the most tokens
+    the policy can generate in an episode, max_turns × max_new_tokens, a constant of the run as
+    Dr. GRPO's and veRL's maximum response length is (not the batch's padded length)."""
+    return float(config.actor.loss_scale_factor or config.rollout.max_turns * config.rollout.max_new_tokens)
+
+
 def update_config(config: ml_collections.ConfigDict) -> UpdateConfig:
     a = config.actor
     # the schedule counts optimiser steps, several per RL step (mini-batches × epochs): built with a
@@ -66,7 +73,8 @@ def update_config(config: ml_collections.ConfigDict) -> UpdateConfig:
                         max_tokens_per_micro_batch=a.max_tokens_per_micro_batch,
                         ppo_epochs=a.ppo_epochs, clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
                         clip_ratio_c=a.clip_ratio_c, use_kl_loss=a.use_kl_loss, kl_coef=a.kl_coef,
-                        kl_estimator=a.kl_loss_type, entropy_coeff=a.entropy_coeff, loss_agg_mode=a.loss_agg_mode)
+                        kl_estimator=a.kl_loss_type, entropy_coeff=a.entropy_coeff, loss_agg_mode=a.loss_agg_mode,
+                        loss_scale_factor=loss_scale_factor(config))
     return dataclasses.replace(ucfg, total_steps=config.trainer.total_training_steps * optimiser_steps(ucfg, rows))
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from igpo_jax.igpo.loss import policy_loss
+from igpo_jax.igpo.loss import AGG_MODES, policy_loss
 from igpo_jax.model.weights import load_hf
 from igpo_jax.training.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs, train_step
 from tests.conftest import write_tiny_hf_model
@@ -126,10 +126,10 @@ def test_every_mini_batch_shares_one_gradient_program(model, budget):
     assert float(metrics[0]["approx_kl"]) == 0.0 and float(metrics[1]["approx_kl"]) != 0.0  # ρ = 1, then not
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("mode", AGG_MODES)
 def test_micro_batch_accumulation_equals_one_big_batch(model, mode):
     b = _batch(model)
-    cfg = UpdateConfig(lr=1e-3, loss_agg_mode=mode)
+    cfg = UpdateConfig(lr=1e-3, loss_agg_mode=mode, loss_scale_factor=20.0)
     graphdef, params = nnx.split(model)
     opt = Updater(model, cfg).opt_state
     p1, _, m1 = train_step(graphdef, jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, opt), b, cfg, 1)
@@ -148,6 +148,10 @@ def test_bad_config_values():
         UpdateConfig(schedule="linear")
     with pytest.raises(ValueError, match="not a multiple of micro_batch_size"):
         UpdateConfig(ppo_mini_batch_size=6, micro_batch_size=4)
+    with pytest.raises(ValueError, match="'seq-mean-token-sum-norm' needs loss_scale_factor > 0"):
+        UpdateConfig(loss_agg_mode="seq-mean-token-sum-norm")  # no silent default from the padded length
+    with pytest.raises(ValueError, match="loss_scale_factor=-1.0 must be ≥ 0"):
+        UpdateConfig(loss_scale_factor=-1.0)
 
 
 def test_adam_moments_are_float32_for_bf16_params(tmp_path):
