@@ -49,7 +49,8 @@ from igpo_jax.igpo import pipeline, scoring
 from igpo_jax.model import shared_prefix
 from igpo_jax.reporting import progress, samples as samples_lib
 from igpo_jax.reporting.next_steps import next_steps
-from igpo_jax.training.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs, optimiser_steps
+from igpo_jax.training.update import (UpdateBatch, UpdateConfig, Updater, compute_logprobs, optimiser_steps,
+                                      summarise_steps)
 
 
 LENGTH_BUCKET = 128  # token rows are padded to a multiple of this, so the update compiles rarely
@@ -370,7 +371,8 @@ def step_metrics(run: Run, traj: Trajectories, rollout_stats, reward_metrics, up
     host_side["response_length/mean"] = generated / traj.num_rollouts
     out = {}
     out.update(global_host_metrics(host_side, traj.num_rollouts, generated))
-    out.update({f"actor/{k}": v for k, v in update_metrics[-1].items()})  # global already
+    # every optimiser step of the update, not only the last (global already)
+    out.update({f"actor/{k}": v for k, v in summarise_steps(update_metrics).items()})
     return out
 
 

@@ -439,6 +439,24 @@ def train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: UpdateConfi
 
 
 @jax.jit
+def summarise_steps(per_step: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+    """One RL step's update metrics from all its optimiser steps (device arrays in and out, nothing
+    fetched): `skipped` is the number of steps skipped (a NaN step anywhere in the update shows);
+    every other metric is its mean over the steps that were applied, and `grad_norm_max` the
+    largest pre-clip gradient norm among them (one spike is not averaged away). A skipped step
+    changed nothing and its loss or norm is not finite, so it would only turn the means into NaN;
+    with every step skipped they are NaN."""
+    stacked = {k: jnp.stack([jnp.asarray(m[k], jnp.float32) for m in per_step]) for k in per_step[0]}
+    applied = stacked["skipped"] == 0
+    count = jnp.sum(applied)
+    out = {k: jnp.sum(jnp.where(applied, v, 0.0)) / count for k, v in stacked.items()}  # 0 / 0: NaN
+    out["skipped"] = jnp.sum(stacked["skipped"])
+    largest = jnp.max(jnp.where(applied, stacked["grad_norm"], -jnp.inf))
+    out["grad_norm_max"] = jnp.where(count > 0, largest, jnp.nan)
+    return out
+
+
+@jax.jit
 def _rows_of(batch: UpdateBatch, rows: jax.Array) -> UpdateBatch:
     """The batch's `rows`, as one program (eager indexing is a few small programs per field)."""
     return jax.tree.map(lambda x: x[rows], batch)
