@@ -426,8 +426,11 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
         start_step = ckpt.restore_latest(policy, updater, batches)
         if start_step:
             logging.info("resumed from step %d", start_step)
+        # the steps after the checkpoint run again: their earlier records go (a fresh run: all of
+        # them, step 0's validation included), so that each step is recorded once
         writer = metrics_lib.MetricsWriter(config.run_dir, use_tensorboard=config.trainer.use_tensorboard,
-                                           use_wandb=config.trainer.use_wandb, print_fn=progress.console_print)
+                                           use_wandb=config.trainer.use_wandb, print_fn=progress.console_print,
+                                           first_step=start_step + 1 if start_step else 0)
         show = progress.enabled(config.trainer.progress, jax.process_index() == 0)
         rcfg = components.rollout_config(config)
         actor = process_local_policy(policy, mesh, local_mesh)  # scores turns
