@@ -177,6 +177,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.actor.kl_loss_type = "low_var_kl"
     c.actor.entropy_coeff = 0.0
     c.actor.loss_agg_mode = "seq-mean-token-mean"
+    # C of loss_agg_mode 'seq-mean-token-sum-norm' (each rollout's token sum / C, veRL's name): a
+    # constant, so the gradient's scale does not change with a batch's longest row; 0 → the most
+    # tokens a policy generates in an episode, rollout.max_turns × rollout.max_new_tokens
+    c.actor.loss_scale_factor = 0.0
     # π_old by a forward of the policy even where it is not needed: a one-step update's π_old is
     # π_θ itself, and with IG on the scoring pass's log-probs are π_old's (train.old_logp_source)
     c.actor.recompute_old_logp = False
@@ -269,7 +273,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         section, name = key.split(".")
         _positive(key, c[section][name])
     for key in ("trainer.save_freq", "trainer.test_freq", "trainer.sample_freq", "actor.ppo_mini_batch_size",
-                "actor.micro_batch_size", "actor.max_tokens_per_micro_batch", "actor.lr", "rollout.temperature"):
+                "actor.micro_batch_size", "actor.max_tokens_per_micro_batch", "actor.lr", "rollout.temperature",
+                "actor.loss_scale_factor"):
         section, name = key.split(".")
         _positive(key, c[section][name], zero_ok=True)
     if not 0 <= c.algorithm.gamma <= 1:

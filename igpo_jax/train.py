@@ -49,10 +49,18 @@ from igpo_jax.igpo import pipeline, scoring
 from igpo_jax.model import shared_prefix
 from igpo_jax.reporting import progress, samples as samples_lib
 from igpo_jax.reporting.next_steps import next_steps
-from igpo_jax.training.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs, optimiser_steps
+from igpo_jax.training.update import (UpdateBatch, UpdateConfig, Updater, compute_logprobs, optimiser_steps,
+                                      summarise_steps)
 
 
 LENGTH_BUCKET = 128  # token rows are padded to a multiple of this, so the update compiles rarely
+
+
+def loss_scale_factor(config: ml_collections.ConfigDict) -> float:
+    """C of loss_agg_mode 'seq-mean-token-sum-norm': actor.loss_scale_factor, or (0) the most tokens
+    the policy can generate in an episode, max_turns × max_new_tokens, a constant of the run as
+    Dr. GRPO's and veRL's maximum response length is (not the batch's padded length)."""
+    return float(config.actor.loss_scale_factor or config.rollout.max_turns * config.rollout.max_new_tokens)
 
 
 def update_config(config: ml_collections.ConfigDict) -> UpdateConfig:
@@ -66,7 +74,8 @@ def update_config(config: ml_collections.ConfigDict) -> UpdateConfig:
                         max_tokens_per_micro_batch=a.max_tokens_per_micro_batch,
                         ppo_epochs=a.ppo_epochs, clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
                         clip_ratio_c=a.clip_ratio_c, use_kl_loss=a.use_kl_loss, kl_coef=a.kl_coef,
-                        kl_estimator=a.kl_loss_type, entropy_coeff=a.entropy_coeff, loss_agg_mode=a.loss_agg_mode)
+                        kl_estimator=a.kl_loss_type, entropy_coeff=a.entropy_coeff, loss_agg_mode=a.loss_agg_mode,
+                        loss_scale_factor=loss_scale_factor(config))
     return dataclasses.replace(ucfg, total_steps=config.trainer.total_training_steps * optimiser_steps(ucfg, rows))
 
 
@@ -362,7 +371,8 @@ def step_metrics(run: Run, traj: Trajectories, rollout_stats, reward_metrics, up
     host_side["response_length/mean"] = generated / traj.num_rollouts
     out = {}
     out.update(global_host_metrics(host_side, traj.num_rollouts, generated))
-    out.update({f"actor/{k}": v for k, v in update_metrics[-1].items()})  # global already
+    # every optimiser step of the update, not only the last (global already)
+    out.update({f"actor/{k}": v for k, v in summarise_steps(update_metrics).items()})
     return out
 
 
@@ -416,8 +426,11 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
         start_step = ckpt.restore_latest(policy, updater, batches)
         if start_step:
             logging.info("resumed from step %d", start_step)
+        # the steps after the checkpoint run again: their earlier records go (a fresh run: all of
+        # them, step 0's validation included), so that each step is recorded once
         writer = metrics_lib.MetricsWriter(config.run_dir, use_tensorboard=config.trainer.use_tensorboard,
-                                           use_wandb=config.trainer.use_wandb, print_fn=progress.console_print)
+                                           use_wandb=config.trainer.use_wandb, print_fn=progress.console_print,
+                                           first_step=start_step + 1 if start_step else 0)
         show = progress.enabled(config.trainer.progress, jax.process_index() == 0)
         rcfg = components.rollout_config(config)
         actor = process_local_policy(policy, mesh, local_mesh)  # scores turns

@@ -127,11 +127,20 @@ AGG_MASK = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
     ("seq-mean-token-sum", {}, ((1 + 2 + 3) + 5) / 2),  # the padding row is not a sequence
     ("seq-mean-token-sum", {"num_seqs": 4}, ((1 + 2 + 3) + 5) / 4),
     ("seq-mean-token-mean", {}, ((1 + 2 + 3) / 3 + 5 / 1) / 2),
-    ("seq-mean-token-sum-norm", {}, ((1 + 2 + 3) / 4 + 5 / 4) / 2),  # C = L = 4
     ("seq-mean-token-sum-norm", {"loss_scale_factor": 10}, ((1 + 2 + 3) / 10 + 5 / 10) / 2),
 ])
 def test_agg_modes(mode, options, expected):
     assert float(agg_loss(jnp.asarray(LOSS), AGG_MASK, mode, **options)) == pytest.approx(expected)
+
+
+def test_sum_norm_needs_a_constant_and_ignores_padding():
+    """C is given, never the padded length: more padding columns leave the loss as it was."""
+    with pytest.raises(ValueError, match="needs loss_scale_factor > 0"):
+        agg_loss(jnp.asarray(LOSS), AGG_MASK, "seq-mean-token-sum-norm")
+    wider = lambda x: np.pad(x, ((0, 0), (0, 5)))
+    losses = [float(agg_loss(jnp.asarray(loss), mask, "seq-mean-token-sum-norm", loss_scale_factor=10))
+              for loss, mask in ((LOSS, AGG_MASK), (wider(LOSS), wider(AGG_MASK)))]
+    assert losses[0] == losses[1] == pytest.approx(((1 + 2 + 3) / 10 + 5 / 10) / 2)
 
 
 def test_agg_ignores_non_finite_values_on_masked_tokens():

@@ -8,6 +8,7 @@ import math
 import os
 import struct
 import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -31,19 +32,40 @@ class RecordingScalar:
         return np.asarray(self.value, dtype=np.float32)
 
 
-def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
-    """Scalars of every event file under `logdir`, parsed from the TFRecord framing
-    (u64 length, u32 crc, payload, u32 crc) with tensorboardX's own Event proto."""
+def tensorboard_events(path):
+    """The events of one event file, parsed from the TFRecord framing (u64 length, u32 crc,
+    payload, u32 crc) with tensorboardX's own Event proto."""
     from tensorboardX.proto.event_pb2 import Event
 
+    data = open(path, "rb").read()
+    offset = 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset:offset + 8])
+        yield Event.FromString(data[offset + 12:offset + 12 + length])
+        offset += 12 + length + 4
+
+
+def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of every event file under `logdir`, as the files hold them."""
     out: dict[str, list[tuple[int, float]]] = {}
     for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
-        data = open(path, "rb").read()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = Event.FromString(data[offset + 12:offset + 12 + length])
-            offset += 12 + length + 4
+        for event in tensorboard_events(path):
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def tensorboard_scalars_as_shown(logdir) -> dict[str, list[tuple[int, float]]]:
+    """Scalars as TensorBoard shows them: event files read in name (creation time) order, and a
+    SessionLog.START at step s (SummaryWriter's purge_step, written by a restarted run) discards
+    the scalars of steps ≥ s read before it (TensorBoard's purge of orphaned data)."""
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        for event in tensorboard_events(path):
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                out = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in out.items()}
             for value in event.summary.value:
                 out.setdefault(value.tag, []).append((event.step, value.simple_value))
     return out
@@ -102,6 +124,32 @@ def test_read_jsonl_keeps_the_last_record_of_a_repeated_step_and_skips_a_torn_li
     assert read_jsonl(tmp_path) == [{"step": 1, "x": 1.0}, {"step": 2, "x": 20.0}, {"step": 3, "x": 3.0}]
     with pytest.raises(FileNotFoundError, match="no metrics file"):
         read_jsonl(tmp_path / "missing")
+
+
+def test_a_writer_that_continues_after_a_checkpoint_records_each_step_once(tmp_path):
+    """A run killed after step 4, resumed from its checkpoint of step 2: steps 3 and 4 run again and
+    are recorded once, in metrics.jsonl and as TensorBoard shows them."""
+    with MetricsWriter(tmp_path, print_fn=None) as writer:
+        for step in (1, 2, 3, 4):
+            writer.write(step, {"x": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "x"')  # cut short by the kill
+    time.sleep(1.1)  # tensorboardX names event files by the second
+    with MetricsWriter(tmp_path, print_fn=None, first_step=3) as writer:
+        for step in (3, 4):
+            writer.write(step, {"x": 10.0 * step})
+    lines = open(tmp_path / "metrics.jsonl").read().splitlines()
+    assert [json.loads(line) for line in lines] == [{"step": 1, "x": 1.0}, {"step": 2, "x": 2.0},
+                                                   {"step": 3, "x": 30.0}, {"step": 4, "x": 40.0}]
+    assert tensorboard_scalars_as_shown(tmp_path / "tensorboard")["x"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    assert len(tensorboard_scalars(tmp_path / "tensorboard")["x"]) == 6  # the old file keeps them, hidden
+    # a fresh start (no checkpoint: first_step 0) begins the file anew; None appends
+    with MetricsWriter(tmp_path, use_tensorboard=False, print_fn=None, first_step=0) as writer:
+        writer.write(1, {"x": 7.0})
+    assert read_jsonl(tmp_path) == [{"step": 1, "x": 7.0}]
+    with MetricsWriter(tmp_path, use_tensorboard=False, print_fn=None) as writer:
+        writer.write(2, {"x": 8.0})
+    assert [r["step"] for r in read_jsonl(tmp_path)] == [1, 2]
 
 
 def test_tensorboard_event_file_holds_the_scalars(tmp_path):

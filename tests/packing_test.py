@@ -56,8 +56,12 @@ def test_token_weights_reproduce_agg_loss(mode):
     mask = (rng.random((6, 8)) < 0.5).astype(np.float32)
     mask[2] = 0  # a row without loss tokens is not a sequence
     loss = rng.normal(size=(6, 8)).astype(np.float32)
-    w = packing.token_weights(mask, mode)
-    assert float(np.sum(w * loss)) == pytest.approx(float(agg_loss(loss, mask, mode)), rel=1e-5)
+    w = packing.token_weights(mask, mode, loss_scale_factor=20.0)  # C: used by seq-mean-token-sum-norm only
+    expected = float(agg_loss(loss, mask, mode, loss_scale_factor=20.0))
+    assert float(np.sum(w * loss)) == pytest.approx(expected, rel=1e-5)
+    if mode == "seq-mean-token-sum-norm":
+        with pytest.raises(ValueError, match="needs loss_scale_factor > 0"):
+            packing.token_weights(mask, mode)  # no default from the padded length
 
 
 def _tiny_model():
@@ -65,17 +69,15 @@ def _tiny_model():
     return Decoder(cfg, nnx.Rngs(0))
 
 
-def test_packed_micro_batches_give_the_padded_loss_and_gradients():
-    """The same mini-batch, (a) padded, one micro-batch per 2 rows, (b) packed to a 24-token budget:
-    equal loss and gradients (fp32, 1e-5), in every loss_agg_mode."""
+def _mixed_rows(length: int = 16):
+    """4 rows of 16, 9, 6 and 5 tokens (left, middle and right padding) right-padded to `length`
+    columns, as an UpdateBatch with advantages, π_old and π_ref on the tokens after a 2-token prompt."""
     from igpo_jax.training import update
 
-    model = _tiny_model()
-    graphdef, params = nnx.split(model)
     rng = np.random.default_rng(2)
     n, l = 4, 16
     valid = np.zeros((n, l), bool)
-    for r, (a, k) in enumerate([(0, 16), (4, 9), (10, 6), (0, 5)]):  # left, middle and right padding
+    for r, (a, k) in enumerate([(0, 16), (4, 9), (10, 6), (0, 5)]):
         valid[r, a:a + k] = True
     tokens = np.where(valid, rng.integers(1, 64, (n, l)), 0).astype(np.int32)
     loss_mask = np.zeros((n, l), np.float32)
@@ -85,16 +87,62 @@ def test_packed_micro_batches_give_the_padded_loss_and_gradients():
     adv = (rng.normal(size=(n, 1)) * loss_mask).astype(np.float32)
     old = (rng.normal(size=(n, l)) * 0.1 * loss_mask - 3.0 * loss_mask).astype(np.float32)
     ref = (rng.normal(size=(n, l)) * 0.1 * loss_mask - 3.0 * loss_mask).astype(np.float32)
-    batch = update.UpdateBatch(*(jnp.asarray(x) for x in (tokens, valid, loss_mask, adv, old, ref)))
+    grow = lambda x: np.pad(x, ((0, 0), (0, length - l)))
+    return update.UpdateBatch(*(jnp.asarray(grow(x)) for x in (tokens, valid, loss_mask, adv, old, ref)))
+
+
+def _loss_and_gradients(graphdef, params, batch, cfg, budget: int):
+    """(loss, gradients) of one mini-batch: two padded micro-batches, or packed into rows of `budget`."""
+    from igpo_jax.training import update
+
+    if not budget:
+        loss, grads, _ = update.summed_gradients(graphdef, params, batch, cfg, 2, False, None)
+        return loss, grads
+    micro, counts = update.packed_micro_batches(batch, cfg, budget=budget)
+    loss, grads, _ = update.summed_packed_gradients(graphdef, params, micro, counts, cfg, False)
+    return loss, grads
+
+
+def test_packed_micro_batches_give_the_padded_loss_and_gradients():
+    """The same mini-batch, (a) padded, one micro-batch per 2 rows, (b) packed to a 24-token budget:
+    equal loss and gradients (fp32, 1e-5), in every loss_agg_mode."""
+    from igpo_jax.training import update
+
+    graphdef, params = nnx.split(_tiny_model())
+    batch = _mixed_rows()
     for mode in AGG_MODES:
-        cfg = update.UpdateConfig(loss_agg_mode=mode, entropy_coeff=0.01)
-        loss_a, grads_a, _ = update.summed_gradients(graphdef, params, batch, cfg, 2, False, None)
-        micro, counts = update.packed_micro_batches(batch, cfg, budget=24)
+        cfg = update.UpdateConfig(loss_agg_mode=mode, entropy_coeff=0.01, loss_scale_factor=40.0)
+        loss_a, grads_a = _loss_and_gradients(graphdef, params, batch, cfg, 0)
+        micro, _ = update.packed_micro_batches(batch, cfg, budget=24)
         assert micro.tokens_NL.shape[1:] == (1, 24)  # one packed row per micro-batch
-        loss_b, grads_b, _ = update.summed_packed_gradients(graphdef, params, micro, counts, cfg, False)
+        loss_b, grads_b = _loss_and_gradients(graphdef, params, batch, cfg, 24)
         assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-5, abs=1e-7), mode
         for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
             np.testing.assert_allclose(np.asarray(gb), np.asarray(ga), rtol=1e-4, atol=1e-6, err_msg=mode)
+
+
+@pytest.mark.parametrize("budget", [0, 24])  # padded and packed micro-batches
+def test_sum_norm_loss_does_not_depend_on_the_padded_length(budget):
+    """seq-mean-token-sum-norm divides each row's token sum by a constant of the run (the config's
+    default: rollout.max_turns × rollout.max_new_tokens), not by the step's padded row length: the
+    same rows padded to 16 and to 40 columns give the same loss and gradients."""
+    import dataclasses
+
+    from igpo_jax.config_base import base_config
+    from igpo_jax.train import update_config
+
+    c = base_config()
+    c.actor.loss_agg_mode = "seq-mean-token-sum-norm"
+    cfg = dataclasses.replace(update_config(c), entropy_coeff=0.01)
+    graphdef, params = nnx.split(_tiny_model())
+    (loss_a, grads_a), (loss_b, grads_b) = (_loss_and_gradients(graphdef, params, _mixed_rows(length), cfg, budget)
+                                            for length in (16, 40))
+    assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-6)
+    for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(np.asarray(gb), np.asarray(ga), rtol=1e-5, atol=1e-8)
+    assert cfg.loss_scale_factor == c.rollout.max_turns * c.rollout.max_new_tokens == 20000
+    c.actor.loss_scale_factor = 512
+    assert update_config(c).loss_scale_factor == 512  # set explicitly: taken as it is
 
 
 def test_updater_with_a_token_budget_matches_padded_micro_batches():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import os
 
 import jax
@@ -14,7 +15,7 @@ from flax import nnx
 from igpo_jax import components, config_base
 from igpo_jax.reporting import metrics
 from igpo_jax.training import checkpoint
-from igpo_jax.train import algorithm_config, train, update_config
+from igpo_jax.train import algorithm_config, old_logp_source, train, update_config
 from tests.conftest import write_tiny_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,6 +140,43 @@ def test_resume_after_a_kill_continues_exactly(tiny_model_dir, tmp_path):
         checkpoint.restore_params(tmp_path / run / "checkpoints", model, step=4)
         params.append(jax.tree.leaves(nnx.state(model)))
     for x, y in zip(*params):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_resume_mid_run_with_warmup_curriculum_and_mini_batches_continues_identically(tiny_model_dir, tmp_path):
+    """Two optimiser steps per RL step (π_old from the scoring pass), the lr still warming up and a
+    curriculum (joint normalisation): a run that lost its last checkpoint (killed while saving
+    step 3, whose metrics were already on disk) resumes from step 2, runs step 3 again exactly as
+    before (metrics and params), and records every step once (metrics.jsonl and TensorBoard)."""
+    import shutil
+
+    from tests.metrics_test import tensorboard_scalars_as_shown
+
+    c = smoke_config(tiny_model_dir, str(tmp_path / "run"), steps=3)
+    c.actor.ppo_mini_batch_size = 4  # 8 rollouts: two optimiser steps per RL step
+    c.actor.warmup_steps = 5  # optimiser steps 1..5: step 3's first one is still in the warm-up
+    c.algorithm.use_curriculum, c.algorithm.info_gain_norm_mode = True, "joint"
+    c.trainer.save_freq, c.trainer.test_freq = 2, 0  # checkpoints at 2 and 3 (the last)
+    assert old_logp_source(c, update_config(c), 8) == "scoring"
+    straight = train(c)
+    assert [h["step"] for h in straight] == [1, 2, 3]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    model, _ = components.load_policy(c)
+    checkpoint.restore_params(checkpoints, model, step=3)
+    params_straight = jax.tree.map(np.asarray, jax.tree.leaves(nnx.state(model)))
+    shutil.rmtree(checkpoints / "3")
+
+    resumed = train(c)
+    assert [h["step"] for h in resumed] == [3]
+    lines = open(tmp_path / "run" / metrics.METRICS_FILE).read().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    shown = tensorboard_scalars_as_shown(tmp_path / "run" / "tensorboard")["reward/mean"]
+    assert [step for step, _ in shown] == [1, 2, 3]
+    assert _comparable(resumed[0]) == pytest.approx(_comparable(straight[2]), rel=1e-6, abs=1e-9, nan_ok=True)
+    # warm-up: Adam's step count was restored (4 and 5 of 5), and both optimiser steps are logged
+    assert resumed[0]["actor/lr"] == pytest.approx((4 / 5 + 5 / 5) / 2 * c.actor.lr, rel=1e-6)
+    checkpoint.restore_params(checkpoints, model, step=3)
+    for x, y in zip(params_straight, jax.tree.leaves(nnx.state(model))):
         np.testing.assert_array_equal(x, y)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from igpo_jax.igpo.loss import policy_loss
+from igpo_jax.igpo.loss import AGG_MODES, policy_loss
 from igpo_jax.model.weights import load_hf
 from igpo_jax.training.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs, train_step
 from tests.conftest import write_tiny_hf_model
@@ -56,22 +56,92 @@ def test_loss_gradient_is_exactly_zero_off_the_loss_mask(model):
         np.testing.assert_array_equal(x, y)
 
 
-def test_first_mini_batch_has_ratio_one(model):
-    updater = Updater(model, UpdateConfig(lr=1e-3, ppo_mini_batch_size=2))
-    metrics = updater.update(_batch(model))
-    first, second = metrics
-    assert float(first["approx_kl"]) == 0.0 and float(first["pg_clipfrac_upper"]) == 0.0
-    assert float(first["kl_ref"]) == pytest.approx(0.0, abs=1e-6)  # π_ref = π_old = π_θ at the start
-    assert float(second["approx_kl"]) != 0.0  # the second mini-batch sees updated params
+def _full_logits_logprobs(model, tokens_NL, valid_NL) -> np.ndarray:
+    """log π(token j | tokens < j) computed independently of `token_logprobs`: the model's plain
+    forward, every position's full [V] logits and a log_softmax (no chunks, no gathered positions,
+    no custom gradient); column 0 is 0."""
+    from igpo_jax.model.qwen import forward_padded
+
+    tokens_NL = jnp.asarray(tokens_NL)
+    logits = forward_padded(model, tokens_NL, jnp.asarray(valid_NL)) / model.cfg.logprob_temperature
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], axis=-1), tokens_NL[:, 1:, None], axis=-1)
+    return np.pad(np.asarray(logp[..., 0]), ((0, 0), (1, 0)))
 
 
-def test_recomputed_old_logprobs_equal_the_trainer_forward(model):
+def test_first_mini_batch_has_ratio_one_and_the_second_measures_the_first_step(model):
+    """Mini-batch 1 takes π_old = π_θ (ρ = 1), whatever old_logp the batch carries; mini-batch 2 takes
+    the batch's π_old, so its approx_kl is mean(old − new) with `new` the log-probs after step 1."""
     b = _batch(model)
+    cfg = UpdateConfig(lr=1e-3, ppo_mini_batch_size=2)
+    first, second = slice(0, 2), slice(2, 4)
+    # π_old of mini-batch 1 shifted: were it used, ρ = e^−0.3 there and approx_kl 0.3
+    shifted = b.old_logp_NL.at[first].add(0.3 * b.loss_mask_NL[first])
+    batch = UpdateBatch(b.tokens_NL, b.valid_NL, b.loss_mask_NL, b.advantage_NL, shifted, b.ref_logp_NL)
     graphdef, params = nnx.split(model)
+    start = jax.tree.map(jnp.copy, params)
+    opt = jax.tree.map(jnp.copy, Updater(model, cfg).opt_state)
+    m1, m2 = Updater(model, cfg).update(batch)
+
+    advantage1, mask1 = np.asarray(b.advantage_NL[first]), np.asarray(b.loss_mask_NL[first])
+    assert float(m1["approx_kl"]) == 0.0
+    assert float(m1["pg_loss"]) == pytest.approx(-float(np.sum(advantage1 * mask1) / mask1.sum()), rel=1e-6)
+    # the params after step 1, by hand: the same step on mini-batch 1 from the same start
+    after_first, _, _ = train_step(graphdef, start, opt, jax.tree.map(lambda x: x[first], batch), cfg, 1, True)
+    new = _full_logits_logprobs(nnx.merge(graphdef, after_first), b.tokens_NL, b.valid_NL)[second]
+    mask2 = np.asarray(b.loss_mask_NL[second])
+    expected = float(np.sum((np.asarray(b.old_logp_NL[second]) - new) * mask2) / mask2.sum())
+    assert abs(expected) > 1e-4  # the first step moved mini-batch 2's log-probs measurably
+    assert float(m2["approx_kl"]) == pytest.approx(expected, rel=1e-3, abs=1e-7)
+
+
+def test_trainer_logprobs_equal_a_full_logits_log_softmax(model):
+    """`token_logprobs` (chunked vocab projection) and `compute_logprobs` (micro-batched, loss
+    tokens only) against the plain full-logits computation, padding and several chunks included."""
     from igpo_jax.training.update import token_logprobs
 
-    inside = token_logprobs(nnx.merge(graphdef, params), b.tokens_NL, b.valid_NL, 128)[0]
-    np.testing.assert_allclose(inside, b.old_logp_NL, atol=1e-6)
+    b = _batch(model)
+    reference = _full_logits_logprobs(model, b.tokens_NL, b.valid_NL)
+    valid = np.asarray(b.valid_NL)
+    inside = np.asarray(token_logprobs(model, b.tokens_NL, b.valid_NL, 4)[0])  # 3 chunks of 4 positions
+    np.testing.assert_allclose(inside[valid], reference[valid], atol=1e-5)
+    assert np.all(inside[:, 0] == 0.0)
+    mask = np.asarray(b.loss_mask_NL) > 0
+    needed = np.asarray(compute_logprobs(model, b.tokens_NL, b.valid_NL, 2, chunk=4, needed_NL=b.loss_mask_NL))
+    np.testing.assert_allclose(needed[mask], reference[mask], atol=1e-5)
+    assert np.all(needed[~mask] == 0.0)
+
+
+def test_step_metrics_cover_every_optimiser_step(model):
+    """train.step_metrics logs the whole update, not its last optimiser step: a NaN-skipped first
+    mini-batch shows in actor/skipped (a count) and the means are over the applied steps."""
+    from types import SimpleNamespace
+
+    from igpo_jax.train import step_metrics
+
+    b = _batch(model)
+    cfg = UpdateConfig(lr=1e-3, ppo_mini_batch_size=2)
+    run = SimpleNamespace(search=SimpleNamespace(stats=SimpleNamespace(as_metrics=lambda prefix: {})), ucfg=cfg)
+    traj = SimpleNamespace(loss_mask_NL=np.asarray(b.loss_mask_NL), valid_NL=np.asarray(b.valid_NL), num_rollouts=N)
+
+    def logged(per_step):
+        out = step_metrics(run, traj, {}, {}, per_step, {"rollout": 1.0, "update": 1.0}, {})
+        return {k: float(v) for k, v in out.items()}
+
+    updater = Updater(model, cfg)
+    poisoned = UpdateBatch(b.tokens_NL, b.valid_NL, b.loss_mask_NL, b.advantage_NL.at[0, 5].set(jnp.nan),
+                           b.old_logp_NL, b.ref_logp_NL)  # row 0: the first mini-batch
+    per_step = updater.update(poisoned)
+    assert [float(m["skipped"]) for m in per_step] == [1.0, 0.0]
+    out = logged(per_step)
+    assert out["actor/skipped"] == 1.0
+    for key, of in (("grad_norm", "grad_norm"), ("grad_norm_max", "grad_norm"), ("loss", "loss")):
+        assert out[f"actor/{key}"] == pytest.approx(float(per_step[1][of]), rel=1e-6), key  # the applied step's
+    per_step = updater.update(b)  # both applied: means over the steps, and the largest norm
+    out = logged(per_step)
+    assert out["actor/skipped"] == 0.0
+    for key in ("grad_norm", "loss", "pg_clipfrac_upper", "approx_kl", "kl_ref", "lr"):
+        assert out[f"actor/{key}"] == pytest.approx(np.mean([float(m[key]) for m in per_step]), rel=1e-5), key
+    assert out["actor/grad_norm_max"] == pytest.approx(max(float(m["grad_norm"]) for m in per_step), rel=1e-6)
 
 
 def test_several_steps_on_a_fixed_batch_lower_the_loss(model):
@@ -126,10 +196,10 @@ def test_every_mini_batch_shares_one_gradient_program(model, budget):
     assert float(metrics[0]["approx_kl"]) == 0.0 and float(metrics[1]["approx_kl"]) != 0.0  # ρ = 1, then not
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("mode", AGG_MODES)
 def test_micro_batch_accumulation_equals_one_big_batch(model, mode):
     b = _batch(model)
-    cfg = UpdateConfig(lr=1e-3, loss_agg_mode=mode)
+    cfg = UpdateConfig(lr=1e-3, loss_agg_mode=mode, loss_scale_factor=20.0)
     graphdef, params = nnx.split(model)
     opt = Updater(model, cfg).opt_state
     p1, _, m1 = train_step(graphdef, jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, opt), b, cfg, 1)
@@ -148,6 +218,10 @@ def test_bad_config_values():
         UpdateConfig(schedule="linear")
     with pytest.raises(ValueError, match="not a multiple of micro_batch_size"):
         UpdateConfig(ppo_mini_batch_size=6, micro_batch_size=4)
+    with pytest.raises(ValueError, match="'seq-mean-token-sum-norm' needs loss_scale_factor > 0"):
+        UpdateConfig(loss_agg_mode="seq-mean-token-sum-norm")  # no silent default from the padded length
+    with pytest.raises(ValueError, match="loss_scale_factor=-1.0 must be ≥ 0"):
+        UpdateConfig(loss_scale_factor=-1.0)
 
 
 def test_adam_moments_are_float32_for_bf16_params(tmp_path):

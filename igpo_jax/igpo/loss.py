@@ -46,6 +46,15 @@ def kl_penalty(logp_BL, ref_logp_BL, estimator: str = "low_var_kl"):
     return jnp.clip(jnp.exp(x_BL) - x_BL - 1.0, -10.0, 10.0)
 
 
+def check_loss_scale_factor(mode: str, loss_scale_factor) -> None:
+    """'seq-mean-token-sum-norm' divides by a constant C that the caller must give: no default
+    from the array's shape, whose padded length changes from batch to batch."""
+    if mode == "seq-mean-token-sum-norm" and (loss_scale_factor is None or (
+            isinstance(loss_scale_factor, (int, float)) and loss_scale_factor <= 0)):
+        raise ValueError(f"loss_agg_mode='seq-mean-token-sum-norm' needs loss_scale_factor > 0 (the constant C "
+                         f"each sequence's token sum is divided by), got {loss_scale_factor!r}")
+
+
 @functools.partial(jax.jit, static_argnames="mode")
 def agg_loss(loss_BL, mask_BL, mode: str, *, loss_scale_factor=None, num_tokens=None, num_seqs=None):
     """Aggregate a per-token loss to a scalar.
@@ -53,16 +62,18 @@ def agg_loss(loss_BL, mask_BL, mode: str, *, loss_scale_factor=None, num_tokens=
     'token-mean': Σ mask·loss / Σ mask.
     'seq-mean-token-sum': mean over sequences of each sequence's token sum.
     'seq-mean-token-mean': mean over sequences of each sequence's token mean.
-    'seq-mean-token-sum-norm' (Dr. GRPO): mean over sequences of token sum / C, C = loss_scale_factor,
-      default L (the padded response length, which the trainer keeps constant). veRL divides the SUM
-      over sequences by C; we take the mean, as the mode's name and Dr. GRPO's 1/G say, so that the
-      loss scale does not grow with the (micro-)batch size.
+    'seq-mean-token-sum-norm' (Dr. GRPO): mean over sequences of token sum / C, C = loss_scale_factor
+      (required: a constant of the run, e.g. the most tokens an episode can generate; the padded
+      length L would change the gradient's scale with each batch's longest row). veRL divides the
+      SUM over sequences by C; we take the mean, as the mode's name and Dr. GRPO's 1/G say, so that
+      the loss scale does not grow with the (micro-)batch size.
     Sequences without any loss token (padding rows) are not counted in a sequence mean.
 
     num_tokens / num_seqs replace the local token / sequence counts: with gradient accumulation,
     pass the mini-batch totals and sum the micro-batch losses to get exactly the mini-batch loss.
     """
     _check("loss_agg_mode", mode, AGG_MODES)
+    check_loss_scale_factor(mode, loss_scale_factor)
     loss_BL = jnp.asarray(loss_BL)
     mask_BL = jnp.asarray(mask_BL, loss_BL.dtype)
     # where, not only a product: a non-finite value on a masked token must not poison the sum
@@ -78,7 +89,7 @@ def agg_loss(loss_BL, mask_BL, mode: str, *, loss_scale_factor=None, num_tokens=
     elif mode == "seq-mean-token-mean":
         per_seq_B = token_sum_B / jnp.maximum(count_B, 1)
     else:
-        per_seq_B = token_sum_B / (loss_BL.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+        per_seq_B = token_sum_B / loss_scale_factor
     return jnp.sum(per_seq_B) / jnp.maximum(num_seqs, 1)
 
 
@@ -96,7 +107,8 @@ def policy_loss(logp_BL, old_logp_BL, advantage_BL, mask_BL, *, ref_logp_BL=None
     logp_BL: log π_θ of the taken tokens (differentiated); old_logp_BL: log π_old (the sampling
     policy); advantage_BL: token advantages; mask_BL: tokens with loss (float or bool).
     ref_logp_BL: log π_ref, or None for no KL term (`use_kl_loss=False`). entropy_BL: per-token
-    entropy of π_θ, or None for no entropy term. Metrics are token means over mask_BL; note
+    entropy of π_θ, or None for no entropy term. loss_scale_factor: C of 'seq-mean-token-sum-norm'
+    (required there, see agg_loss). Metrics are token means over mask_BL; note
     that veRL's `pg_clipfrac_lower` is our `dual_clipfrac`, ours is the lower PPO clip.
     """
     _check("loss_agg_mode", loss_agg_mode, AGG_MODES)

@@ -14,8 +14,11 @@ to the files.
 
 `metrics.jsonl` holds one JSON object per step: {"step": s, "<key>": float, …}. Values are
 floats only; a non-finite value (NaN, ±inf) is stored as null (JSON has no NaN) and reads back
-as NaN. A run resumed from a checkpoint appends the steps after that checkpoint again;
-`read_jsonl` keeps the last record of each step.
+as NaN. A run that continues from a checkpoint of step S (`first_step=S + 1`) runs the steps
+after S again, so the writer first drops their records from `metrics.jsonl` (they were written
+before the run stopped) and has TensorBoard purge them (`purge_step`: TensorBoard hides the
+events of those steps written earlier); every step is then recorded once. `read_jsonl` still
+keeps the last record of a step written twice (a file from before this rule).
 
 W&B is imported only when asked for; it reads its API key from its own environment/login, and
 nothing here ever sees or logs it.
@@ -34,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -53,9 +57,11 @@ class MetricsWriter:
     def __init__(self, run_dir: str | os.PathLike, use_tensorboard: bool = True, use_wandb: bool = False,
                  console_keys: Sequence[str] = DEFAULT_CONSOLE_KEYS, print_fn: Callable[[str], Any] | None = print,
                  wandb_project: str = "igpo_jax", wandb_run_name: str | None = None,
-                 wandb_config: Mapping[str, Any] | None = None):
+                 wandb_config: Mapping[str, Any] | None = None, first_step: int | None = None):
         """`print_fn=None` silences the console line; `wandb_config` is what the W&B run shows as
-        its config (pass only hyper-parameters, never credentials)."""
+        its config (pass only hyper-parameters, never credentials). `first_step`: the first step
+        this writer will write; the records of it and later steps already in the run directory
+        are dropped (metrics.jsonl) or purged (TensorBoard). None: append to what is there."""
         wandb = None
         if use_wandb:  # before any file is opened, so a missing package leaves nothing behind
             try:
@@ -71,12 +77,22 @@ class MetricsWriter:
         self._closed = False
         # One writer per run: in a multi-host run the other processes only fetch (keeping pace).
         self._primary = jax.process_index() == 0
-        self._jsonl = open(os.path.join(self.run_dir, METRICS_FILE), "a", encoding="utf-8") if self._primary else None
+        path = os.path.join(self.run_dir, METRICS_FILE)
+        if first_step is not None and self._primary:
+            dropped = drop_records_from(path, first_step)
+            if dropped:
+                logging.info("%s: dropped %d records of steps ≥ %d, which this run writes again", path, dropped,
+                             first_step)
+        self._jsonl = open(path, "a", encoding="utf-8") if self._primary else None
         self._tensorboard = None
         if use_tensorboard and self._primary:
             from tensorboardX import SummaryWriter  # no TensorFlow needed
 
-            self._tensorboard = SummaryWriter(logdir=os.path.join(self.run_dir, TENSORBOARD_SUBDIR))
+            # a new event file starting with a SessionLog.START at first_step: TensorBoard's reader
+            # then discards the earlier files' events of steps ≥ first_step (tensorboard's purge of
+            # orphaned data); event files are append-only, so this is how a step is written once
+            self._tensorboard = SummaryWriter(logdir=os.path.join(self.run_dir, TENSORBOARD_SUBDIR),
+                                              purge_step=first_step)
         self._wandb = None
         if wandb is not None and self._primary:
             self._wandb = wandb.init(project=wandb_project, name=wandb_run_name, dir=self.run_dir,
@@ -147,6 +163,22 @@ def console_line(step: int, record: Mapping[str, float], keys: Sequence[str]) ->
     return " | ".join(parts)
 
 
+def drop_records_from(path: str | os.PathLike, first_step: int) -> int:
+    """Removes the records of steps ≥ `first_step` from the metrics file `path` (and a last line cut
+    short by a crash), keeping the others in order; returns how many were removed. Rewritten
+    through a temporary file and a rename, so a crash leaves the old file or the new one."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return 0
+    records = _parsed_lines(path)
+    kept = [line + "\n" for line, raw in records if int(raw["step"]) < first_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    return len(records) - len(kept)
+
+
 def read_jsonl(run_dir: str | os.PathLike) -> list[dict[str, float]]:
     """The records of `run_dir/metrics.jsonl` (or of that file itself), one per step in step
     order; null reads as NaN; for a step written twice (a resumed run) the later record wins.
@@ -157,20 +189,31 @@ def read_jsonl(run_dir: str | os.PathLike) -> list[dict[str, float]]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no metrics file: {path}")
     by_step: dict[int, dict[str, float]] = {}
+    for _, raw in _parsed_lines(path):
+        step = int(raw.pop("step"))
+        by_step[step] = {"step": step, **{k: math.nan if v is None else float(v) for k, v in raw.items()}}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _parsed_lines(path: str) -> list[tuple[str, dict]]:
+    """(line, its JSON object) of each non-empty line of a metrics file; the unterminated final
+    line of an interrupted write is left out, any other line that is not a record is an error."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
+    out = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             raw = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):  # the unterminated final line of an interrupted write
+            if not isinstance(raw, dict) or "step" not in raw:
+                raise ValueError
+        except ValueError:  # JSONDecodeError included
+            if number == len(lines):
                 continue
             raise ValueError(f"{path}, line {number}: not a JSON object: {line[:80]!r}") from None
-        step = int(raw.pop("step"))
-        by_step[step] = {"step": step, **{k: math.nan if v is None else float(v) for k, v in raw.items()}}
-    return [by_step[s] for s in sorted(by_step)]
+        out.append((line, raw))
+    return out
 
 
 class Timer:

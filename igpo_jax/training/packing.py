@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from igpo_jax.igpo.loss import check_loss_scale_factor
 from igpo_jax.model.attention_mask import causal_spec
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
 
@@ -122,7 +123,9 @@ def token_weights(mask_NL, mode: str, loss_scale_factor=None) -> np.ndarray:
     (the mini-batch), so that any split of the tokens into micro-batches sums to it.
 
     token-mean 1/T (T loss tokens); seq-mean-token-sum 1/S (S rows with a loss token);
-    seq-mean-token-mean 1/(S · n_row); seq-mean-token-sum-norm 1/(S · C), C = loss_scale_factor or L."""
+    seq-mean-token-mean 1/(S · n_row); seq-mean-token-sum-norm 1/(S · C), C = loss_scale_factor
+    (required there: a constant of the run, as in `loss.agg_loss`)."""
+    check_loss_scale_factor(mode, loss_scale_factor)
     mask = np.asarray(mask_NL, np.float64)
     count_N = mask.sum(1)
     seqs = max(int((count_N > 0).sum()), 1)
@@ -133,7 +136,7 @@ def token_weights(mask_NL, mode: str, loss_scale_factor=None) -> np.ndarray:
     elif mode == "seq-mean-token-mean":
         w = mask / (np.maximum(count_N, 1.0)[:, None] * seqs)
     elif mode == "seq-mean-token-sum-norm":
-        w = mask / ((mask.shape[1] if loss_scale_factor is None else loss_scale_factor) * seqs)
+        w = mask / (loss_scale_factor * seqs)
     else:
         raise ValueError(f"unknown loss_agg_mode {mode!r}")
     return w.astype(np.float32)

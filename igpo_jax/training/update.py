@@ -64,6 +64,10 @@ class UpdateConfig:
     kl_estimator: str = "low_var_kl"
     entropy_coeff: float = 0.0
     loss_agg_mode: str = "token-mean"
+    # C of 'seq-mean-token-sum-norm' (each sequence's token sum / C): a constant of the run, so the
+    # gradient's scale does not follow each batch's longest row; required > 0 in that mode
+    # (train.update_config: actor.loss_scale_factor, 0 → max_turns × max_new_tokens)
+    loss_scale_factor: float = 0.0
     logprob_chunk: int = 128  # positions per chunk of the vocab projection
     entropy_metric: bool = True  # report the policy entropy even when entropy_coeff = 0
 
@@ -75,6 +79,11 @@ class UpdateConfig:
         if self.micro_batch_size and self.ppo_mini_batch_size and self.ppo_mini_batch_size % self.micro_batch_size:
             raise ValueError(f"ppo_mini_batch_size={self.ppo_mini_batch_size} is not a multiple of "
                              f"micro_batch_size={self.micro_batch_size}")
+        if self.loss_scale_factor < 0:
+            raise ValueError(f"loss_scale_factor={self.loss_scale_factor} must be ≥ 0")
+        if self.loss_agg_mode == "seq-mean-token-sum-norm" and self.loss_scale_factor <= 0:
+            raise ValueError("loss_agg_mode='seq-mean-token-sum-norm' needs loss_scale_factor > 0: the constant "
+                             "each sequence's token sum is divided by (e.g. the most tokens an episode generates)")
 
 
 def learning_rate_schedule(cfg: UpdateConfig) -> optax.Schedule:
@@ -269,7 +278,8 @@ def _micro_loss(params, graphdef, micro: UpdateBatch, counts, cfg: UpdateConfig,
     logp, entropy = policy_logprobs(model, micro, layout, cfg.logprob_chunk, _with_entropy(cfg),
                                     micro.loss_mask_NL > 0)
     return _loss_of_logprobs(logp, entropy, micro, micro.loss_mask_NL, cfg, use_current_as_old,
-                             loss_agg_mode=cfg.loss_agg_mode, num_tokens=counts[0], num_seqs=counts[1])
+                             loss_agg_mode=cfg.loss_agg_mode, loss_scale_factor=cfg.loss_scale_factor,
+                             num_tokens=counts[0], num_seqs=counts[1])
 
 
 def _scan_gradients(loss_of_micro, params, micro, counts):
@@ -354,9 +364,10 @@ def packed_micro_batches(batch: UpdateBatch, cfg: UpdateConfig, budget: int, row
     layout = packing.plan_packing(valid, budget, rows_per_micro, needed_NL=mask > 0)
     group = lambda x: jnp.asarray(x.reshape(-1, rows_per_micro, budget))
     pk = lambda x: None if x is None else group(packing.pack(np.asarray(x), layout))
+    weight = packing.token_weights(mask, cfg.loss_agg_mode, cfg.loss_scale_factor)
     packed = PackedBatch(pk(batch.tokens_NL), group(layout.valid_PW), group(layout.segment_PW),
-                         group(layout.position_PW), pk(mask), pk(packing.token_weights(mask, cfg.loss_agg_mode)),
-                         pk(batch.advantage_NL), pk(batch.old_logp_NL), pk(batch.ref_logp_NL))
+                         group(layout.position_PW), pk(mask), pk(weight), pk(batch.advantage_NL),
+                         pk(batch.old_logp_NL), pk(batch.ref_logp_NL))
     counts = (jnp.float32(mask.sum()), jnp.float32((mask.sum(1) > 0).sum()))
     return packed, counts
 
@@ -425,6 +436,24 @@ def train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: UpdateConfi
                                                                use_current_as_old, layout)
     params, opt_state, step_metrics = _apply_gradients(params, opt_state, grads, loss, cfg)
     return params, opt_state, {**metrics, **step_metrics}
+
+
+@jax.jit
+def summarise_steps(per_step: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+    """One RL step's update metrics from all its optimiser steps (device arrays in and out, nothing
+    fetched): `skipped` is the number of steps skipped (a NaN step anywhere in the update shows);
+    every other metric is its mean over the steps that were applied, and `grad_norm_max` the
+    largest pre-clip gradient norm among them (one spike is not averaged away). A skipped step
+    changed nothing and its loss or norm is not finite, so it would only turn the means into NaN;
+    with every step skipped they are NaN."""
+    stacked = {k: jnp.stack([jnp.asarray(m[k], jnp.float32) for m in per_step]) for k in per_step[0]}
+    applied = stacked["skipped"] == 0
+    count = jnp.sum(applied)
+    out = {k: jnp.sum(jnp.where(applied, v, 0.0)) / count for k, v in stacked.items()}  # 0 / 0: NaN
+    out["skipped"] = jnp.sum(stacked["skipped"])
+    largest = jnp.max(jnp.where(applied, stacked["grad_norm"], -jnp.inf))
+    out["grad_norm_max"] = jnp.where(count > 0, largest, jnp.nan)
+    return out
 
 
 @jax.jit
