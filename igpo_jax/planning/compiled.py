@@ -135,7 +135,8 @@ def compile_update(cfg, st: Settings, mesh, rules, loss_agg_mode: str = "seq-mea
     arr = lambda dtype: _sds((b, t), dtype, mesh, rules, ("batch", None))
     batch = UpdateBatch(arr(jnp.int32), arr(jnp.bool_), arr(jnp.float32), arr(jnp.float32), arr(jnp.float32),
                         arr(jnp.float32))
-    ucfg = UpdateConfig(use_kl_loss=st.with_reference, loss_agg_mode=loss_agg_mode)
+    # seq-mean-token-sum-norm needs its constant C; any value compiles the same program
+    ucfg = UpdateConfig(use_kl_loss=st.with_reference, loss_agg_mode=loss_agg_mode, loss_scale_factor=1.0)
     fn = jax.jit(summed_gradients, static_argnums=(0, 3, 4, 6))  # as update._gradients_fp32
     with sharding.activate(mesh, rules):
         return program_bytes(fn.lower(graphdef, state, batch, ucfg, 1, False, None).compile())
