@@ -18,6 +18,19 @@ DEV_FILE_ENV = "IGPO_JAX_DEV_FILE"
 DEFAULT_DEV_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "igpo_dev.parquet"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs_after_each_module():
+    """Every XLA CPU executable a test compiles holds memory maps of its code while jit's caches keep
+    it; one process running the whole suite kept thousands of them and crossed the kernel's
+    vm.max_map_count (65530 here), after which XLA segfaulted in the next compile (update_test,
+    2026-12-07, under jax 0.10.2 and 0.11.2 alike). A later module that needs a program again
+    compiles it again (modules share few)."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def reference_dev_file() -> Path:
     """The shared reference dev file; a test that needs it fails (never skips) where it is missing."""
