@@ -45,6 +45,7 @@ def smoke_config(model_dir: str, run_dir: str, steps: int):
     c.data.world_questions = 40
     c.data.val_max_questions = 2
     c.data.val_batch_size = 2
+    c.data.train_batch_size = 2  # set here: the demo's own shape may change
     c.rollout.n = 2
     c.rollout.max_new_tokens = 6
     c.rollout.max_tool_tokens = 24
@@ -153,7 +154,8 @@ def test_resume_mid_run_with_warmup_curriculum_and_mini_batches_continues_identi
     from tests.metrics_test import tensorboard_scalars_as_shown
 
     c = smoke_config(tiny_model_dir, str(tmp_path / "run"), steps=3)
-    c.actor.ppo_mini_batch_size = 4  # 8 rollouts: two optimiser steps per RL step
+    c.data.train_batch_size = 4
+    c.actor.ppo_mini_batch_size = 4  # 4 questions × 2 = 8 rollouts: two optimiser steps per RL step
     c.actor.warmup_steps = 5  # optimiser steps 1..5: step 3's first one is still in the warm-up
     c.algorithm.use_curriculum, c.algorithm.info_gain_norm_mode = True, "joint"
     c.trainer.save_freq, c.trainer.test_freq = 2, 0  # checkpoints at 2 and 3 (the last)
