@@ -187,6 +187,13 @@ def base_config() -> ml_collections.ConfigDict:
     # the update's forwards and backward compute each group's prompt once for its rollout.n rows
     # (its keys/values shared by them); needs mini- and micro-batches of whole groups, else off
     c.actor.share_prompt_prefix = True
+    # rollouts of a group that are the same conversation (same tokens, turns and advantages) are
+    # computed once, in the IG scoring, π_old, π_ref and the update, weighted by their number: the
+    # same rewards, loss and gradients (training/row_selection.py)
+    c.actor.dedup_rows = True
+    # with the KL and entropy terms off, rows whose advantage is 0 on every token are not computed
+    # in the update (they add exactly nothing; the loss's normaliser still counts them)
+    c.actor.skip_rows_without_gradient = True
     # π's log-probs of logits / rollout.temperature (veRL's actor): the policy the rollouts sampled
     # from, so the policy gradient is that policy's; False: of the raw logits (temperature 1)
     c.actor.temper_logprobs = True

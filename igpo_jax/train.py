@@ -41,7 +41,7 @@ from igpo_jax import components, config_base
 from igpo_jax.data import examples as examples_lib
 from igpo_jax.reporting import host_metrics, metrics as metrics_lib
 from igpo_jax.runtime import distributed, host_memory, sharding
-from igpo_jax.training import checkpoint
+from igpo_jax.training import checkpoint, row_selection
 from igpo_jax.rollout.episodes import make_sampler, rollout, row_seeds
 from igpo_jax.rollout.trajectories import Trajectories
 from igpo_jax.igpo.evaluation import episode_record, summary
@@ -305,7 +305,8 @@ def advantages_phase(run: Run, traj: Trajectories, step: int):
                 progress.bar(traj.num_rollouts, f"step {step + 1} scoring", run.show, unit="ep") as bar:
             # the scoring model is the policy the update starts from: π_old from its pass
             scores = scoring.score_one_pass(run.actor, traj, pts, run.config.algorithm.scoring_batch_size,
-                                            token_logprobs=run.old_source == "scoring", on_batch=bar.update)
+                                            token_logprobs=run.old_source == "scoring", on_batch=bar.update,
+                                            dedup=run.config.actor.dedup_rows)
     outcomes = pipeline.score_outcomes(traj, run.rcfg.dialect, run.alg.format_penalty)
     advantage_NL, reward_metrics = pipeline.advantages_for(
         traj, outcomes, None if scores is None else scores.mean_logp_NT,
@@ -313,9 +314,27 @@ def advantages_phase(run: Run, traj: Trajectories, step: int):
     return scores, advantage_NL, reward_metrics
 
 
-def update_batch(run: Run, traj: Trajectories, scores, advantage_NL: np.ndarray):
+def row_facts(run: Run, traj: Trajectories, advantage_NL: np.ndarray) -> row_selection.RowFacts:
+    """The global update batch's rows as the update's passes select them (row_selection.py):
+    identical rows of a group (same conversation and advantages) once, with actor.dedup_rows;
+    rows that carry no gradient (zero advantages, no KL or entropy term) not at all, with
+    actor.skip_rows_without_gradient. Every process's rows, in global indices."""
+    actor, n = run.config.actor, traj.num_rollouts
+    first = traj.first_identical_N(advantage_NL) if actor.dedup_rows else np.arange(n)
+    kl_or_entropy = (run.ucfg.use_kl_loss and run.ucfg.kl_coef != 0) or run.ucfg.entropy_coeff != 0
+    active = (row_selection.rows_with_gradient(advantage_NL, traj.loss_mask_NL, kl_or_entropy)
+              if actor.skip_rows_without_gradient else np.ones(n, bool))
+    local = dict(first=(first + run.rows.start).tolist(), active=active.tolist(),
+                 tokens=np.asarray(traj.loss_mask_NL).sum(1).tolist())
+    parts = distributed.allgather_json(local)  # in process order: the global rows' order
+    join = lambda key, dtype: np.asarray([v for part in parts for v in part[key]], dtype)
+    return row_selection.RowFacts(join("first", np.int64), join("active", bool), join("tokens", np.int64))
+
+
+def update_batch(run: Run, traj: Trajectories, scores, advantage_NL: np.ndarray, facts: row_selection.RowFacts):
     """(the global UpdateBatch, its shared-prefix layout or None): every process's rows padded to
-    one length, π_old's log-probs (from scoring, recomputed, or none: π_θ itself) and π_ref's."""
+    one length, π_old's log-probs (from scoring, recomputed, or none: π_θ itself) and π_ref's
+    (each distinct row computed once, as `facts` say)."""
     length = padded_length(distributed.allgather_max(traj.tokens_NL.shape[1]))
     host_rows = update_rows(traj, advantage_NL, length)
     if run.old_source == "scoring":
@@ -332,6 +351,9 @@ def update_batch(run: Run, traj: Trajectories, scores, advantage_NL: np.ndarray)
             split_N, run.mesh, jax.sharding.PartitionSpec(spec[0]))
         shared = dict(prefix_len_N=global_rows["prefix_len_N"], layout=layout,
                       needed_NL=global_rows["loss_mask_NL"] > 0)
+    micro_count = run.num_rows // (micro or run.num_rows)
+    shared["selection"] = row_selection.select(facts, np.arange(run.num_rows), micro_count,
+                                               0 if layout is None else layout.group_size)
     if run.old_source == "recompute":
         global_rows["old_logp_NL"] = compute_logprobs(run.policy, tokens_NL, global_rows["valid_NL"], micro,
                                                       **shared)
@@ -343,11 +365,12 @@ def update_batch(run: Run, traj: Trajectories, scores, advantage_NL: np.ndarray)
 def update_phase(run: Run, traj: Trajectories, scores, advantage_NL: np.ndarray, step: int) -> list[dict]:
     """Update: the optimiser steps of the clipped loss (+ KL) over the global batch; then this
     process's views of the new policy. Returns each optimiser step's metrics."""
-    batch, layout = update_batch(run, traj, scores, advantage_NL)
+    facts = row_facts(run, traj, advantage_NL)
+    batch, layout = update_batch(run, traj, scores, advantage_NL, facts)
     with progress.bar(optimiser_steps(run.ucfg, run.num_rows), f"step {step + 1} update", run.show,
                       unit="opt step") as bar:
         update_metrics = run.updater.update(batch, on_step=(lambda: bar.update(1)) if run.show else None,
-                                            layout=layout)
+                                            layout=layout, facts=facts)
     jax.block_until_ready(update_metrics)  # the phase's time is its compute, not its dispatch
     # the update donated the old params, which a local view shares buffers with
     run.actor = process_local_policy(run.policy, run.mesh, run.local_mesh, run.actor)

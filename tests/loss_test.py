@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from igpo_jax.igpo.loss import agg_loss, kl_penalty, policy_loss
+from igpo_jax.igpo.loss import AGG_MODES, agg_loss, aggregation_weights, kl_penalty, policy_loss
 
 # Six loss tokens and one masked one; ε_low = ε_high = 0.2, c = 3. Per token:
 #   A = +1, ρ = 1.5: max(−1.5, −1.2) = −1.2            (upper clip)
@@ -168,3 +168,47 @@ def test_jit_and_validation():
         ppo(loss_agg_mode="mean")
     with pytest.raises(ValueError, match="kl, abs, mse, low_var_kl"):
         ppo(kl_estimator="k3")  # checked even without a reference policy
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_aggregation_weights_reproduce_agg_loss_with_rows_standing_for_copies(mode):
+    rng = np.random.default_rng(1)
+    mask = (rng.random((6, 8)) < 0.5).astype(np.float32)
+    mask[2] = 0  # a row without loss tokens is not a sequence
+    loss = rng.normal(size=(6, 8)).astype(np.float32)
+    w = aggregation_weights(mask, mode, loss_scale_factor=20.0)  # C: used by seq-mean-token-sum-norm only
+    expected = float(agg_loss(loss, mask, mode, loss_scale_factor=20.0))
+    assert float(np.sum(np.asarray(w) * loss)) == pytest.approx(expected, rel=1e-5)
+    # rows 0 and 4 stand for 3 and 2 copies, row 5 for none: the loss of the batch written out
+    copies = np.asarray([3, 1, 1, 1, 2, 0], np.float32)
+    expanded = np.repeat(np.arange(6), copies.astype(int))
+    expected = float(agg_loss(loss[expanded], mask[expanded], mode, loss_scale_factor=20.0))
+    w = aggregation_weights(mask, mode, loss_scale_factor=20.0, row_weight_B=copies)
+    assert float(np.sum(np.asarray(w) * loss)) == pytest.approx(expected, rel=1e-5)
+    # totals of a larger batch: these rows are its first part, the loss sums over the parts
+    first, second = np.arange(3), np.arange(3, 6)
+    totals = dict(num_tokens=float((mask * copies[:, None]).sum()),
+                  num_seqs=float(((mask.sum(1) > 0) * copies).sum()))
+    parts = sum(float(np.sum(np.asarray(aggregation_weights(mask[r], mode, loss_scale_factor=20.0,
+                                                            row_weight_B=copies[r], **totals)) * loss[r]))
+                for r in (first, second))
+    assert parts == pytest.approx(expected, rel=1e-5)
+    if mode == "seq-mean-token-sum-norm":
+        with pytest.raises(ValueError, match="needs loss_scale_factor > 0"):
+            aggregation_weights(mask, mode)  # no default from the padded length
+
+
+def test_policy_loss_with_token_weights_equals_the_aggregated_loss():
+    rng = np.random.default_rng(2)
+    shape = (4, 6)
+    logp, old, ref = (jnp.asarray(rng.normal(-1.0, 0.3, shape), jnp.float32) for _ in range(3))
+    adv = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    ent = jnp.asarray(rng.random(shape), jnp.float32)
+    mask = jnp.asarray(rng.random(shape) < 0.7, jnp.float32)
+    options = dict(ref_logp_BL=ref, entropy_BL=ent, entropy_coeff=0.01, kl_coef=0.1, loss_agg_mode="seq-mean-token-mean")
+    loss, m = policy_loss(logp, old, adv, mask, **options)
+    w = aggregation_weights(mask, "seq-mean-token-mean")
+    weighted, mw = policy_loss(logp, old, adv, mask, token_weight_BL=w, **options)
+    assert float(weighted) == pytest.approx(float(loss), rel=1e-6)
+    for k in m:
+        assert float(mw[k]) == pytest.approx(float(m[k]), rel=1e-5, abs=1e-7), k

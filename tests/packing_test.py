@@ -1,4 +1,4 @@
-"""Token-budget packing: layouts by hand, pack/unpack round trips, loss weights equal agg_loss, and
+"""Token-budget packing: layouts by hand, pack/unpack round trips, and
 packed micro-batches giving the padded path's loss and gradients (fp32 tiny model)."""
 
 from __future__ import annotations
@@ -50,20 +50,6 @@ def test_pack_unpack_round_trip_and_refusals():
         packing.plan_packing(np.array([[1, 0, 1]], bool), budget=4)
 
 
-@pytest.mark.parametrize("mode", AGG_MODES)
-def test_token_weights_reproduce_agg_loss(mode):
-    rng = np.random.default_rng(1)
-    mask = (rng.random((6, 8)) < 0.5).astype(np.float32)
-    mask[2] = 0  # a row without loss tokens is not a sequence
-    loss = rng.normal(size=(6, 8)).astype(np.float32)
-    w = packing.token_weights(mask, mode, loss_scale_factor=20.0)  # C: used by seq-mean-token-sum-norm only
-    expected = float(agg_loss(loss, mask, mode, loss_scale_factor=20.0))
-    assert float(np.sum(w * loss)) == pytest.approx(expected, rel=1e-5)
-    if mode == "seq-mean-token-sum-norm":
-        with pytest.raises(ValueError, match="needs loss_scale_factor > 0"):
-            packing.token_weights(mask, mode)  # no default from the padded length
-
-
 def _tiny_model():
     cfg = ModelConfig("qwen2", 64, 32, 48, 2, 4, 2, 8, qkv_bias=True)
     return Decoder(cfg, nnx.Rngs(0))
@@ -98,8 +84,8 @@ def _loss_and_gradients(graphdef, params, batch, cfg, budget: int):
     if not budget:
         loss, grads, _ = update.summed_gradients(graphdef, params, batch, cfg, 2, False, None)
         return loss, grads
-    micro, counts = update.packed_micro_batches(batch, cfg, budget=budget)
-    loss, grads, _ = update.summed_packed_gradients(graphdef, params, micro, counts, cfg, False)
+    micro = update.packed_micro_batches(batch, cfg, budget=budget)
+    loss, grads, _ = update.summed_packed_gradients(graphdef, params, micro, cfg, False)
     return loss, grads
 
 
@@ -113,7 +99,7 @@ def test_packed_micro_batches_give_the_padded_loss_and_gradients():
     for mode in AGG_MODES:
         cfg = update.UpdateConfig(loss_agg_mode=mode, entropy_coeff=0.01, loss_scale_factor=40.0)
         loss_a, grads_a = _loss_and_gradients(graphdef, params, batch, cfg, 0)
-        micro, _ = update.packed_micro_batches(batch, cfg, budget=24)
+        micro = update.packed_micro_batches(batch, cfg, budget=24)
         assert micro.tokens_NL.shape[1:] == (1, 24)  # one packed row per micro-batch
         loss_b, grads_b = _loss_and_gradients(graphdef, params, batch, cfg, 24)
         assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-5, abs=1e-7), mode

@@ -195,3 +195,35 @@ def test_smollm2_relevant_document_raises_gold_probability(smollm2, smollm2_toke
     # An irrelevant document moves P by a small fraction of what the right one does.
     assert abs(p_irrelevant - p_prompt) < 0.05 * (p_relevant - p_prompt)
     assert p_relevant > 10 * p_irrelevant
+
+
+def test_identical_rollouts_are_scored_once_and_share_their_scores_bitwise(tmp_path):
+    """Rollouts 0, 2 and 4 are one conversation, 1 and 3 another: one pass over 3 distinct rows
+    (with π_old's token log-probs) gives equal rows equal scores bit for bit, and the scores of
+    every row within float tolerance of scoring each row on its own."""
+    write_tiny_hf_model("qwen2", tmp_path)
+    model = load_hf(str(tmp_path))
+    rng = np.random.default_rng(3)
+    a, b, c = (rng.integers(1, 128, n) for n in (40, 31, 23))
+    starts = [[8, 17, 30], [12, 22], [8, 17, 30], [12, 22], [8, 17, 30], [9]]
+    traj = _trajectories([a, b, a, b, a, c], starts)
+    loss = np.zeros(traj.tokens_NL.shape, bool)
+    for i, row_starts in enumerate(starts):
+        for st in row_starts:
+            loss[i, st:st + 4] = True
+    traj = dataclasses.replace(traj, loss_mask_NL=loss)
+    np.testing.assert_array_equal(traj.first_identical_N(), [0, 1, 0, 1, 0, 5])
+    pts = [PseudoTurn(np.array([5, 6, 60, 61, 9], np.int32), np.array([0, 0, 1, 1, 0], bool), "")] * 6
+    seen = []
+    once = score_one_pass(model, traj, pts, batch_size=2, token_logprobs=True, on_batch=seen.append)
+    each = score_one_pass(model, traj, pts, batch_size=2, token_logprobs=True, dedup=False)
+    assert len(seen) == 2 and sum(seen) == 6  # 3 distinct rows in 2 micro-batches; the bar hears all 6
+    for same in ([0, 2, 4], [1, 3]):
+        for i in same[1:]:
+            assert once.mean_logp_NT[i].tobytes() == once.mean_logp_NT[same[0]].tobytes()
+            assert once.token_logp_NL[i].tobytes() == once.token_logp_NL[same[0]].tobytes()
+    np.testing.assert_allclose(once.mean_logp_NT, each.mean_logp_NT, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(once.token_logp_NL, each.token_logp_NL, atol=1e-5, rtol=0)
+    # a different group is a different question: its identical tokens are not merged
+    other = dataclasses.replace(traj, group_id_N=np.asarray([0, 0, 0, 1, 1, 1], np.int32))
+    np.testing.assert_array_equal(other.first_identical_N(), [0, 1, 0, 3, 4, 5])

@@ -170,3 +170,4 @@ def test_shared_prefix_update_on_an_8_device_mesh_equals_the_unshared_one(tmp_pa
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "shared prefix on 8 devices equals unshared" in proc.stdout
+    assert "identical rows once on 8 devices (6 of 12 rows computed) equal every row on one" in proc.stdout

@@ -93,6 +93,40 @@ def agg_loss(loss_BL, mask_BL, mode: str, *, loss_scale_factor=None, num_tokens=
     return jnp.sum(per_seq_B) / jnp.maximum(num_seqs, 1)
 
 
+def aggregation_weights(mask_BL, mode: str, *, loss_scale_factor=None, row_weight_B=None, num_tokens=None,
+                        num_seqs=None):
+    """Per-token weights w with Σ w · x = `agg_loss(x, mask, mode)`, where row b stands for
+    `row_weight_B[b]` identical rows (default 1; 0: a row that is not there). num_tokens / num_seqs:
+    the totals of a larger batch (with multiplicity) when these rows are a part of it — a
+    micro-batch, or a mini-batch some of whose rows are not computed — so that the parts' sums add
+    up to the whole's loss. The loss-mask-weighted token count of a row is its own (its mean in
+    'seq-mean-token-mean' does not depend on its copies).
+
+    token-mean k/T; seq-mean-token-sum k/S; seq-mean-token-mean k/(S · n_row);
+    seq-mean-token-sum-norm k/(S · C), C = loss_scale_factor (k the row's multiplicity, T tokens,
+    S rows with a loss token)."""
+    _check("loss_agg_mode", mode, AGG_MODES)
+    check_loss_scale_factor(mode, loss_scale_factor)
+    mask_BL = jnp.asarray(mask_BL, jnp.float32)
+    row_B = jnp.ones(mask_BL.shape[:1], jnp.float32) if row_weight_B is None else jnp.asarray(row_weight_B, jnp.float32)
+    counted_BL = mask_BL * row_B[:, None]
+    count_B = jnp.sum(mask_BL, axis=-1)
+    tokens = jnp.sum(counted_BL) if num_tokens is None else num_tokens
+    seqs = jnp.sum(jnp.where(count_B > 0, row_B, 0.0)) if num_seqs is None else num_seqs
+    if mode == "token-mean":
+        return counted_BL / jnp.maximum(tokens, 1)
+    per_row_B = jnp.broadcast_to(1.0 / jnp.maximum(seqs, 1), count_B.shape)
+    if mode == "seq-mean-token-mean":
+        per_row_B = per_row_B / jnp.maximum(count_B, 1)
+    elif mode == "seq-mean-token-sum-norm":
+        per_row_B = per_row_B / loss_scale_factor
+    return counted_BL * per_row_B[:, None]
+
+
+def _weighted_sum(x_BL, weight_BL):
+    return jnp.sum(jnp.where(weight_BL != 0, x_BL * weight_BL, 0.0))
+
+
 def _masked_mean(x_BL, mask_BL):
     return jnp.sum(jnp.where(mask_BL != 0, x_BL * mask_BL, 0.0)) / jnp.maximum(jnp.sum(mask_BL), 1)
 
@@ -101,14 +135,18 @@ def _masked_mean(x_BL, mask_BL):
 def policy_loss(logp_BL, old_logp_BL, advantage_BL, mask_BL, *, ref_logp_BL=None, entropy_BL=None,
                 clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2, clip_ratio_c: float = 3.0,
                 kl_coef: float = 0.001, kl_estimator: str = "low_var_kl", entropy_coeff: float = 0.0,
-                loss_agg_mode: str = "token-mean", loss_scale_factor=None, num_tokens=None, num_seqs=None):
+                loss_agg_mode: str = "token-mean", loss_scale_factor=None, num_tokens=None, num_seqs=None,
+                token_weight_BL=None):
     """Dual-clip PPO loss with optional KL-to-reference and entropy terms; returns (loss, metrics).
 
     logp_BL: log π_θ of the taken tokens (differentiated); old_logp_BL: log π_old (the sampling
     policy); advantage_BL: token advantages; mask_BL: tokens with loss (float or bool).
     ref_logp_BL: log π_ref, or None for no KL term (`use_kl_loss=False`). entropy_BL: per-token
     entropy of π_θ, or None for no entropy term. loss_scale_factor: C of 'seq-mean-token-sum-norm'
-    (required there, see agg_loss). Metrics are token means over mask_BL; note
+    (required there, see agg_loss). token_weight_BL (`aggregation_weights`): each loss term is
+    Σ weight · term instead (the aggregation's options are then unused): how micro-batches, packed
+    rows and rows standing for several identical ones add up to a mini-batch's loss.
+    Metrics are token means over mask_BL (a float mask weights them: a row's multiplicity); note
     that veRL's `pg_clipfrac_lower` is our `dual_clipfrac`, ours is the lower PPO clip.
     """
     _check("loss_agg_mode", loss_agg_mode, AGG_MODES)
@@ -127,8 +165,12 @@ def policy_loss(logp_BL, old_logp_BL, advantage_BL, mask_BL, *, ref_logp_BL=None
     negative_BL = advantage_BL < 0
     pg_BL = jnp.where(negative_BL, jnp.minimum(ppo_BL, dual_cap_BL), ppo_BL)
 
-    agg = dict(loss_scale_factor=loss_scale_factor, num_tokens=num_tokens, num_seqs=num_seqs)
-    pg_loss = agg_loss(pg_BL, mask_BL, loss_agg_mode, **agg)
+    if token_weight_BL is None:
+        agg = dict(loss_scale_factor=loss_scale_factor, num_tokens=num_tokens, num_seqs=num_seqs)
+        aggregate = lambda x_BL: agg_loss(x_BL, mask_BL, loss_agg_mode, **agg)
+    else:
+        aggregate = lambda x_BL: _weighted_sum(x_BL, jnp.asarray(token_weight_BL, jnp.float32))
+    pg_loss = aggregate(pg_BL)
     clip_active_BL = clipped_BL > unclipped_BL  # the clipped branch is the max: no gradient
     metrics = {
         "pg_loss": pg_loss,
@@ -140,13 +182,13 @@ def policy_loss(logp_BL, old_logp_BL, advantage_BL, mask_BL, *, ref_logp_BL=None
     loss = pg_loss
     if ref_logp_BL is not None:
         kl_BL = kl_penalty(logp_BL, jnp.asarray(ref_logp_BL, jnp.float32), kl_estimator)
-        kl_loss = agg_loss(kl_BL, mask_BL, loss_agg_mode, **agg)
+        kl_loss = aggregate(kl_BL)
         loss = loss + kl_coef * kl_loss
         metrics["kl_loss"] = kl_loss
         metrics["kl_ref"] = _masked_mean(kl_BL, mask_BL)
     if entropy_BL is not None:
         entropy_BL = jnp.asarray(entropy_BL, jnp.float32)
-        entropy_loss = agg_loss(entropy_BL, mask_BL, loss_agg_mode, **agg)
+        entropy_loss = aggregate(entropy_BL)
         loss = loss - entropy_coeff * entropy_loss
         metrics["entropy"] = _masked_mean(entropy_BL, mask_BL)
     metrics["loss"] = loss

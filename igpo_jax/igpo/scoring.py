@@ -288,14 +288,16 @@ def _micro_batch_arrays(traj: Trajectories, pts: Sequence[PseudoTurn], rows: np.
 
 def score_one_pass(model, traj: Trajectories, pts: Sequence[PseudoTurn], batch_size: int = 8,
                    token_logprobs: bool = False, chunk: int = 128,
-                   on_batch: Callable[[int], None] | None = None) -> TurnScores:
+                   on_batch: Callable[[int], None] | None = None, dedup: bool = True) -> TurnScores:
     """mean_logp_NT for every rollout and turn slot t < T_i, one jitted forward per micro-batch;
     with `token_logprobs`, also the loss tokens' log-probs (`TurnScores.token_logp_NL`, π_old
     when `model` is the policy that sampled; `chunk` positions per row per vocab projection).
 
     `model`: a Decoder or its (graphdef, state). Micro-batches have exactly `batch_size` rows
     (the last one padded with turn-less rows) so their shape is bucketed too. `on_batch(rows)`,
-    when given, hears each micro-batch's real rows once its scores are on the host (progress bars).
+    when given, hears each micro-batch's rollouts once their scores are on the host (progress bars).
+    `dedup`: rollouts of a group that are the same conversation (`Trajectories.first_identical_N`)
+    are computed once and share its scores, bitwise.
     """
     graphdef, state = _split_model(model)
     n, t_all = traj.num_rollouts, traj.max_turns
@@ -303,11 +305,14 @@ def score_one_pass(model, traj: Trajectories, pts: Sequence[PseudoTurn], batch_s
     if len(pts) != n:
         raise ValueError(f"{len(pts)} pseudo turns for {n} rollouts")
     need_N = _context_needed(traj, token_logprobs)
-    order = np.argsort(need_N, kind="stable")
+    first_N = traj.first_identical_N() if dedup else np.arange(n)
+    distinct = np.flatnonzero(first_N == np.arange(n))
+    copies = np.bincount(first_N, minlength=n)  # rollouts each distinct one stands for
+    order = distinct[np.argsort(need_N[distinct], kind="stable")]
     batch = min(batch_size, n)
     out_NT = np.zeros((n, t_all), np.float32)
     logp_NL = np.zeros(traj.tokens_NL.shape, np.float32) if token_logprobs else None
-    for lo in range(0, n, batch):
+    for lo in range(0, order.size, batch):
         rows = order[lo:lo + batch]
         arrays = _micro_batch_arrays(traj, pts, rows, batch, need_N, token_logprobs)
         if token_logprobs:
@@ -318,10 +323,12 @@ def score_one_pass(model, traj: Trajectories, pts: Sequence[PseudoTurn], batch_s
             mean_BT = _one_pass_jit(graphdef, state, *arrays.values())
         mean_BT = np.asarray(mean_BT)
         if on_batch is not None:
-            on_batch(len(rows))
+            on_batch(int(copies[rows].sum()))
         k = min(t_all, mean_BT.shape[1])
         out_NT[rows, :k] = mean_BT[:len(rows), :k]
+    out_NT = out_NT[first_N]
     if token_logprobs:
+        logp_NL = logp_NL[first_N]
         logp_NL = np.where(np.asarray(traj.loss_mask_NL).astype(bool), logp_NL, 0.0).astype(np.float32)
     return TurnScores(np.where(valid_NT, out_NT, 0.0).astype(np.float32), valid_NT, logp_NL)
 

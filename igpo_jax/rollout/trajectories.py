@@ -70,3 +70,17 @@ class Trajectories:
     @property
     def max_turns(self) -> int:
         return self.turn_start_NT.shape[1]
+
+    def first_identical_N(self, *more_N) -> np.ndarray:
+        """For each rollout, the first rollout of its group that is the same conversation: the same
+        real tokens, loss mask and turns (and the same rows of each array in `more_N`, e.g. the
+        advantages). Such rollouts are scored, rewarded and updated alike, so each needs computing
+        once (igpo_jax/training/row_selection.py)."""
+        first, seen = np.arange(self.num_rollouts), {}
+        for i in range(self.num_rollouts):
+            valid = self.valid_NL[i].astype(bool)
+            key = (int(self.group_id_N[i]), self.tokens_NL[i][valid].tobytes(), valid.tobytes(),
+                   self.loss_mask_NL[i].astype(bool).tobytes(), self.turn_start_NT[i].tobytes(),
+                   int(self.num_turns_N[i]), *(np.ascontiguousarray(x[i]).tobytes() for x in more_N))
+            first[i] = seen.setdefault(key, i)
+        return first

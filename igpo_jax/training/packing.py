@@ -14,9 +14,9 @@ longest of U rows.
 Host side (numpy): `plan_packing` assigns rows to bins and gives every packed slot its source
 (row, column); `pack` gathers arrays into packed rows and `unpack` scatters per-token outputs
 back to [N, L]. The loss aggregation (`loss_agg_mode`) is over the whole mini-batch, not per
-micro-batch, and its sequences are rows, which a packed row mixes: `token_weights` turns every
-mode into per-token weights computed over the mini-batch before packing, so that the loss is
-Σ weight · per-token loss whatever the packing.
+micro-batch, and its sequences are rows, which a packed row mixes: `loss.aggregation_weights`
+turns every mode into per-token weights computed over the mini-batch before packing, so that the
+loss is Σ weight · per-token loss whatever the packing.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from igpo_jax.igpo.loss import check_loss_scale_factor
 from igpo_jax.model.attention_mask import causal_spec
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
 
@@ -116,30 +115,6 @@ def unpack(y_PW, layout: PackLayout, fill=0):
     out = flat[idx]
     keep = (layout.slot_NL >= 0).reshape(layout.slot_NL.shape + (1,) * (out.ndim - 2))
     return xp.where(keep, out, xp.asarray(fill, out.dtype))
-
-
-def token_weights(mask_NL, mode: str, loss_scale_factor=None) -> np.ndarray:
-    """Per-token weights w with Σ w · loss = `loss.agg_loss(loss, mask, mode)` over these N rows
-    (the mini-batch), so that any split of the tokens into micro-batches sums to it.
-
-    token-mean 1/T (T loss tokens); seq-mean-token-sum 1/S (S rows with a loss token);
-    seq-mean-token-mean 1/(S · n_row); seq-mean-token-sum-norm 1/(S · C), C = loss_scale_factor
-    (required there: a constant of the run, as in `loss.agg_loss`)."""
-    check_loss_scale_factor(mode, loss_scale_factor)
-    mask = np.asarray(mask_NL, np.float64)
-    count_N = mask.sum(1)
-    seqs = max(int((count_N > 0).sum()), 1)
-    if mode == "token-mean":
-        w = mask / max(mask.sum(), 1.0)
-    elif mode == "seq-mean-token-sum":
-        w = mask / seqs
-    elif mode == "seq-mean-token-mean":
-        w = mask / (np.maximum(count_N, 1.0)[:, None] * seqs)
-    elif mode == "seq-mean-token-sum-norm":
-        w = mask / (loss_scale_factor * seqs)
-    else:
-        raise ValueError(f"unknown loss_agg_mode {mode!r}")
-    return w.astype(np.float32)
 
 
 def token_logprobs(model, tokens_PW, segment_PW, position_PW, valid_PW, chunk: int, with_entropy: bool = False,

@@ -31,11 +31,11 @@ import optax
 from flax import nnx
 
 from igpo_jax.training import packing
-from igpo_jax.igpo.loss import policy_loss
+from igpo_jax.igpo.loss import aggregation_weights, policy_loss
 from igpo_jax.model import shared_prefix
 from igpo_jax.model.attention_mask import causal_mask, causal_spec, positions_from_valid
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
-from igpo_jax.training import leafwise
+from igpo_jax.training import leafwise, row_selection
 from igpo_jax.runtime.sharding import constrain
 from igpo_jax.runtime.xla_flags import FP32_TRAIN_STEP_COMPILER_OPTIONS
 
@@ -157,6 +157,9 @@ class UpdateBatch:
     # int32: the row's group's shared prefix length (shared_prefix.group_prefix_lengths), with a
     # `layout`; None: no prefix sharing
     prefix_len_N: jax.Array | None = None
+    # float32: how many rows of the mini-batch each row stands for (row_selection.py: identical
+    # rows computed once); 0: padding, not computed; None: 1 each
+    weight_N: jax.Array | None = None
 
 
 def optimiser_steps(cfg: UpdateConfig, num_rows: int) -> int:
@@ -222,19 +225,39 @@ def _unsplit(x, layout):
     return from_micro_batches(x.reshape(x.shape[0], x.shape[1] // g, g, *x.shape[2:])).reshape(-1, *x.shape[2:])
 
 
+def _computed(weight_N):
+    """Whether a micro-batch holds a row to compute (a traced bool): padding rows (weight 0) only
+    are skipped by `lax.cond`, which on every backend runs the branch taken alone."""
+    return jnp.any(weight_N > 0)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
 def _logprobs_call(graphdef, params, num_micro, chunk, layout, rows: UpdateBatch, needed_NL):
     model = nnx.merge(graphdef, params)
     micro = jax.tree.map(lambda x: _split(x, num_micro, layout), (rows, needed_NL))
-    logp = jax.lax.map(lambda m: policy_logprobs(model, m[0], layout, chunk, needed_NL=m[1])[0], micro)
+
+    def forward(m):
+        return policy_logprobs(model, m[0], layout, chunk, needed_NL=m[1])[0]
+
+    def skip(m):
+        return jnp.zeros(m[0].tokens_NL.shape, jnp.float32)
+
+    logp = jax.lax.map(lambda m: jax.lax.cond(_computed(m[0].weight_N), forward, skip, m), micro)
     return _unsplit(logp, layout)
 
 
+@jax.jit
+def _expand(values_UL, slot_N):
+    """Each row's values from its computed copy's (0 for rows not computed)."""
+    return jnp.where((slot_N >= 0)[:, None], values_UL[jnp.maximum(slot_N, 0)], 0.0)
+
+
 def compute_logprobs(model, tokens_NL, valid_NL, micro_batch_size: int = 0, chunk: int = 128, prefix_len_N=None,
-                     layout=None, needed_NL=None) -> jax.Array:
+                     layout=None, needed_NL=None, selection: row_selection.Selection | None = None) -> jax.Array:
     """Log-probs of every token under `model` (π_old or π_ref), `micro_batch_size` rows per forward
     (whole groups with a shared-prefix `layout` and `prefix_len_N`); with `needed_NL`, of those
-    tokens only (the others read 0).
+    tokens only (the others read 0). With a `selection` (row_selection.select over all N rows),
+    only its rows are computed, each identical row's log-probs copied from its computed one.
 
     One jitted call that stays on device: with global arrays sharded over several processes (no
     process holds all rows) the result is a global array laid out like the batch, ready for the
@@ -247,16 +270,28 @@ def compute_logprobs(model, tokens_NL, valid_NL, micro_batch_size: int = 0, chun
         raise ValueError(f"{n} rows do not split into micro-batches of {micro}")
     if layout is not None and micro % layout.group_size:
         raise ValueError(f"micro-batches of {micro} rows do not hold whole groups of {layout.group_size}")
-    rows = UpdateBatch(tokens_NL, valid_NL, None, None, None, None, prefix_len_N if layout is not None else None)
-    return _logprobs_call(graphdef, params, n // micro, chunk, layout, rows, needed_NL)
+    rows = UpdateBatch(tokens_NL, valid_NL, None, None, None, None, prefix_len_N if layout is not None else None,
+                       jnp.ones((n,), jnp.float32))
+    if selection is None:
+        return _logprobs_call(graphdef, params, n // micro, chunk, layout, rows, needed_NL)
+    picked = _rows_of((rows, needed_NL), jax.device_put(selection.rows_U))
+    picked = (dataclasses.replace(picked[0], weight_N=jnp.asarray(selection.weight_U)), picked[1])
+    logp = _logprobs_call(graphdef, params, n // micro, chunk, _with_group_size(layout, selection), *picked)
+    return _expand(logp, jnp.asarray(selection.slot_M))
+
+
+def _with_group_size(layout, selection: row_selection.Selection):
+    """The shared-prefix layout of a selection's groups (G_u rows each), or None."""
+    return None if layout is None else dataclasses.replace(layout, group_size=selection.group_size)
 
 
 def _with_entropy(cfg: UpdateConfig) -> bool:
     return cfg.entropy_coeff != 0 or cfg.entropy_metric
 
 
-def _loss_of_logprobs(logp, entropy, micro, mask_NL, cfg: UpdateConfig, use_current_as_old: bool, **aggregation):
-    """The policy loss of a micro-batch's log-probs (padded or packed rows alike)."""
+def _loss_of_logprobs(logp, entropy, micro, counted_NL, cfg: UpdateConfig, use_current_as_old: bool, token_weight_BL):
+    """The policy loss of a micro-batch's log-probs (padded or packed rows alike): Σ token weight ·
+    token loss; metrics over the counted tokens."""
     if cfg.entropy_coeff == 0:
         entropy = jax.lax.stop_gradient(entropy)  # a metric only: no backward pass through it
     if micro.old_logp_NL is None:  # only valid where use_current_as_old (Updater checks)
@@ -264,42 +299,66 @@ def _loss_of_logprobs(logp, entropy, micro, mask_NL, cfg: UpdateConfig, use_curr
     else:  # a traced flag, not a static one: the first mini-batch and the others share one program
         old = jnp.where(use_current_as_old, jax.lax.stop_gradient(logp), micro.old_logp_NL)
     return policy_loss(
-        logp, old, micro.advantage_NL, mask_NL,
+        logp, old, micro.advantage_NL, counted_NL,
         ref_logp_BL=micro.ref_logp_NL if cfg.use_kl_loss else None,
         entropy_BL=entropy if _with_entropy(cfg) else None,
         clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high, clip_ratio_c=cfg.clip_ratio_c,
-        kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy_coeff=cfg.entropy_coeff, **aggregation)
+        kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy_coeff=cfg.entropy_coeff,
+        token_weight_BL=token_weight_BL)
 
 
-def _micro_loss(params, graphdef, micro: UpdateBatch, counts, cfg: UpdateConfig, use_current_as_old: bool,
-                layout=None):
+def _micro_loss(params, graphdef, micro: UpdateBatch, cfg: UpdateConfig, use_current_as_old: bool, layout=None):
+    """A micro-batch's share of the mini-batch loss: Σ token weight · token loss (`loss_weight_NL`,
+    set by `summed_gradients` from the mini-batch's aggregation); metrics are token means over
+    the loss mask, each row counted as often as it stands for rows (`counted_NL`)."""
     model = nnx.merge(graphdef, params)
-    # every term of the loss (and each metric) is a mean over loss-mask tokens only
-    logp, entropy = policy_logprobs(model, micro, layout, cfg.logprob_chunk, _with_entropy(cfg),
-                                    micro.loss_mask_NL > 0)
-    return _loss_of_logprobs(logp, entropy, micro, micro.loss_mask_NL, cfg, use_current_as_old,
-                             loss_agg_mode=cfg.loss_agg_mode, loss_scale_factor=cfg.loss_scale_factor,
-                             num_tokens=counts[0], num_seqs=counts[1])
+    batch, loss_weight_NL, counted_NL = micro
+    logp, entropy = policy_logprobs(model, batch, layout, cfg.logprob_chunk, _with_entropy(cfg),
+                                    batch.loss_mask_NL > 0)
+    return _loss_of_logprobs(logp, entropy, batch, counted_NL, cfg, use_current_as_old, token_weight_BL=loss_weight_NL)
 
 
-def _scan_gradients(loss_of_micro, params, micro, counts):
+def _scan_gradients(loss_of_micro, params, micro):
     """Loss, float32 gradients and metrics of `loss_of_micro(params, m)` summed over the
-    micro-batches m of `micro` (stacked on a leading axis), in a scan: one micro-batch's
-    activations live at a time."""
+    micro-batches m of `micro` = (rows, loss weights, counted tokens), stacked on a leading axis,
+    in a scan: one micro-batch's activations live at a time. A micro-batch with nothing counted
+    (padding rows only: row_selection.py) is skipped; its loss and gradient are exactly 0."""
     grad_fn = jax.value_and_grad(loss_of_micro, has_aux=True)
+    computed_tokens = jnp.maximum(jnp.sum(micro[2]), 1.0)
 
     def accumulate(grads, m):
-        (loss, metrics), g = grad_fn(params, m)
-        # losses are already aggregated with the mini-batch counts (they sum); the other metrics
-        # are token means of this micro-batch, weighted here by its share of the tokens
-        weight = jnp.sum(m.loss_mask_NL) / jnp.maximum(counts[0], 1.0)
+        def compute(m):
+            (loss, metrics), g = grad_fn(params, m)
+            return loss, metrics, jax.tree.map(lambda x: x.astype(jnp.float32), g)
+
+        def skip(m):
+            shapes = jax.eval_shape(compute, m)
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        loss, metrics, g = jax.lax.cond(_computed(m[2]), compute, skip, m)
+        # losses are already aggregated with the mini-batch's weights (they sum); the other metrics
+        # are token means of this micro-batch, weighted here by its share of the computed tokens
+        weight = jnp.sum(m[2]) / computed_tokens
         metrics = {k: v if k.endswith("loss") else v * weight for k, v in metrics.items()}
-        return jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g), (loss, metrics)
+        return jax.tree.map(jnp.add, grads, g), (loss, metrics)
 
     # float32 accumulator: summing bf16 micro-batch gradients would round at every addition
     zeros = _float32_zeros_like(params)
     grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, micro)
     return jnp.sum(losses), grads, jax.tree.map(jnp.sum, metrics)
+
+
+def loss_weights(batch: UpdateBatch, cfg: UpdateConfig, totals=None):
+    """(loss weight, counted) per token of a mini-batch: `loss.aggregation_weights` with each row's
+    multiplicity (`weight_N`) and the totals of the whole mini-batch (`totals` = (tokens,
+    sequences), for rows that are not computed; None: counted from these rows); counted = loss
+    mask × multiplicity, for the metrics."""
+    mask = batch.loss_mask_NL.astype(jnp.float32)
+    rows = jnp.ones(mask.shape[:1], jnp.float32) if batch.weight_N is None else batch.weight_N
+    num_tokens, num_seqs = (None, None) if totals is None else totals
+    weights = aggregation_weights(mask, cfg.loss_agg_mode, loss_scale_factor=cfg.loss_scale_factor,
+                                  row_weight_B=rows, num_tokens=num_tokens, num_seqs=num_seqs)
+    return weights, mask * rows[:, None]
 
 
 def _float32_zeros_like(params):
@@ -315,13 +374,13 @@ def _float32_zeros_like(params):
 
 
 def summed_gradients(graphdef, params, batch: UpdateBatch, cfg: UpdateConfig, num_micro: int,
-                     use_current_as_old: bool, layout=None):
-    """Loss, float32 gradients and metrics of one mini-batch, summed over its micro-batches."""
-    mask = batch.loss_mask_NL.astype(jnp.float32)
-    counts = (jnp.sum(mask), jnp.sum(jnp.any(mask > 0, axis=1)).astype(jnp.float32))
-    micro = jax.tree.map(lambda x: _split(x, num_micro, layout), batch)
-    loss_of_micro = lambda p, m: _micro_loss(p, graphdef, m, counts, cfg, use_current_as_old, layout)
-    return _scan_gradients(loss_of_micro, params, micro, counts)
+                     use_current_as_old: bool, layout=None, totals=None):
+    """Loss, float32 gradients and metrics of one mini-batch, summed over its micro-batches
+    (`totals`: see `loss_weights`)."""
+    weights, counted = loss_weights(batch, cfg, totals)
+    micro = jax.tree.map(lambda x: _split(x, num_micro, layout), (batch, weights, counted))
+    loss_of_micro = lambda p, m: _micro_loss(p, graphdef, m, cfg, use_current_as_old, layout)
+    return _scan_gradients(loss_of_micro, params, micro)
 
 
 # the CPU compiler option sped up the fp32 train step and slowed the bf16 one (xla_flags.py).
@@ -348,28 +407,30 @@ class PackedBatch:
     valid_NL: jax.Array
     segment_NL: jax.Array
     position_NL: jax.Array
-    loss_mask_NL: jax.Array  # 0/1, for the metrics' token shares
-    weight_NL: jax.Array  # packing.token_weights of the mini-batch: the loss is Σ weight · token loss
+    loss_mask_NL: jax.Array  # 0/1
+    counted_NL: jax.Array  # loss mask × the row's multiplicity: the metrics' token weights
+    weight_NL: jax.Array  # the mini-batch's loss weights (`loss_weights`): the loss is Σ weight · token loss
     advantage_NL: jax.Array
     old_logp_NL: jax.Array | None
     ref_logp_NL: jax.Array
 
 
-def packed_micro_batches(batch: UpdateBatch, cfg: UpdateConfig, budget: int, rows_per_micro: int = 1):
-    """(PackedBatch, counts) of a mini-batch (host-side packing; a single process holds its rows):
-    its rows' tokens packed into rows of `budget` tokens, `rows_per_micro` packed rows per
-    micro-batch (one per device the batch is split over)."""
-    valid = np.asarray(batch.valid_NL).astype(bool)
+def packed_micro_batches(batch: UpdateBatch, cfg: UpdateConfig, budget: int, rows_per_micro: int = 1,
+                         totals=None) -> PackedBatch:
+    """A mini-batch's rows packed into micro-batches (host-side packing; a single process holds its
+    rows): their tokens in rows of `budget` tokens, `rows_per_micro` packed rows per micro-batch
+    (one per device the batch is split over). Rows of weight 0 (`weight_N`: padding) are left
+    out; the loss weights are the mini-batch's (`loss_weights`, with `totals`)."""
+    keep = np.ones(batch.tokens_NL.shape[0], bool) if batch.weight_N is None else np.asarray(batch.weight_N) > 0
+    weight, counted = (np.asarray(x) for x in loss_weights(batch, cfg, totals))
     mask = np.asarray(batch.loss_mask_NL, np.float32)
-    layout = packing.plan_packing(valid, budget, rows_per_micro, needed_NL=mask > 0)
+    layout = packing.plan_packing(np.asarray(batch.valid_NL).astype(bool)[keep], budget, rows_per_micro,
+                                  needed_NL=mask[keep] > 0)
     group = lambda x: jnp.asarray(x.reshape(-1, rows_per_micro, budget))
-    pk = lambda x: None if x is None else group(packing.pack(np.asarray(x), layout))
-    weight = packing.token_weights(mask, cfg.loss_agg_mode, cfg.loss_scale_factor)
-    packed = PackedBatch(pk(batch.tokens_NL), group(layout.valid_PW), group(layout.segment_PW),
-                         group(layout.position_PW), pk(mask), pk(weight), pk(batch.advantage_NL),
-                         pk(batch.old_logp_NL), pk(batch.ref_logp_NL))
-    counts = (jnp.float32(mask.sum()), jnp.float32((mask.sum(1) > 0).sum()))
-    return packed, counts
+    pk = lambda x: group(packing.pack(np.asarray(x)[keep], layout))
+    return PackedBatch(pk(batch.tokens_NL), group(layout.valid_PW), group(layout.segment_PW), group(layout.position_PW),
+                       pk(mask), pk(counted), pk(weight), pk(batch.advantage_NL),
+                       None if batch.old_logp_NL is None else pk(batch.old_logp_NL), pk(batch.ref_logp_NL))
 
 
 def _packed_micro_loss(params, graphdef, micro: PackedBatch, cfg: UpdateConfig, use_current_as_old: bool):
@@ -377,26 +438,23 @@ def _packed_micro_loss(params, graphdef, micro: PackedBatch, cfg: UpdateConfig, 
     logp, entropy = packing.token_logprobs(model, micro.tokens_NL, micro.segment_NL, micro.position_NL,
                                            micro.valid_NL, cfg.logprob_chunk, _with_entropy(cfg),
                                            micro.loss_mask_NL > 0)
-    # the mini-batch's aggregation as per-token weights: 'token-mean' over the weights with a
-    # denominator of 1 is Σ weight · loss (metrics are then weight-averaged token means)
-    return _loss_of_logprobs(logp, entropy, micro, micro.weight_NL, cfg, use_current_as_old,
-                             loss_agg_mode="token-mean", num_tokens=jnp.float32(1.0))
+    return _loss_of_logprobs(logp, entropy, micro, micro.counted_NL, cfg, use_current_as_old,
+                             token_weight_BL=micro.weight_NL)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))  # use_current_as_old traced, as in _gradients_fp32
-def summed_packed_gradients(graphdef, params, micro: PackedBatch, counts, cfg: UpdateConfig,
-                            use_current_as_old: bool):
+@functools.partial(jax.jit, static_argnums=(0, 3))  # use_current_as_old traced, as in _gradients_fp32
+def summed_packed_gradients(graphdef, params, micro: PackedBatch, cfg: UpdateConfig, use_current_as_old: bool):
     """`summed_gradients` over packed micro-batches (already split: [num_micro, R, W])."""
-    loss_of_micro = lambda p, m: _packed_micro_loss(p, graphdef, m, cfg, use_current_as_old)
-    return _scan_gradients(loss_of_micro, params, micro, counts)
+    loss_of_micro = lambda p, m: _packed_micro_loss(p, graphdef, m[0], cfg, use_current_as_old)
+    return _scan_gradients(loss_of_micro, params, (micro, micro.weight_NL, micro.counted_NL))
 
 
 def packed_train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: UpdateConfig,
-                      use_current_as_old: bool = False, rows_per_micro: int = 1):
+                      use_current_as_old: bool = False, rows_per_micro: int = 1, totals=None):
     """`train_step` with the mini-batch packed into micro-batches of cfg.max_tokens_per_micro_batch
     tokens per packed row (the same loss and gradients; packing.py)."""
-    micro, counts = packed_micro_batches(batch, cfg, cfg.max_tokens_per_micro_batch, rows_per_micro)
-    loss, grads, metrics = summed_packed_gradients(graphdef, params, micro, counts, cfg, use_current_as_old)
+    micro = packed_micro_batches(batch, cfg, cfg.max_tokens_per_micro_batch, rows_per_micro, totals)
+    loss, grads, metrics = summed_packed_gradients(graphdef, params, micro, cfg, use_current_as_old)
     params, opt_state, step_metrics = _apply_gradients(params, opt_state, grads, loss, cfg)
     return params, opt_state, {**metrics, **step_metrics}
 
@@ -421,7 +479,7 @@ def _apply_gradients(params, opt_state, grads, loss, cfg: UpdateConfig):
 
 
 def train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: UpdateConfig, num_micro: int,
-               use_current_as_old: bool = False, layout=None):
+               use_current_as_old: bool = False, layout=None, totals=None):
     """One optimiser step on a mini-batch split into `num_micro` micro-batches (of whole groups
     sharing their prompts' forward with a `layout`); `params` and `opt_state` are donated.
 
@@ -433,7 +491,7 @@ def train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: UpdateConfi
     at 4 × 384 tokens, against 0.7 GB for the gradients alone.
     """
     loss, grads, metrics = _gradient_program(graphdef, params)(graphdef, params, batch, cfg, num_micro,
-                                                               use_current_as_old, layout)
+                                                               use_current_as_old, layout, totals)
     params, opt_state, step_metrics = _apply_gradients(params, opt_state, grads, loss, cfg)
     return params, opt_state, {**metrics, **step_metrics}
 
@@ -472,11 +530,17 @@ class Updater:
         self.model = model
 
     def update(self, batch: UpdateBatch, rng: np.random.Generator | None = None,
-               on_step: Callable[[], None] | None = None, layout=None) -> list[dict[str, Any]]:
+               on_step: Callable[[], None] | None = None, layout=None,
+               facts: row_selection.RowFacts | None = None) -> list[dict[str, Any]]:
         """`ppo_epochs` passes over the batch in mini-batches (shuffled each epoch when `rng` is
-        given: whole groups with a shared-prefix `layout`); returns one metrics dict per optimiser step (device arrays: fetch them late).
-        `on_step()`, when given, is called as each optimiser step finishes on the device (for a
-        progress bar: it waits for each step, which costs only the next step's dispatch latency)."""
+        given: whole groups with a shared-prefix `layout`); returns one metrics dict per optimiser
+        step (device arrays: fetch them late; `rows_computed_frac`: the share of the mini-batch's
+        rows its forward and backward computed).
+        `facts` (row_selection.RowFacts): identical rows computed once, with their multiplicity as
+        weight, and rows without a gradient not at all — the same loss and gradients; None: every
+        row computed. `on_step()`, when given, is called as each optimiser step finishes on the
+        device (for a progress bar: it waits for each step, which costs only the next step's
+        dispatch latency)."""
         cfg = self.cfg
         n = batch.tokens_NL.shape[0]
         mini = cfg.ppo_mini_batch_size or n
@@ -491,20 +555,27 @@ class Updater:
         if layout is not None and (micro % g or batch.prefix_len_N is None):
             raise ValueError(f"a shared-prefix update needs prefix_len_N and micro-batches of whole groups "
                              f"({micro} rows, groups of {g})")
+        facts = facts or row_selection.RowFacts.every_row(n)
+        packed = bool(cfg.max_tokens_per_micro_batch)  # packed micro-batches: a prefix layout is not used
         _, params = nnx.split(self.model)
         metrics = []
         for epoch in range(cfg.ppo_epochs):
             groups = rng.permutation(n // g) if rng is not None else np.arange(n // g)
             order = (groups[:, None] * g + np.arange(g)[None, :]).reshape(-1)
             for k, start in enumerate(range(0, n, mini)):
-                mini_batch = _rows_of(batch, jax.device_put(order[start:start + mini]))
-                if cfg.max_tokens_per_micro_batch:  # packed micro-batches (a prefix layout is not used)
+                sel = row_selection.select(facts, order[start:start + mini], mini // micro,
+                                           0 if layout is None or packed else g)
+                mini_batch = dataclasses.replace(_rows_of(batch, jax.device_put(sel.rows_U)),
+                                                 weight_N=jax.device_put(sel.weight_U))
+                totals = None if sel.num_tokens is None else (np.float32(sel.num_tokens), np.float32(sel.num_seqs))
+                if packed:
                     params, self.opt_state, m = packed_train_step(
-                        self.graphdef, params, self.opt_state, mini_batch, cfg, epoch == 0 and k == 0)
+                        self.graphdef, params, self.opt_state, mini_batch, cfg, epoch == 0 and k == 0, totals=totals)
                 else:
                     params, self.opt_state, m = train_step(
                         self.graphdef, params, self.opt_state, mini_batch, cfg, mini // micro,
-                        epoch == 0 and k == 0, layout)
+                        epoch == 0 and k == 0, _with_group_size(layout, sel), totals)
+                m["rows_computed_frac"] = np.float32(sel.computed / mini)
                 metrics.append(m)
                 if on_step is not None:
                     jax.block_until_ready(m)
