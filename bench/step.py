@@ -26,8 +26,17 @@ pairs the median is the mean: one cold start of 64 s against 31-36 s moved it to
 difference of two ~25 s steps carries their noise (±2 s here); `startup_phases_*` is the same
 start-up summed from its phases (imports, model, reference, then the first step's tracing,
 lowering and compiling or loading), which leaves out the steps' compute and its noise.
+Identical rows (issue 32, `--dedup demo,world`): the scoring, π_ref and update phases of a
+step with identical rollouts computed once (actor.dedup_rows, actor.skip_rows_without_gradient)
+and without, on the demo's shape (4 questions × 4, mini-batches of 8 in micro-batches of 2) and
+world_igpo's (micro-batches of 8: a shared prompt prefix, groups of G_u rows). The rollouts are
+the base model's on the world's questions with its local search, made to repeat as the policy's
+do in training: each group keeps as many distinct responses as a real demo run's groups had
+(`DEMO_DISTINCT_PER_GROUP`) and its other rows copy them. Both sides score and update the same
+rows from the same params, so they must give the same loss.
+
 The last line is one JSON object: per shape on_s, off_s, ratio (off / on) and the phases; the
-start-up seconds cold and warm and their ratio.
+start-up seconds cold and warm and their ratio; with --dedup, per shape the phases on and off.
 """
 
 from __future__ import annotations
@@ -53,6 +62,12 @@ SHAPES = {  # questions per step, rollouts per question (G), rows per optimiser 
     "g16": dict(questions=1, n=16, mini=16, micro=16),  # one optimiser step: ρ = 1, no π_old forward
 }
 PHASES = ("rollout", "scoring", "old_logp", "ref_logp", "update")
+
+# Distinct responses in each group of 4 of a real demo run (configs/demo.py, 2026-12-07; its
+# samples of steps 4, 8 and 12, responses compared as text): 6, 9 and 5 of 16.
+DEMO_DISTINCT_PER_GROUP = ((1, 2, 1, 2), (3, 3, 2, 1), (1, 1, 1, 2))
+DEDUP_SHAPES = {"demo": 2, "world": 8}  # micro-batch rows: demo's, and world_igpo's (whole groups)
+DEDUP_PHASES = ("scoring", "ref_logp", "update")
 
 
 def make_config(shape: dict, on: bool, run_dir: str):
@@ -193,6 +208,136 @@ def bench_shape(name: str, step: Step, repeats: int) -> dict:
                 phases_off={p: round(t, 3) for p, t in t_off.items()})
 
 
+def with_repeats(traj, distinct_per_group, n: int):
+    """`traj` with row j ≥ k of group q a copy of row j mod k, k = distinct_per_group[q]."""
+    import numpy as np
+
+    source = np.asarray([q * n + (j % k) for q, k in enumerate(distinct_per_group) for j in range(n)])
+    arrays = {f.name: getattr(traj, f.name)[source] for f in dataclasses.fields(traj) if f.name != "episodes"}
+    return dataclasses.replace(traj, **arrays, episodes=tuple(traj.episodes[i] for i in source))
+
+
+class DedupStep:
+    """Base-model rollouts of 4 questions × 4 on the world, then `run(traj, on)`: the scoring, π_ref
+    and update phases of train.py with the identical-row savings on or off, from the initial params."""
+
+    def __init__(self, micro: int, run_dir: str, policy=None, tokenizer=None):
+        import jax
+        from flax import nnx
+
+        from igpo_jax import components
+        from igpo_jax.rollout.episodes import make_sampler, rollout, row_seeds
+
+        self.micro, self.run_dir = micro, run_dir
+        config = self.config(True)
+        files = components.data_files(config)
+        examples = components.load_examples(files.train)[:config.data.train_batch_size]
+        if policy is None:
+            policy, tokenizer = components.load_policy(config)
+        self.policy, self.tokenizer = policy, tokenizer
+        self.reference = components.frozen_copy(policy)
+        self.initial = jax.tree.map(jax.numpy.copy, nnx.state(policy))
+        rcfg = components.rollout_config(config)
+        rows = config.data.train_batch_size * config.rollout.n
+        with components.search_backend(config, files.corpus) as search:
+            self.traj, _ = rollout(examples, config.rollout.n, make_sampler(policy, tokenizer, rcfg, rows), tokenizer,
+                                   search, rcfg, seeds=row_seeds(7, rows))
+
+    def config(self, on: bool):
+        from configs.demo import get_config
+
+        c = get_config()
+        c.run_dir = self.run_dir
+        c.actor.micro_batch_size = self.micro
+        c.actor.dedup_rows = c.actor.skip_rows_without_gradient = on
+        return c
+
+    def run(self, traj, on: bool):
+        import types
+
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from flax import nnx
+
+        from igpo_jax.igpo import pipeline, scoring
+        from igpo_jax.train import (algorithm_config, old_logp_source, padded_length, prefix_layout, row_facts,
+                                    update_config, update_rows)
+        from igpo_jax.training import row_selection
+        from igpo_jax.training.update import UpdateBatch, Updater, compute_logprobs
+
+        config = self.config(on)
+        n = traj.num_rollouts
+        nnx.update(self.policy, jax.tree.map(jnp.copy, self.initial))
+        ucfg, alg = update_config(config), algorithm_config(config)
+        updater, old_source, times = Updater(self.policy, ucfg), old_logp_source(config, ucfg, n), {}
+        tic = time.perf_counter()
+        pts = scoring.pseudo_turns(self.tokenizer, [pipeline.ANSWER_SPLIT.join(ep.golden_answers)
+                                                    for ep in traj.episodes], config.algorithm.pseudo_turn_template)
+        scores = scoring.score_one_pass(self.policy, traj, pts, config.algorithm.scoring_batch_size,
+                                        token_logprobs=old_source == "scoring", dedup=on)
+        outcomes = pipeline.score_outcomes(traj, config.rollout.dialect, alg.format_penalty)
+        advantage_NL, _ = pipeline.advantages_for(traj, outcomes, scores.mean_logp_NT, scores.valid_NT, alg, 0, 12)
+        times["scoring"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        facts = row_facts(types.SimpleNamespace(config=config, ucfg=ucfg, rows=slice(0, n)), traj, advantage_NL)
+        length = padded_length(traj.tokens_NL.shape[1])
+        rows = {k: jnp.asarray(v) for k, v in update_rows(traj, advantage_NL, length).items()}
+        if old_source == "scoring":
+            rows["old_logp_NL"] = jnp.asarray(np.pad(scores.token_logp_NL, ((0, 0), (0, length - traj.tokens_NL.shape[1]))))
+        split_N, layout = prefix_layout(config, ucfg, traj, n)
+        shared = {}
+        if layout is not None:
+            rows["prefix_len_N"] = jnp.asarray(split_N)
+            shared = dict(prefix_len_N=rows["prefix_len_N"], layout=layout, needed_NL=rows["loss_mask_NL"] > 0)
+        selection = row_selection.select(facts, np.arange(n), n // self.micro, 0 if layout is None else layout.group_size)
+        ref = jax.block_until_ready(compute_logprobs(self.reference, rows["tokens_NL"], rows["valid_NL"], self.micro,
+                                                     selection=selection, **shared))
+        times["ref_logp"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        batch = UpdateBatch(**{"old_logp_NL": None, **rows}, ref_logp_NL=ref)
+        metrics = jax.block_until_ready(updater.update(batch, layout=layout, facts=facts))
+        times["update"] = time.perf_counter() - tic
+        losses = [float(m["loss"]) for m in metrics]
+        return times, dict(losses=losses, computed=[float(m["rows_computed_frac"]) for m in metrics],
+                           distinct=int((traj.first_identical_N() == np.arange(n)).sum()), layout=layout is not None)
+
+
+def bench_dedup(name: str, step: DedupStep, repeats: int) -> dict:
+    """The three repeat patterns, savings on and off, each once to compile and then `repeats` times
+    (the fastest kept); phases summed over the patterns, losses compared pattern by pattern."""
+    import numpy as np
+
+    trajs = [with_repeats(step.traj, pattern, 4) for pattern in DEMO_DISTINCT_PER_GROUP]
+    for traj in trajs:  # warm-up: every program both sides need (with a layout, one per G_u)
+        for on in (True, False):
+            step.run(traj, on)
+    totals, infos = {}, {}
+    for on in (True, False):
+        runs = [[step.run(traj, on) for _ in range(repeats)] for traj in trajs]
+        totals[on] = {p: sum(min(r[0][p] for r in per_traj) for per_traj in runs) for p in DEDUP_PHASES}
+        infos[on] = [per_traj[0][1] for per_traj in runs]
+    for (a, b) in zip(infos[True], infos[False]):
+        np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-4, atol=2e-6)
+    on_s, off_s = sum(totals[True].values()), sum(totals[False].values())
+    distinct = [i["distinct"] for i in infos[True]]
+    print(f"[dedup {name}] micro-batches of {step.micro} rows, shared prefix {infos[True][0]['layout']}; "
+          f"distinct rows per step {distinct} of 16; rows computed per optimiser step "
+          f"{[i['computed'] for i in infos[True]]}")
+    for p in DEDUP_PHASES:
+        print(f"  {p:9s} on {totals[True][p]:7.3f} s   off {totals[False][p]:7.3f} s   "
+              f"off/on {totals[False][p] / max(totals[True][p], 1e-9):5.2f}")
+    print(f"  losses on {[i['losses'] for i in infos[True]]}\n         off {[i['losses'] for i in infos[False]]}")
+    return dict(distinct_rows=distinct, rows=16, on_s=round(on_s, 3), off_s=round(off_s, 3),
+                ratio=round(off_s / on_s, 3),
+                **{f"{p}_ratio": round(totals[False][p] / max(totals[True][p], 1e-9), 3) for p in DEDUP_PHASES},
+                phases_on={p: round(t, 3) for p, t in totals[True].items()},
+                phases_off={p: round(t, 3) for p, t in totals[False].items()},
+                losses_on=[i["losses"] for i in infos[True]], losses_off=[i["losses"] for i in infos[False]])
+
+
 class _Phases:
     """Wall and CPU seconds (this process, all threads) per phase of a start-up, and JAX's own
     tracing, lowering, compile-or-load and cache-read seconds inside them (jax.monitoring)."""
@@ -307,6 +452,7 @@ def main():
     parser.add_argument("--no-startup", action="store_true")
     parser.add_argument("--startup-pairs", type=int, default=3, help="cold/warm start-up pairs (medians)")
     parser.add_argument("--startup-child", default="")
+    parser.add_argument("--dedup", default="", help="identical-row savings on these shapes: demo,world")
     args = parser.parse_args()
     if args.startup_pairs < 1:
         parser.error(f"--startup-pairs must be at least 1, got {args.startup_pairs}")
@@ -319,6 +465,10 @@ def main():
         step = Step(SHAPES[name], os.path.join(tmp, name), policy, tokenizer)
         policy, tokenizer = step.policy, step.tokenizer
         result[name] = bench_shape(name, step, args.repeats)
+    for name in filter(None, args.dedup.split(",")):
+        step = DedupStep(DEDUP_SHAPES[name], os.path.join(tmp, f"dedup_{name}"), policy, tokenizer)
+        policy, tokenizer = step.policy, step.tokenizer
+        result[f"dedup_{name}"] = bench_dedup(name, step, args.repeats)
     if not args.no_startup:
         result.update(startup(tmp, args.startup_pairs))
     print(json.dumps(result))

@@ -225,24 +225,20 @@ def _unsplit(x, layout):
     return from_micro_batches(x.reshape(x.shape[0], x.shape[1] // g, g, *x.shape[2:])).reshape(-1, *x.shape[2:])
 
 
-def _computed(weight_N):
-    """Whether a micro-batch holds a row to compute (a traced bool): padding rows (weight 0) only
-    are skipped by `lax.cond`, which on every backend runs the branch taken alone."""
-    return jnp.any(weight_N > 0)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
 def _logprobs_call(graphdef, params, num_micro, chunk, layout, rows: UpdateBatch, needed_NL):
+    """Log-probs [N, L] of `rows` in `num_micro` micro-batches; micro-batches after the last one
+    with a row of weight > 0 (padding only, row_selection.py) are not computed and read 0."""
     model = nnx.merge(graphdef, params)
     micro = jax.tree.map(lambda x: _split(x, num_micro, layout), (rows, needed_NL))
 
-    def forward(m):
-        return policy_logprobs(model, m[0], layout, chunk, needed_NL=m[1])[0]
+    def forward(i, out):
+        m = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), micro)
+        return out.at[i].set(policy_logprobs(model, m[0], layout, chunk, needed_NL=m[1])[0].astype(out.dtype))
 
-    def skip(m):
-        return jnp.zeros(m[0].tokens_NL.shape, jnp.float32)
-
-    logp = jax.lax.map(lambda m: jax.lax.cond(_computed(m[0].weight_N), forward, skip, m), micro)
+    out = jnp.zeros(micro[0].tokens_NL.shape, jnp.float32)
+    weights = micro[0].weight_N
+    logp = jax.lax.fori_loop(0, _micro_batches_to_run(weights[..., None]), forward, out)
     return _unsplit(logp, layout)
 
 
@@ -321,31 +317,38 @@ def _micro_loss(params, graphdef, micro: UpdateBatch, cfg: UpdateConfig, use_cur
 def _scan_gradients(loss_of_micro, params, micro):
     """Loss, float32 gradients and metrics of `loss_of_micro(params, m)` summed over the
     micro-batches m of `micro` = (rows, loss weights, counted tokens), stacked on a leading axis,
-    in a scan: one micro-batch's activations live at a time. A micro-batch with nothing counted
-    (padding rows only: row_selection.py) is skipped; its loss and gradient are exactly 0."""
+    in a loop: one micro-batch's activations live at a time. The loop stops after the last
+    micro-batch with anything counted: the ones after it hold padding rows only
+    (row_selection.py places them last), whose loss and gradient are exactly 0."""
     grad_fn = jax.value_and_grad(loss_of_micro, has_aux=True)
     computed_tokens = jnp.maximum(jnp.sum(micro[2]), 1.0)
 
-    def accumulate(grads, m):
-        def compute(m):
-            (loss, metrics), g = grad_fn(params, m)
-            return loss, metrics, jax.tree.map(lambda x: x.astype(jnp.float32), g)
-
-        def skip(m):
-            shapes = jax.eval_shape(compute, m)
-            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-        loss, metrics, g = jax.lax.cond(_computed(m[2]), compute, skip, m)
+    def accumulate(i, carry):
+        grads, loss_sum, metric_sums = carry
+        m = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), micro)
+        (loss, metrics), g = grad_fn(params, m)
         # losses are already aggregated with the mini-batch's weights (they sum); the other metrics
         # are token means of this micro-batch, weighted here by its share of the computed tokens
         weight = jnp.sum(m[2]) / computed_tokens
         metrics = {k: v if k.endswith("loss") else v * weight for k, v in metrics.items()}
-        return jax.tree.map(jnp.add, grads, g), (loss, metrics)
+        grads = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g)
+        return grads, loss_sum + loss, jax.tree.map(jnp.add, metric_sums, metrics)
 
     # float32 accumulator: summing bf16 micro-batch gradients would round at every addition
     zeros = _float32_zeros_like(params)
-    grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, micro)
-    return jnp.sum(losses), grads, jax.tree.map(jnp.sum, metrics)
+    first = jax.tree.map(lambda x: x[0], micro)
+    loss_shape, metric_shapes = jax.eval_shape(loss_of_micro, params, first)
+    zero = lambda s: jnp.zeros(s.shape, jnp.float32)
+    # a while loop with a traced trip count: as lax.scan's own loop, without the padding's iterations
+    grads, loss, metrics = jax.lax.fori_loop(0, _micro_batches_to_run(micro[2]), accumulate,
+                                             (zeros, zero(loss_shape), jax.tree.map(zero, metric_shapes)))
+    return loss, grads, metrics
+
+
+def _micro_batches_to_run(counted_MUL):
+    """1 + the index of the last micro-batch with a counted token (0 when none has one)."""
+    nonempty = jnp.any(counted_MUL.reshape(counted_MUL.shape[0], -1) > 0, axis=1)
+    return jnp.max(jnp.where(nonempty, jnp.arange(nonempty.shape[0]) + 1, 0))
 
 
 def loss_weights(batch: UpdateBatch, cfg: UpdateConfig, totals=None):
