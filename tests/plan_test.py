@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from igpo_jax import plan
@@ -133,6 +134,18 @@ def get_config():
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _pinned_jax() -> str:
+    with open(os.path.join(REPO, "requirements.txt")) as f:
+        return re.search(r"^jax==(\S+)", f.read(), re.M).group(1)
+
+
+# The estimate is calibrated against the pinned JAX's XLA: within 15% either way there. Another
+# release assigns buffers its own way (jax 0.11.2 compiled the scanned fsdp update 18% smaller,
+# bench/results/jax_versions.md): there the safe side still holds at 15% (an estimate below what
+# XLA needs would let a config through that does not fit) and an over-estimate may reach 25%.
+ESTIMATE_OVER_COMPILED = (0.85, 1.15) if jax.__version__ == _pinned_jax() else (0.85, 1.25)
+
+
 def _plan_with_compile(config: str, *args: str, timeout: int = 600) -> tuple[dict[str, float], str]:
     """`plan --config=<config> --compile` in a fresh process (its own simulated devices): the
     estimate/compiled ratio of each program and of the peak, and the whole output."""
@@ -167,8 +180,9 @@ def test_estimate_within_15_percent_of_xla_compiled_memory(tmp_path, mesh, param
                                                            dtype=dtype, scan=scan))
     ratios, text = _plan_with_compile(str(tmp_path / "small.py"), "--device=v5e")
     assert "compiled whole (4 layers)" in text
+    low, high = ESTIMATE_OVER_COMPILED
     for name, ratio in ratios.items():
-        assert 0.85 <= ratio <= 1.15, (name, ratio, text)
+        assert low <= ratio <= high, (name, ratio, text)
     assert "fits (compiled" in text and "fits (estimate" in text
 
 
