@@ -87,6 +87,27 @@ def make_config(shape: dict, on: bool, run_dir: str):
     return c
 
 
+def update_inputs(config, ucfg, traj, scores, advantage_NL, old_source: str):
+    """What train.update_batch builds, for one process on one device: (the update's rows as device
+    arrays, π_old from the scoring pass where that is its source; split_N and the shared-prefix
+    layout or None; the keyword arguments of compute_logprobs that share the prompts)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from igpo_jax.train import padded_length, prefix_layout, update_rows
+
+    length = padded_length(traj.tokens_NL.shape[1])
+    rows = {k: jnp.asarray(v) for k, v in update_rows(traj, advantage_NL, length).items()}
+    if old_source == "scoring":
+        rows["old_logp_NL"] = jnp.asarray(np.pad(scores.token_logp_NL, ((0, 0), (0, length - traj.tokens_NL.shape[1]))))
+    split_N, layout = prefix_layout(config, ucfg, traj, traj.num_rollouts)
+    shared = {}
+    if layout is not None:
+        rows["prefix_len_N"] = jnp.asarray(split_N)
+        shared = dict(prefix_len_N=rows["prefix_len_N"], layout=layout, needed_NL=rows["loss_mask_NL"] > 0)
+    return rows, split_N, layout, shared
+
+
 class Step:
     """The models, search and data of one shape; `run(on)` times one RL step from the initial params."""
 
@@ -110,15 +131,13 @@ class Step:
     def run(self, on: bool):
         import jax
         import jax.numpy as jnp
-        import numpy as np
         from flax import nnx
 
         from igpo_jax import components
         from igpo_jax.rollout.episodes import make_sampler, rollout, row_seeds
         from igpo_jax.igpo import pipeline, scoring
         from igpo_jax.rollout.sampler import Sampler
-        from igpo_jax.train import (algorithm_config, old_logp_source, padded_length, prefix_layout, update_config,
-                                    update_rows)
+        from igpo_jax.train import algorithm_config, old_logp_source, update_config
         from igpo_jax.training.update import UpdateBatch, Updater, compute_logprobs
 
         config = make_config(self.shape, on, self.run_dir)
@@ -151,15 +170,7 @@ class Step:
         times["scoring"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        length = padded_length(traj.tokens_NL.shape[1])
-        rows = {k: jnp.asarray(v) for k, v in update_rows(traj, advantage_NL, length).items()}
-        if old_source == "scoring":
-            rows["old_logp_NL"] = jnp.asarray(np.pad(scores.token_logp_NL, ((0, 0), (0, length - traj.tokens_NL.shape[1]))))
-        split_N, layout = prefix_layout(config, ucfg, traj, num_rows)
-        shared = {}
-        if layout is not None:
-            rows["prefix_len_N"] = jnp.asarray(split_N)
-            shared = dict(prefix_len_N=rows["prefix_len_N"], layout=layout, needed_NL=rows["loss_mask_NL"] > 0)
+        rows, split_N, layout, shared = update_inputs(config, ucfg, traj, scores, advantage_NL, old_source)
         micro = ucfg.micro_batch_size
         if old_source == "recompute":
             rows["old_logp_NL"] = jax.block_until_ready(
@@ -261,8 +272,7 @@ class DedupStep:
         from flax import nnx
 
         from igpo_jax.igpo import pipeline, scoring
-        from igpo_jax.train import (algorithm_config, old_logp_source, padded_length, prefix_layout, row_facts,
-                                    update_config, update_rows)
+        from igpo_jax.train import algorithm_config, old_logp_source, row_facts, update_config
         from igpo_jax.training import row_selection
         from igpo_jax.training.update import UpdateBatch, Updater, compute_logprobs
 
@@ -282,15 +292,7 @@ class DedupStep:
 
         tic = time.perf_counter()
         facts = row_facts(types.SimpleNamespace(config=config, ucfg=ucfg, rows=slice(0, n)), traj, advantage_NL)
-        length = padded_length(traj.tokens_NL.shape[1])
-        rows = {k: jnp.asarray(v) for k, v in update_rows(traj, advantage_NL, length).items()}
-        if old_source == "scoring":
-            rows["old_logp_NL"] = jnp.asarray(np.pad(scores.token_logp_NL, ((0, 0), (0, length - traj.tokens_NL.shape[1]))))
-        split_N, layout = prefix_layout(config, ucfg, traj, n)
-        shared = {}
-        if layout is not None:
-            rows["prefix_len_N"] = jnp.asarray(split_N)
-            shared = dict(prefix_len_N=rows["prefix_len_N"], layout=layout, needed_NL=rows["loss_mask_NL"] > 0)
+        rows, _, layout, shared = update_inputs(config, ucfg, traj, scores, advantage_NL, old_source)
         selection = row_selection.select(facts, np.arange(n), n // self.micro, 0 if layout is None else layout.group_size)
         ref = jax.block_until_ready(compute_logprobs(self.reference, rows["tokens_NL"], rows["valid_NL"], self.micro,
                                                      selection=selection, **shared))
