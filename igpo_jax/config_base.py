@@ -16,6 +16,7 @@ import ml_collections
 
 from igpo_jax.rollout.episodes import STOP_STRINGS
 from igpo_jax.igpo.advantages import NORM_MODES
+from igpo_jax.igpo.group_filter import METRICS as FILTER_GROUPS_METRICS
 from igpo_jax.igpo.loss import AGG_MODES, KL_ESTIMATORS
 from igpo_jax.igpo.scoring import DEFAULT_PSEUDO_TURN_TEMPLATE
 
@@ -154,6 +155,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.algorithm.format_penalty = -2.0
     c.algorithm.pseudo_turn_template = DEFAULT_PSEUDO_TURN_TEMPLATE
     c.algorithm.scoring_batch_size = 8
+    # Dynamic sampling (DAPO; veRL's algorithm.filter_groups, same key names): a group whose
+    # rollouts carry no signal by `metric` is dropped and the next questions of the data are rolled
+    # out, round after round, until the step has train_batch_size informative groups or
+    # max_num_gen_batches rounds have run; then the remaining slots hold dropped groups (their
+    # advantages are 0: no policy gradient) so that the update batch keeps its shape, and
+    # filter_groups/* say how many rounds and groups the step used (cap_hit: it ran out of rounds).
+    # A departure from the paper (its GRPO and IGPO train on every group): off by default.
+    # metric (igpo/group_filter.py): 'advantage' drops groups whose advantages are 0 on every token
+    # (GRPO: the outcome rewards tie; IGPO: the turn rewards tie); 'acc' groups whose exact match
+    # ties; 'score' (= 'seq_final_reward' = 'seq_reward' here: no token-level shaping, no KL in the
+    # reward) groups whose outcome rewards tie, also where IGPO's gains differ.
+    # max_num_gen_batches: the most rounds a step runs, its first included (veRL's name; its
+    # DAPO recipe uses 10); 0 → one pass over the training data, veRL's "no limit" made finite.
+    # Extra rounds read the data iterator's next batches (a step may use several) and sample with
+    # seeds of their own; each process fills its own share of the batch (train.py).
+    c.algorithm.filter_groups = ml_collections.ConfigDict()
+    c.algorithm.filter_groups.enable = False
+    c.algorithm.filter_groups.metric = "advantage"
+    c.algorithm.filter_groups.max_num_gen_batches = 10
 
     c.actor = ml_collections.ConfigDict()
     c.actor.lr = 1e-6
@@ -248,6 +268,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                                                        else "use_info_gain=False (GRPO)") +
             " and norm_adv_by_std_in_grpo=True each reward type is divided by its own std, so a weight cancels. "
             "Use info_gain_norm_mode='joint', or norm_adv_by_std_in_grpo=False, or no curriculum")
+    _validate_filter_groups(c)
     _one_of("actor.kl_loss_type", c.actor.kl_loss_type, KL_ESTIMATORS)
     _one_of("actor.loss_agg_mode", c.actor.loss_agg_mode, AGG_MODES)
     _one_of("search.engine", c.search.engine, ("google", "bing", "local", "mock"))
@@ -304,6 +325,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.actor.ppo_mini_batch_size={mini} must divide train_batch_size × n = {rollouts}, "
                          f"and config.actor.micro_batch_size={micro} must divide it")
     _validate_data_source(c.data)
+
+
+def _validate_filter_groups(c: ml_collections.ConfigDict) -> None:
+    f = c.algorithm.filter_groups
+    _one_of("algorithm.filter_groups.enable", f.enable, (False, True))
+    _one_of("algorithm.filter_groups.metric", f.metric, FILTER_GROUPS_METRICS)
+    if not isinstance(f.max_num_gen_batches, int) or isinstance(f.max_num_gen_batches, bool) \
+            or f.max_num_gen_batches < 0:
+        raise ValueError(f"config.algorithm.filter_groups.max_num_gen_batches={f.max_num_gen_batches!r} must be an "
+                         f"integer ≥ 0: the most generation rounds a step runs (0 → one pass over the data)")
+    if f.enable and c.rollout.n < 2:
+        raise ValueError(f"config.algorithm.filter_groups.enable=True needs rollout.n ≥ 2 (got {c.rollout.n}): "
+                         f"a group of one rollout has nothing to compare, so no group would be informative")
 
 
 def _validate_data_source(d: ml_collections.ConfigDict) -> None:

@@ -26,3 +26,24 @@ def test_a_curriculum_in_joint_mode_is_accepted():
     c = _config()
     c.algorithm.use_info_gain, c.algorithm.info_gain_norm_mode, c.algorithm.use_curriculum = True, "joint", True
     validate(c)
+
+
+def test_dynamic_sampling_is_off_by_default_and_bad_settings_name_their_key():
+    c = _config()
+    assert not c.algorithm.filter_groups.enable  # the paper trains on every group
+    for metric in ("advantage", "acc", "score", "seq_final_reward", "seq_reward"):
+        c.algorithm.filter_groups.metric = metric
+        validate(c)
+    c.algorithm.filter_groups.metric = "std"
+    with pytest.raises(ValueError, match=r"config.algorithm.filter_groups.metric='std' is not allowed"):
+        validate(c)
+    c = _config()
+    c.algorithm.filter_groups.max_num_gen_batches = -1
+    with pytest.raises(ValueError, match=r"filter_groups.max_num_gen_batches=-1 must be an integer ≥ 0"):
+        validate(c)
+    c = _config()
+    c.algorithm.filter_groups.enable, c.rollout.n = True, 1
+    with pytest.raises(ValueError, match=r"filter_groups.enable=True needs rollout.n ≥ 2"):
+        validate(c)
+    c.rollout.n, c.algorithm.filter_groups.max_num_gen_batches = 2, 0  # 0: one pass over the data
+    validate(c)
