@@ -7,7 +7,9 @@ resume → loop, one function per phase of DESIGN.md's data flow: `rollout_phase
 search) → `advantages_phase` (gold-answer scoring, rewards, advantages) → `update_phase` (π_old,
 π_ref and the shared-prefix layout in `update_batch`, then the optimiser steps) → `step_metrics`
 → `finish_step` (validation, metrics record, checkpoint). Metrics of step s are converted to
-floats while step s + 1 runs.
+floats while step s + 1 runs. With dynamic sampling (algorithm.filter_groups) `dynamic_sampling`
+repeats rollout → advantages over the data's next batches until the step has its informative
+groups, and the update trains on those (igpo/group_filter.py).
 
 Multi-host (`jax.distributed`, one process per host): every process reads the same global batch
 of questions and rolls out only its own questions × n rows — the rows its devices hold in the
@@ -45,7 +47,7 @@ from igpo_jax.training import checkpoint, row_selection
 from igpo_jax.rollout.episodes import make_sampler, rollout, row_seeds
 from igpo_jax.rollout.trajectories import Trajectories
 from igpo_jax.igpo.evaluation import episode_record, summary
-from igpo_jax.igpo import pipeline, scoring
+from igpo_jax.igpo import group_filter, pipeline, scoring
 from igpo_jax.model import shared_prefix
 from igpo_jax.reporting import progress, samples as samples_lib
 from igpo_jax.reporting.next_steps import next_steps
@@ -120,10 +122,11 @@ def algorithm_config(config: ml_collections.ConfigDict) -> pipeline.AlgorithmCon
 
 
 def end_phase(timings: dict[str, float], name: str, tic: float, peaks: dict[str, float]) -> None:
-    """Records the phase's seconds since `tic` and the process's peak memory so far (monotone: the
-    first phase whose figure reaches a run's peak is the one that set it), then hands the buffers
-    it freed back to the OS (kept by malloc, they would add up to the peak of the next phase)."""
-    timings[name] = time.perf_counter() - tic
+    """Adds the phase's seconds since `tic` to its time this step (a step with dynamic sampling runs
+    rollout and scoring once per round) and records the process's peak memory so far (monotone:
+    the first phase whose figure reaches a run's peak is the one that set it), then hands the
+    buffers it freed back to the OS (kept by malloc, they would add up to the peak of the next phase)."""
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - tic
     peaks[name] = host_memory.peak_rss_gib()
     host_memory.release()
 
@@ -281,14 +284,16 @@ def phase(name: str, timings: dict[str, float], peaks: dict[str, float], steps_b
     end_phase(timings, name, tic, peaks)
 
 
-def rollout_phase(run: Run, examples, step: int) -> tuple[Trajectories, dict[str, float]]:
+def rollout_phase(run: Run, examples, step: int, round_index: int = 0) -> tuple[Trajectories, dict[str, float]]:
     """Rollout: this process's questions × rollout.n episodes, sampled by its local policy, with
-    search; each row's seed comes from its global index."""
+    search; each row's seed comes from its global index (and the generation round of the step:
+    dynamic sampling's extra rounds sample with seeds of their own)."""
+    seeds = row_seeds(rollout_seed(run.config, step), run.num_rows, round_index)[run.rows]
+    label = f"step {step + 1} rollout" + (f" (round {round_index + 1})" if round_index else "")
     with sharding.activate(run.local_mesh, run.rules), \
-            progress.bar(run.rows.stop - run.rows.start, f"step {step + 1} rollout", run.show, unit="ep") as bar:
+            progress.bar(run.rows.stop - run.rows.start, label, run.show, unit="ep") as bar:
         traj, rollout_stats = rollout(examples, run.config.rollout.n, run.sampler, run.tokenizer, run.search,
-                                      run.rcfg, seeds=row_seeds(rollout_seed(run.config, step), run.num_rows)[run.rows],
-                                      on_progress=progress.rollout_callback(bar))
+                                      run.rcfg, seeds=seeds, on_progress=progress.rollout_callback(bar))
     run.sampler.free_cache()  # its KV cache is not needed again until the next rollout
     return traj, rollout_stats
 
@@ -329,6 +334,65 @@ def row_facts(run: Run, traj: Trajectories, advantage_NL: np.ndarray) -> row_sel
     parts = distributed.allgather_json(local)  # in process order: the global rows' order
     join = lambda key, dtype: np.asarray([v for part in parts for v in part[key]], dtype)
     return row_selection.RowFacts(join("first", np.int64), join("active", bool), join("tokens", np.int64))
+
+
+def informative_groups(run: Run, traj: Trajectories, advantage_NL: np.ndarray) -> np.ndarray:
+    """[groups] bool: which of this round's groups carry a signal by algorithm.filter_groups.metric."""
+    metric = run.config.algorithm.filter_groups.metric
+    outcomes = None if metric == "advantage" else pipeline.score_outcomes(traj, run.rcfg.dialect,
+                                                                          run.alg.format_penalty)
+    return group_filter.informative_groups(metric, run.config.rollout.n, advantage_NL, traj.loss_mask_NL,
+                                           reward_N=None if outcomes is None else outcomes.reward_N,
+                                           em_N=None if outcomes is None else outcomes.em_N)
+
+
+def rounds_metrics(per_round: list[dict[str, float]], rows: list[int], tokens: list[int]) -> dict[str, float]:
+    """A step's host-side rollout and reward metrics from its generation rounds, combined as the
+    processes' are (host_metrics: means weighted by rows, pooled stds, summed counts), except that
+    seconds add up: the rounds ran one after another, not side by side."""
+    out = host_metrics.combine(per_round, rows, tokens)
+    for key in out:
+        if host_metrics.rule_for(key) == host_metrics.MAX:
+            out[key] = sum(m.get(key, 0.0) for m in per_round)
+    return out
+
+
+def dynamic_sampling(run: Run, batches, questions: slice, step: int, timings: dict[str, float],
+                     peaks: dict[str, float], steps_bar):
+    """algorithm.filter_groups: rollout → advantages over the data's next batches, round after round,
+    until this process's share of the update batch is informative groups (igpo/group_filter.py) or
+    the rounds reach their cap, when dropped groups fill the rest. Returns (the update batch's
+    groups, the rollout and reward metrics of every group rolled out with filter_groups/*, and
+    (rows, generated tokens) of every round).
+
+    Multi-host: each process fills its own share (its groups stay on its devices, as without
+    filtering), so the selection depends on the number of processes. Every process reads every
+    round's batch, whether it still needs groups or not, and the processes decide together whether
+    another round runs: the data iterators stay in step, so the position a checkpoint saves after
+    the step is every process's, and a resumed run reads the same batches."""
+    fg = run.config.algorithm.filter_groups
+    selection = group_filter.Selection(questions.stop - questions.start)
+    cap = group_filter.round_cap(fg.max_num_gen_batches, batches.batches_per_epoch)
+    per_round, rows, tokens = [], [], []
+    rounds = 0
+    while True:
+        examples = next(batches)[questions]
+        if selection.missing:  # a process whose share is full only keeps its iterator in step
+            with phase("rollout", timings, peaks, steps_bar):
+                traj, rollout_stats = rollout_phase(run, examples, step, round_index=rounds)
+            with phase("scoring", timings, peaks, steps_bar):
+                scores, advantage_NL, reward_metrics = advantages_phase(run, traj, step)
+            selection.add(group_filter.Groups(tuple(examples), traj, scores, advantage_NL),
+                          informative_groups(run, traj, advantage_NL))
+            per_round.append({**rollout_stats, **reward_metrics})
+            rows.append(traj.num_rollouts)
+            tokens.append(int(traj.loss_mask_NL.sum()))
+        rounds += 1
+        if not distributed.allgather_max(selection.missing) or rounds >= cap:
+            break
+    metrics = rounds_metrics(per_round, rows, tokens)
+    metrics.update(selection.metrics(rounds, cap_hit=selection.missing > 0))
+    return selection.batch(), metrics, (sum(rows), sum(tokens))
 
 
 def update_batch(run: Run, traj: Trajectories, scores, advantage_NL: np.ndarray, facts: row_selection.RowFacts):
@@ -379,9 +443,12 @@ def update_phase(run: Run, traj: Trajectories, scores, advantage_NL: np.ndarray,
 
 
 def step_metrics(run: Run, traj: Trajectories, rollout_stats, reward_metrics, update_metrics,
-                 timings: dict[str, float], peaks: dict[str, float]) -> dict[str, float]:
-    """The step's metrics: host-side ones combined across processes, then the update's (global)."""
-    generated = int(traj.loss_mask_NL.sum())
+                 timings: dict[str, float], peaks: dict[str, float],
+                 generation: tuple[int, int] | None = None) -> dict[str, float]:
+    """The step's metrics: host-side ones combined across processes, then the update's (global).
+    `traj`: the update's rows. `generation`: (rollouts, generated tokens) of the step's rollouts
+    where they are more than the update's (dynamic sampling's rounds)."""
+    rolled_out, generated = generation or (traj.num_rollouts, int(traj.loss_mask_NL.sum()))
     host_side = {}
     host_side.update(rollout_stats)
     host_side.update(reward_metrics)
@@ -391,9 +458,9 @@ def step_metrics(run: Run, traj: Trajectories, rollout_stats, reward_metrics, up
     host_side["time/rollout_tok_s"] = generated / max(timings["rollout"], 1e-9)
     host_side["time/update_tok_s"] = (float(traj.valid_NL.sum()) * run.ucfg.ppo_epochs
                                       / max(timings["update"], 1e-9))
-    host_side["response_length/mean"] = generated / traj.num_rollouts
+    host_side["response_length/mean"] = generated / rolled_out
     out = {}
-    out.update(global_host_metrics(host_side, traj.num_rollouts, generated))
+    out.update(global_host_metrics(host_side, rolled_out, generated))
     # every optimiser step of the update, not only the last (global already)
     out.update({f"actor/{k}": v for k, v in summarise_steps(update_metrics).items()})
     return out
@@ -473,19 +540,27 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                                                             alg.format_penalty, step=0)))
             steps_bar = progress.bar(total, "train", show, unit="step", leave=True, initial=start_step)
             for step in range(start_step, total):
-                timings, peaks = {}, {}
-                with phase("rollout", timings, peaks, steps_bar):
-                    examples = next(batches)[questions]
-                    traj, rollout_stats = rollout_phase(run, examples, step)
-                with phase("scoring", timings, peaks, steps_bar):
-                    scores, advantage_NL, reward_metrics = advantages_phase(run, traj, step)
+                timings, peaks, generation = {}, {}, None
+                if config.algorithm.filter_groups.enable:
+                    groups, reward_metrics, generation = dynamic_sampling(run, batches, questions, step, timings,
+                                                                          peaks, steps_bar)
+                    examples, traj, scores, advantage_NL = (groups.examples, groups.traj, groups.scores,
+                                                            groups.advantage_NL)
+                    rollout_stats = {}  # in reward_metrics: combined over the rounds
+                else:
+                    with phase("rollout", timings, peaks, steps_bar):
+                        examples = next(batches)[questions]
+                        traj, rollout_stats = rollout_phase(run, examples, step)
+                    with phase("scoring", timings, peaks, steps_bar):
+                        scores, advantage_NL, reward_metrics = advantages_phase(run, traj, step)
                 if samples_due(config, step + 1) and jax.process_index() == 0:
                     with sharding.activate(local_mesh, rules):
                         write_rollout_samples(config, run.actor, tokenizer, traj, examples, scores, advantage_NL,
                                               step + 1)
                 with phase("update", timings, peaks, steps_bar):
                     update_metrics = update_phase(run, traj, scores, advantage_NL, step)
-                metrics = step_metrics(run, traj, rollout_stats, reward_metrics, update_metrics, timings, peaks)
+                metrics = step_metrics(run, traj, rollout_stats, reward_metrics, update_metrics, timings, peaks,
+                                       generation)
                 history += finish_step(run, step + 1, metrics, val_examples, writer, ckpt, batches, steps_bar)
             steps_bar.close()
         history.append(writer.close())

@@ -140,3 +140,30 @@ def test_round_cap_zero_means_one_pass_over_the_data():
     assert group_filter.round_cap(0, batches_per_epoch=50) == 50
     with pytest.raises(ValueError, match="must be ≥ 0"):
         group_filter.round_cap(-1, 5)
+
+
+def test_extra_rounds_sample_with_seeds_of_their_own_and_the_first_round_keeps_todays():
+    from igpo_jax.rollout.episodes import row_seeds
+
+    first = row_seeds(7, 8)
+    assert row_seeds(7, 8, round_index=0) == first  # a run without extra rounds samples as before
+    rounds = [row_seeds(7, 8, round_index=r) for r in range(4)]
+    assert len({s for seeds in rounds for s in seeds}) == 4 * 8  # every row of every round its own
+    assert rounds[2] == row_seeds(7, 8, round_index=2)  # deterministic: a resumed step samples the same
+    assert row_seeds(8, 8, round_index=1) != rounds[1]
+
+
+def test_filter_groups_metrics_combine_across_processes_by_meaning():
+    """Each process fills its own share: group counts add up; the rounds are decided together and a
+    cap hit on any process is the step's."""
+    from igpo_jax.reporting import host_metrics
+
+    a = group_filter.Selection(2)
+    a.add(_groups([3, 3], "a"), [True, True])
+    b = group_filter.Selection(2)
+    b.add(_groups([3, 3], "b"), [False, True])
+    b.add(_groups([3, 3], "c"), [False, False])
+    out = host_metrics.combine([a.metrics(2, cap_hit=False), b.metrics(2, cap_hit=True)], [4, 8], [1, 1])
+    assert out == {"filter_groups/rounds": 2.0, "filter_groups/generated": 6.0, "filter_groups/informative": 3.0,
+                   "filter_groups/dropped": 3.0, "filter_groups/kept": 3.0, "filter_groups/filled": 1.0,
+                   "filter_groups/cap_hit": 1.0}

@@ -286,3 +286,55 @@ def test_smoke_run_with_bf16_rollouts(tiny_model_dir, tmp_path):
     assert [h["step"] for h in history] == [1, 2]
     assert history[0]["response_length/mean"] > 0 and history[0]["actor/grad_norm"] > 0
     assert "val/f1" in history[1]
+
+
+class _SavedIteratorState:
+    """Stands in for the data iterator when a checkpoint is read: keeps the state it is given."""
+
+    state = None
+
+    def restore(self, state):
+        self.state = dict(state)
+
+
+def test_dynamic_sampling_rolls_out_more_questions_and_fills_at_its_cap(tiny_model_dir, tmp_path):
+    """A tiny random model never writes an answer: every rollout gets the format penalty, every
+    group's outcome rewards tie, so filter_groups by 'score' drops them all, rolls out the next
+    questions until its cap of 3 rounds, then trains on dropped groups (the batch keeps its shape).
+    The data iterator moved 3 batches a step, and the checkpoint says so."""
+    c = smoke_config(tiny_model_dir, str(tmp_path / "run"), steps=2)
+    c.algorithm.filter_groups.enable = True
+    c.algorithm.filter_groups.metric = "score"
+    c.algorithm.filter_groups.max_num_gen_batches = 3
+    c.trainer.test_freq = 0
+    history = train(c)
+    assert [h["step"] for h in history] == [1, 2]
+    for h in history:
+        assert h["reward/format_error_rate"] == 1.0  # the premise: all rewards tie
+        assert {k: v for k, v in h.items() if k.startswith("filter_groups/")} == {
+            "filter_groups/rounds": 3.0, "filter_groups/generated": 6.0, "filter_groups/informative": 0.0,
+            "filter_groups/dropped": 6.0, "filter_groups/kept": 0.0, "filter_groups/filled": 2.0,
+            "filter_groups/cap_hit": 1.0}
+        # rollout metrics cover every round's 12 rollouts; the update ran on the batch of 4
+        assert h["response_length/mean"] > 0 and np.isfinite(h["actor/loss"])
+        assert h["time/rollout_s"] > 0 and h["time/scoring_s"] > 0
+    model, _ = components.load_policy(c)
+    saved = _SavedIteratorState()
+    with checkpoint.RunCheckpointer(tmp_path / "run" / checkpoint.CHECKPOINTS_SUBDIR) as ckpt:
+        ckpt.restore(model, batches=saved, step=2)
+    assert saved.state["position"] == 2 * 3 * c.data.train_batch_size and saved.state["epoch"] == 0
+
+
+def test_dynamic_sampling_with_every_group_informative_trains_as_without_it(tiny_model_dir, tmp_path):
+    """IGPO's gains differ between a tiny random model's rollouts, so by 'advantage' every group is
+    informative: one round, the same rollouts (the first round keeps the step's seeds), the same update."""
+    plain = smoke_config(tiny_model_dir, str(tmp_path / "plain"), steps=1)
+    plain.trainer.save_freq = plain.trainer.test_freq = 0
+    filtered = smoke_config(tiny_model_dir, str(tmp_path / "filtered"), steps=1)
+    filtered.trainer.save_freq = filtered.trainer.test_freq = 0
+    filtered.algorithm.filter_groups.enable = True
+    assert filtered.algorithm.use_info_gain and filtered.algorithm.filter_groups.metric == "advantage"
+    [a], [b] = train(plain), train(filtered)
+    assert b["filter_groups/rounds"] == 1.0 and b["filter_groups/kept"] == 2.0 and b["filter_groups/cap_hit"] == 0
+    assert _comparable({k: v for k, v in b.items() if not k.startswith("filter_groups/")}) == \
+        pytest.approx(_comparable(a), rel=1e-6, abs=1e-9, nan_ok=True)

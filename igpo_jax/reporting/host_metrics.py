@@ -7,6 +7,8 @@ own clocks. How a key combines follows from what it measures:
   ig/std                                                        pooled (within + between processes)
   advantage/mean                                                weighted by the generated tokens
   ig/count, search/* counters, *_tok_s throughputs              sum (processes work side by side)
+  filter_groups/* group counts                                  sum (each process fills its own share)
+  filter_groups/rounds, filter_groups/cap_hit                   max (decided together; cap_hit: any share short)
   time/*, rollout/*_s                                           max (the slowest process sets the pace)
   memory/*                                                      max (the fullest process sets the limit)
   curriculum/*                                                  the same on every process: the first
@@ -23,7 +25,9 @@ SUM, MAX, FIRST, BY_ROWS, BY_TOKENS, BY_IG_COUNT, POOLED_STD = (
 
 
 def rule_for(key: str) -> str:
-    if key.endswith("_tok_s") or key.startswith("search/") or key == "ig/count":
+    if key in ("filter_groups/rounds", "filter_groups/cap_hit"):
+        return MAX
+    if key.endswith("_tok_s") or key.startswith(("search/", "filter_groups/")) or key == "ig/count":
         return SUM
     if key.startswith(("time/", "memory/")) or (key.startswith("rollout/") and key.endswith("_s")):
         return MAX

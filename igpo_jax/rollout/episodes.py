@@ -480,11 +480,16 @@ def _stats(rows: list[_Row], timing: dict[str, float]) -> dict[str, float]:
     return stats
 
 
-def row_seeds(seed: int, num_rows: int) -> list[int]:
+def row_seeds(seed: int, num_rows: int, round_index: int = 0) -> list[int]:
     """The sampling seed of each of `num_rows` rows for a batch seeded with `seed`. A multi-host
     run computes them for the global batch and gives each process its rows' slice, so that a row
-    samples the same tokens whichever process runs it."""
-    return np.random.SeedSequence([seed, num_rows]).generate_state(num_rows).tolist()
+    samples the same tokens whichever process runs it. `round_index` > 0: the seeds of a step's
+    extra generation round (dynamic sampling), distinct from its first round's (which keep the
+    seeds of a run without extra rounds) and from each other."""
+    if round_index < 0:
+        raise ValueError(f"round_index={round_index} must be ≥ 0")
+    entropy = [seed, num_rows] + ([round_index] if round_index else [])
+    return np.random.SeedSequence(entropy).generate_state(num_rows).tolist()
 
 
 def rollout(examples: Sequence[Example], group_size: int, sampler: SamplerLike, tokenizer, search: SearchLike,
