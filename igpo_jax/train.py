@@ -553,6 +553,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                         traj, rollout_stats = rollout_phase(run, examples, step)
                     with phase("scoring", timings, peaks, steps_bar):
                         scores, advantage_NL, reward_metrics = advantages_phase(run, traj, step)
+                # with dynamic sampling: the groups the update trains on (their rollouts, scores, advantages)
                 if samples_due(config, step + 1) and jax.process_index() == 0:
                     with sharding.activate(local_mesh, rules):
                         write_rollout_samples(config, run.actor, tokenizer, traj, examples, scores, advantage_NL,
