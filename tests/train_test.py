@@ -13,6 +13,8 @@ import pytest
 from flax import nnx
 
 from igpo_jax import components, config_base
+from igpo_jax.data import examples as examples_lib
+from igpo_jax.reporting import samples as samples_lib
 from igpo_jax.reporting import metrics
 from igpo_jax.training import checkpoint
 from igpo_jax.train import algorithm_config, old_logp_source, train, update_config
@@ -307,6 +309,7 @@ def test_dynamic_sampling_rolls_out_more_questions_and_fills_at_its_cap(tiny_mod
     c.algorithm.filter_groups.metric = "score"
     c.algorithm.filter_groups.max_num_gen_batches = 3
     c.trainer.test_freq = 0
+    c.trainer.sample_freq = 1
     history = train(c)
     assert [h["step"] for h in history] == [1, 2]
     for h in history:
@@ -323,6 +326,15 @@ def test_dynamic_sampling_rolls_out_more_questions_and_fills_at_its_cap(tiny_mod
     with checkpoint.RunCheckpointer(tmp_path / "run" / checkpoint.CHECKPOINTS_SUBDIR) as ckpt:
         ckpt.restore(model, batches=saved, step=2)
     assert saved.state["position"] == 2 * 3 * c.data.train_batch_size and saved.state["epoch"] == 0
+    # step 2 trained on the earliest dropped groups: its first round's questions (the data's 4th
+    # batch), and its samples pair each rollout with its own question
+    train_examples = components.load_examples(components.data_files(c).train)
+    batches = examples_lib.BatchIterator(train_examples, c.data.train_batch_size, seed=c.seed, shuffle=c.data.shuffle)
+    first_round_of_step_2 = [next(batches) for _ in range(4)][3]
+    records = samples_lib.read_samples(str(tmp_path / "run"), step=2)
+    assert [r["index"] for r in records] == [e.index for e in first_round_of_step_2 for _ in range(c.rollout.n)]
+    question_of = {e.index: e.question for e in train_examples}
+    assert all(r["question"] == question_of[r["index"]] for r in records)
 
 
 def test_dynamic_sampling_with_every_group_informative_trains_as_without_it(tiny_model_dir, tmp_path):
