@@ -95,3 +95,20 @@ def test_prebuilt_keeps_only_the_newest_signatures():
     assert len(prebuilt._entries) == 2
     assert prebuilt.get(jnp.zeros(4))(jnp.ones(4)).tolist() == [2.0] * 4
     assert prebuilt.get(jnp.float32(1.0)) is None and prebuilt.get(1.0) is None  # new; not an array
+
+
+def test_in_a_multi_process_run_the_switch_waits_for_the_build_at_the_same_call(monkeypatch):
+    """Processes must run the same programs in the same order: the call after the one that started
+    the build gets the executable, however long the build takes."""
+    import threading
+
+    release = threading.Event()
+    f = jax.jit(lambda x: x * 2)
+    prebuilt = leafwise.Prebuilt(f)
+    build = prebuilt._build
+    monkeypatch.setattr(prebuilt, "_build", lambda spec: release.wait(30) and build(spec))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    x = jnp.ones(3)
+    assert prebuilt.get(x) is None and prebuilt.get(x) is None  # seen once; the build starts
+    threading.Timer(0.5, release.set).start()
+    assert prebuilt.get(x)(x).tolist() == [2.0] * 3

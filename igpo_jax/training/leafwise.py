@@ -14,6 +14,11 @@ optimiser state are donated, so a step holds one leaf's old and new copies at a 
 trees. The arithmetic per leaf is the whole-tree update's, so the results are the same bit for
 bit (tests/update_test.py).
 
+`update_traced` is the same arithmetic for tracing inside one outer program (update.py's
+whole-tree program): that one runs the step in half the time (no ~550 dispatches; SmolLM2 0.17
+against 0.33 s, bench/results/train_step.md) but is slower to build and load, so a run starts
+leaf by leaf and moves to it once `Prebuilt` has built it on a background thread.
+
 The optimiser state is split the same way: each part shaped like the parameters (Adam's moments)
 is cut into its leaves; the rest (step counters) is handed to every leaf whole, and since every
 leaf advances it alike, the first leaf's copy is kept.
@@ -124,7 +129,8 @@ class Prebuilt:
     been seen `build_on_sighting` times; `get` returns it when it is ready, else None (the caller
     then takes another path that computes the same result). So a program that is slow to build
     costs a start-up nothing on the main thread, and a signature seen once (a one-step run, a
-    test) never builds it. A failed build is logged once and that signature stays on the other
+    test) never builds it. In a multi-process run the switch waits for the build, at the same
+    call in every process. A failed build is logged once and that signature stays on the other
     path. Holds the newest `keep` signatures' executables (tests build many)."""
 
     def __init__(self, jitted, static_argnums: tuple[int, ...] = (), build_on_sighting: int = 2, keep: int = 4):
@@ -173,7 +179,12 @@ class Prebuilt:
                     self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prebuilt")
                 entry[1] = self._executor.submit(self._build, self._abstract(args, *flat))
                 entry[1].add_done_callback(_log_failure)
-            future = entry[1]
+            future, sightings = entry[1], entry[0]
+        if sightings > self._build_on and jax.process_count() > 1:
+            # every process of a multi-process run must run the same programs in the same order
+            # (their collectives pair up): there the call after the one that started the build
+            # waits for it, so all of them switch at the same call
+            concurrent.futures.wait([future])
         if not future.done() or future.exception() is not None:
             return None
         self.used += 1
