@@ -1,12 +1,15 @@
 """Train step (forward + backward + AdamW), SmolLM2-135M, 8 × 512 tokens: ours vs transformers + torch.
 
     python -m bench.train_step [--batch 8] [--length 512] [--micro 4] [--repeats 3] [--dtype bfloat16]
-                               [--malloc default]
+                               [--malloc default] [--optimiser auto|leafwise|fused]
 
 Ours: `update.train_step` (token log-probs, dual-clip PPO loss, global-norm clipping, AdamW),
 jitted, params and optimiser state donated; the 8 rows run as micro-batches of `--micro` rows whose
 gradients are summed before the one AdamW step (the same update as one 8-row pass; 4 rows keep
 the activations cache-friendly: per token, 8 rows in one pass were measured ~20% slower).
+The optimiser step runs as `update.OPTIMISER_PROGRAM` says (`--optimiser`, default 'auto' as in
+a run: leaf by leaf until the whole-tree program, built in the background from the second step
+on, is ready); `fused_steps` says how many of the timed steps ran the whole-tree program.
 Reference: the same model in torch (fp32), a token-level policy-gradient loss on log_softmax of
 the full logits, backward, clip, AdamW.
 Both fp32 on the CPU in one process by default. `--dtype bfloat16` is mixed precision on both
@@ -35,6 +38,7 @@ from bench.common import CPU_MATMUL_PEAK_FLOPS, forward_flops, reference_smollm2
 from igpo_jax.runtime import host_memory
 from igpo_jax.model.embedded import smollm2_gguf_path
 from igpo_jax.model.weights import load_gguf
+from igpo_jax.training import update
 from igpo_jax.training.update import UpdateBatch, UpdateConfig, make_optimizer, train_step
 
 
@@ -48,7 +52,10 @@ def main():
                         help="compute dtype of both models (weights and optimiser state stay fp32)")
     parser.add_argument("--malloc", default="retained", choices=("retained", "default"),
                         help="both sides: freed host memory kept for the next step, or glibc's defaults")
+    parser.add_argument("--optimiser", default="auto", choices=("auto", "leafwise", "fused"),
+                        help="ours: update.OPTIMISER_PROGRAM")
     args = parser.parse_args()
+    update.OPTIMISER_PROGRAM = args.optimiser
     if args.malloc == "retained":
         host_memory.configure()  # one malloc arena: before JAX starts its threads
     with host_memory.retained() if args.malloc == "retained" else contextlib.nullcontext():
@@ -57,10 +64,9 @@ def main():
     print(json.dumps(result))
 
 
-def compare(args) -> dict:
-    """Times both train steps; the result's figures."""
+def setup(args):
+    """(model, graphdef, params, optimiser state, batch, cfg, tokens, mask, advantage) of our step."""
     b, length = args.batch, args.length
-
     model = load_gguf(smollm2_gguf_path(), dtype=args.dtype)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.cfg.vocab_size, (b, length)).astype(np.int32)
@@ -72,6 +78,13 @@ def compare(args) -> dict:
                         jnp.zeros((b, length)), jnp.zeros((b, length)))
     graphdef, params = nnx.split(model)
     opt_state = make_optimizer(cfg).init(params)
+    return model, graphdef, params, opt_state, batch, cfg, tokens, mask, advantage
+
+
+def compare(args) -> dict:
+    """Times both train steps; the result's figures."""
+    b, length = args.batch, args.length
+    model, graphdef, params, opt_state, batch, cfg, tokens, mask, advantage = setup(args)
     state = {"params": params, "opt": opt_state}
 
     def ours():
@@ -82,7 +95,9 @@ def compare(args) -> dict:
     # two warm-ups: the first compiles; with memory retained, the heap reaches its size in the second
     ours()
     ours()
+    used = update._fused_when_ready.used
     ours_s = timed(ours, args.repeats)
+    fused_steps = args.repeats if args.optimiser == "fused" else update._fused_when_ready.used - used
 
     import torch
 
@@ -119,7 +134,7 @@ def compare(args) -> dict:
         **{f"{side}_frac_of_matmul_peak": (round(flops / s / CPU_MATMUL_PEAK_FLOPS, 3)
                                            if args.dtype == "float32" else None)
            for side, s in (("ours", ours_s), ("ref", ref_s))},
-        "malloc": args.malloc,
+        "malloc": args.malloc, "optimiser": args.optimiser, "fused_steps": fused_steps,
         "devices": str(jax.devices()),
     }
     return result

@@ -470,15 +470,54 @@ def _finite_and_lr(loss, grad_norm, count, cfg: UpdateConfig):
     return finite, (~finite).astype(jnp.float32), learning_rate_schedule(cfg)(count)
 
 
+# which program applies the optimiser step (bench/results/train_step.md measured both):
+# 'auto': the leaf-by-leaf programs until the one program for the whole tree, built on a
+# background thread from the second step of a signature on, is ready, then that one;
+# 'leafwise' / 'fused': always the one. Every path gives the same update, bit for bit.
+OPTIMISER_PROGRAM = "auto"
+
+
 def _apply_gradients(params, opt_state, grads, loss, cfg: UpdateConfig):
     """AdamW step with clipping, or nothing when the loss or the gradient norm is not finite;
-    `params` and `opt_state` are donated. Leaf by leaf, each a small program (leafwise.py):
-    one program for the whole tree was the slowest of a warm start to load."""
+    `params` and `opt_state` are donated.
+
+    Two programs of the same arithmetic: leaf by leaf, each leaf a small program dispatched from
+    Python (leafwise.py), which is quick to build and load (one program for the whole tree was the
+    slowest of a warm start to load), and that whole-tree program, which takes half the time per
+    step (no ~550 dispatches). A run starts on the first and moves to the second once a
+    background thread has built it (`OPTIMISER_PROGRAM`)."""
+    if OPTIMISER_PROGRAM == "fused":
+        return _apply_gradients_fused(params, opt_state, grads, loss, cfg)
+    if OPTIMISER_PROGRAM == "auto":
+        fused = _fused_when_ready.get(params, opt_state, grads, loss, cfg)
+        if fused is not None:
+            return fused(params, opt_state, grads, loss)
+    elif OPTIMISER_PROGRAM != "leafwise":
+        raise ValueError(f"OPTIMISER_PROGRAM must be 'auto', 'leafwise' or 'fused', got {OPTIMISER_PROGRAM!r}")
+    return _apply_gradients_leafwise(params, opt_state, grads, loss, cfg)
+
+
+def _apply_gradients_leafwise(params, opt_state, grads, loss, cfg: UpdateConfig):
+    """`_apply_gradients` leaf by leaf, each leaf's step a small program (leafwise.py)."""
     grad_norm = leafwise.global_norm(grads)
     finite, skipped, lr = _finite_and_lr(loss, grad_norm, opt_state[1][0].count, cfg)  # Adam's step counter
     params, opt_state = leafwise.update(_optimiser_leaf_step, grads, opt_state, params, grad_norm, finite,
                                         static=cfg)
     return params, opt_state, dict(grad_norm=grad_norm, skipped=skipped, lr=lr)
+
+
+@functools.partial(jax.jit, static_argnums=(4,), donate_argnums=(0, 1))
+def _apply_gradients_fused(params, opt_state, grads, loss, cfg: UpdateConfig):
+    """`_apply_gradients_leafwise` as one program: the same leaf steps (one trace per leaf shape),
+    so the same arithmetic, without a dispatch per leaf."""
+    grad_norm = leafwise.global_norm(grads)
+    finite, skipped, lr = _finite_and_lr(loss, grad_norm, opt_state[1][0].count, cfg)
+    params, opt_state = leafwise.update_traced(_optimiser_leaf_step, grads, opt_state, params, grad_norm, finite,
+                                               static=cfg)
+    return params, opt_state, dict(grad_norm=grad_norm, skipped=skipped, lr=lr)
+
+
+_fused_when_ready = leafwise.Prebuilt(_apply_gradients_fused, static_argnums=(4,))
 
 
 def train_step(graphdef, params, opt_state, batch: UpdateBatch, cfg: UpdateConfig, num_micro: int,
