@@ -220,10 +220,17 @@ def bench_shape(name: str, step: Step, repeats: int) -> dict:
 
 
 def with_repeats(traj, distinct_per_group, n: int):
-    """`traj` with row j ≥ k of group q a copy of row j mod k, k = distinct_per_group[q]."""
+    """`traj` with k = distinct_per_group[q] distinct rollouts in group q: its first k distinct rows
+    (fewer where the base model already repeated itself more), row j of the group a copy of the
+    (j mod k)-th of them."""
     import numpy as np
 
-    source = np.asarray([q * n + (j % k) for q, k in enumerate(distinct_per_group) for j in range(n)])
+    first = traj.first_identical_N()
+    source = []
+    for q, k in enumerate(distinct_per_group):
+        distinct = [i for i in range(q * n, (q + 1) * n) if first[i] == i][:k]
+        source += [distinct[j % len(distinct)] for j in range(n)]
+    source = np.asarray(source)
     arrays = {f.name: getattr(traj, f.name)[source] for f in dataclasses.fields(traj) if f.name != "episodes"}
     return dataclasses.replace(traj, **arrays, episodes=tuple(traj.episodes[i] for i in source))
 
