@@ -147,7 +147,8 @@ def rollout_config(config: ml_collections.ConfigDict, validation: bool = False) 
     sampling = (SamplingParams(temperature=r.val_temperature) if validation
                 else SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k))
     return RolloutConfig(dialect=r.dialect, system_prompt=r.system_prompt, forced_prefix=r.forced_prefix,
-                         first_turn_prefix=r.first_turn_prefix, max_turns=r.max_turns,
+                         first_turn_prefix=r.first_turn_prefix,
+                         last_turn_prefix=r.last_turn_prefix, max_turns=r.max_turns,
                          max_new_tokens=r.max_new_tokens, cache_size=r.context_length, sampling=sampling,
                          max_tool_tokens=r.max_tool_tokens, overlap_search=r.overlap_search,
                          steps_per_call=r.steps_per_call, min_span=r.min_span, today=r.today,

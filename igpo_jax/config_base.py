@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from igpo_jax.rollout.episodes import STOP_STRINGS
+from igpo_jax.rollout.episodes import STOP_STRINGS, check_turn_prefixes
 from igpo_jax.igpo.advantages import NORM_MODES
 from igpo_jax.igpo.loss import AGG_MODES, KL_ESTIMATORS
 from igpo_jax.igpo.scoring import DEFAULT_PSEUDO_TURN_TEMPLATE
@@ -104,7 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.n = 16  # agent_grpo.n: rollouts per question (the group)
     c.rollout.dialect = "qwen_tool_call"
     c.rollout.forced_prefix = "<think>"
-    c.rollout.first_turn_prefix = ml_collections.config_dict.placeholder(str)
+    c.rollout.first_turn_prefix = ml_collections.config_dict.placeholder(str)  # turn 0 only; unset: forced_prefix
+    # the final allowed turn (max_turns − 1) only, e.g. '<answer>' after free turns (forced_prefix '')
+    # in which the policy chooses to search again or answer; unset: forced_prefix
+    c.rollout.last_turn_prefix = ml_collections.config_dict.placeholder(str)
     c.rollout.system_prompt = ml_collections.config_dict.placeholder(str)
     c.rollout.max_turns = 10
     c.rollout.max_new_tokens = 2000  # per turn
@@ -277,6 +280,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
                 "actor.loss_scale_factor"):
         section, name = key.split(".")
         _positive(key, c[section][name], zero_ok=True)
+    check_turn_prefixes(c.rollout.first_turn_prefix, c.rollout.last_turn_prefix, c.rollout.max_turns,
+                        keys="config.rollout.first_turn_prefix and config.rollout.last_turn_prefix")
     if not 0 <= c.algorithm.gamma <= 1:
         raise ValueError(f"config.algorithm.gamma={c.algorithm.gamma} must lie in [0, 1]")
     if c.rollout.today is not None:
