@@ -41,11 +41,14 @@ class DataFiles:
 
 def world_arguments(data_config) -> dict:
     """build_world's / write_world's arguments from a config's `data` (a ConfigDict, or the dict
-    of a run's config.json: runs from before question kinds existed ask every kind)."""
+    of a run's config.json: runs from before question kinds or world shapes existed ask every
+    kind of the default shape)."""
+    shape = data_config.get("world_shape", None)
     return dict(seed=data_config["world_seed"], num_questions=data_config["world_questions"],
                 two_hop_fraction=data_config["world_two_hop_fraction"],
                 test_fraction=data_config["world_test_fraction"],
-                question_kinds=tuple(data_config.get("world_question_kinds", ())))
+                question_kinds=tuple(data_config.get("world_question_kinds", ())),
+                shape=world.WorldShape(**dict(shape)) if shape else world.WorldShape())
 
 
 def data_files(config: ml_collections.ConfigDict) -> DataFiles:
