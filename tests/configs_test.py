@@ -22,3 +22,40 @@ def test_the_paper_config_uses_the_reference_scripts_information_gain():
     assert (c.algorithm.info_gain_type, c.algorithm.info_gain_norm_mode, c.algorithm.gamma) == \
         ("log_prob_diff", "separate", 1.0)
     config_base.validate(c)
+
+
+def _flat(config, prefix=""):
+    out = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_the_two_hop_arms_differ_from_igpo_by_one_switch():
+    igpo = _flat(_config("world_two_hop_igpo"))
+    assert (igpo["algorithm.info_gain_type"], igpo["algorithm.info_gain_norm_mode"], igpo["algorithm.gamma"]) == \
+        ("log_prob_diff", "separate", 1.0)
+    assert (igpo["rollout.forced_prefix"], igpo["rollout.last_turn_prefix"], igpo["rollout.max_turns"]) == \
+        ("", "<answer>", 4)  # free turns, an answer forced on the last one only
+    for name, switch in (("world_two_hop_grpo", {"algorithm.use_info_gain": False}),
+                         ("world_two_hop_ig_only", {"algorithm.use_outcome_reward": False}),
+                         ("world_two_hop_placebo", {"algorithm.shuffle_info_gain": True})):
+        config = _config(name)
+        config_base.validate(config)
+        arm = _flat(config)
+        assert {k: v for k, v in arm.items() if igpo[k] != v} == {**switch, "run_dir": f"runs/{name}"}, name
+
+
+def test_the_two_hop_sweep_runs_each_arm_with_its_switch_and_seeds():
+    from igpo_jax import sweep
+
+    path = os.path.join(CONFIGS, "sweeps", "world_two_hop_arms.py")
+    names = [cmd[4].rsplit("/", 1)[1] for cmd in sweep.commands(path)]
+    assert names == ["igpo_seed0", "grpo_seed0", "ig_only_seed0", "placebo_seed0",
+                     "igpo_seed1", "grpo_seed1", "igpo_seed2", "grpo_seed2"]
+    placebo = sweep.commands(path)[3]
+    assert placebo[3] == "--config=configs/world_two_hop_igpo.py"
+    assert placebo[5:] == ["--config.algorithm.shuffle_info_gain=True", "--config.seed=0"]
