@@ -208,6 +208,10 @@ def main():
         "forced_last_turn_frac": round(float(np.mean(last_turn)), 4),
         "info_gain_type": config.algorithm.info_gain_type, "wall_s": round(time.perf_counter() - start, 1),
     }
+    low, high = REGIME["bridge_query_frac"]
+    out["regime_holds"] = bool(out["collapsed_frac"] > REGIME["collapsed_frac"]
+                               and out["ig_informative_frac"] > REGIME["ig_informative_frac"]
+                               and low <= out["bridge_query_frac"] <= high)
     print(f"collapsed {out['collapsed_frac']:.2f} of {out['groups']} groups (regime: > {REGIME['collapsed_frac']}); "
           f"of those IG-informative {out['ig_informative_frac']:.2f}, spread > {args.ig_tol} "
           f"{out['ig_spread_frac']:.2f} (regime: > {REGIME['ig_informative_frac']}); bridge query "
