@@ -41,11 +41,14 @@ class DataFiles:
 
 def world_arguments(data_config) -> dict:
     """build_world's / write_world's arguments from a config's `data` (a ConfigDict, or the dict
-    of a run's config.json: runs from before question kinds existed ask every kind)."""
+    of a run's config.json: runs from before question kinds or world shapes existed ask every
+    kind of the default shape)."""
+    shape = data_config.get("world_shape", None)
     return dict(seed=data_config["world_seed"], num_questions=data_config["world_questions"],
                 two_hop_fraction=data_config["world_two_hop_fraction"],
                 test_fraction=data_config["world_test_fraction"],
-                question_kinds=tuple(data_config.get("world_question_kinds", ())))
+                question_kinds=tuple(data_config.get("world_question_kinds", ())),
+                shape=world.WorldShape(**dict(shape)) if shape else world.WorldShape())
 
 
 def data_files(config: ml_collections.ConfigDict) -> DataFiles:
@@ -147,7 +150,8 @@ def rollout_config(config: ml_collections.ConfigDict, validation: bool = False) 
     sampling = (SamplingParams(temperature=r.val_temperature) if validation
                 else SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k))
     return RolloutConfig(dialect=r.dialect, system_prompt=r.system_prompt, forced_prefix=r.forced_prefix,
-                         first_turn_prefix=r.first_turn_prefix, max_turns=r.max_turns,
+                         first_turn_prefix=r.first_turn_prefix,
+                         last_turn_prefix=r.last_turn_prefix, max_turns=r.max_turns,
                          max_new_tokens=r.max_new_tokens, cache_size=r.context_length, sampling=sampling,
                          max_tool_tokens=r.max_tool_tokens, overlap_search=r.overlap_search,
                          steps_per_call=r.steps_per_call, min_span=r.min_span, today=r.today,

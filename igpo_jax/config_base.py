@@ -8,13 +8,15 @@ bad setting before anything expensive starts.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.util
 import os
 
 import ml_collections
 
-from igpo_jax.rollout.episodes import STOP_STRINGS
+from igpo_jax.data.world import WorldShape
+from igpo_jax.rollout.episodes import STOP_STRINGS, check_turn_prefixes
 from igpo_jax.igpo.advantages import NORM_MODES
 from igpo_jax.igpo.group_filter import METRICS as FILTER_GROUPS_METRICS
 from igpo_jax.igpo.loss import AGG_MODES, KL_ESTIMATORS
@@ -85,6 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.world_test_fraction = 0.1  # held-out questions: about entities no training question asks about
     # the question kinds asked (names from igpo_jax.data.world.QUESTION_KINDS, e.g. "person.birthplace"); () = all
     c.data.world_question_kinds = ()
+    # how many entities of each kind, and distractor namesake companies (igpo_jax.data.world.WorldShape)
+    c.data.world_shape = ml_collections.ConfigDict(dataclasses.asdict(WorldShape()))
     c.data.train_batch_size = 32  # questions per step
     c.data.val_batch_size = 32
     c.data.val_max_questions = 0  # 0 → the whole test set
@@ -105,7 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.n = 16  # agent_grpo.n: rollouts per question (the group)
     c.rollout.dialect = "qwen_tool_call"
     c.rollout.forced_prefix = "<think>"
-    c.rollout.first_turn_prefix = ml_collections.config_dict.placeholder(str)
+    c.rollout.first_turn_prefix = ml_collections.config_dict.placeholder(str)  # turn 0 only; unset: forced_prefix
+    # the final allowed turn (max_turns − 1) only, e.g. '<answer>' after free turns (forced_prefix '')
+    # in which the policy chooses to search again or answer; unset: forced_prefix
+    c.rollout.last_turn_prefix = ml_collections.config_dict.placeholder(str)
     c.rollout.system_prompt = ml_collections.config_dict.placeholder(str)
     c.rollout.max_turns = 10
     c.rollout.max_new_tokens = 2000  # per turn
@@ -153,6 +160,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.algorithm.curriculum_ig_init = 1.0
     c.algorithm.curriculum_ig_final = 0.5
     c.algorithm.format_penalty = -2.0
+    # Controls for the credit-assignment claim (issue 33), departures from the paper, off by default.
+    # IG-only (the paper's Table 3 ablation): the outcome reward left out of the advantages, which
+    # then come from the information gains alone
+    c.algorithm.use_outcome_reward = True
+    # placebo: each group's information gains permuted among its turn slots before normalisation
+    # (seeded by the run's seed and the step): the same rewards, no credit to the turn that earned one
+    c.algorithm.shuffle_info_gain = False
     c.algorithm.pseudo_turn_template = DEFAULT_PSEUDO_TURN_TEMPLATE
     c.algorithm.scoring_batch_size = 8
     # Dynamic sampling (DAPO; veRL's algorithm.filter_groups, same key names): a group whose
@@ -260,6 +274,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _one_of("rollout.dialect", c.rollout.dialect, STOP_STRINGS)
     _one_of("algorithm.info_gain_type", c.algorithm.info_gain_type, ("prob_diff", "log_prob_diff"))
     _one_of("algorithm.info_gain_norm_mode", c.algorithm.info_gain_norm_mode, NORM_MODES)
+    for key in ("use_outcome_reward", "shuffle_info_gain"):
+        _one_of(f"algorithm.{key}", c.algorithm[key], (False, True))
+    if not c.algorithm.use_info_gain and (not c.algorithm.use_outcome_reward or c.algorithm.shuffle_info_gain):
+        raise ValueError("config.algorithm.use_outcome_reward=False (IG-only) and config.algorithm.shuffle_info_gain="
+                         "True (placebo) act on information gains: they need config.algorithm.use_info_gain=True")
     pooled = c.algorithm.use_info_gain and c.algorithm.info_gain_norm_mode == "joint"
     if c.algorithm.use_curriculum and c.algorithm.norm_adv_by_std_in_grpo and not pooled:
         raise ValueError(
@@ -305,6 +324,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
                 "actor.loss_scale_factor"):
         section, name = key.split(".")
         _positive(key, c[section][name], zero_ok=True)
+    check_turn_prefixes(c.rollout.first_turn_prefix, c.rollout.last_turn_prefix, c.rollout.max_turns,
+                        keys="config.rollout.first_turn_prefix and config.rollout.last_turn_prefix")
     if not 0 <= c.algorithm.gamma <= 1:
         raise ValueError(f"config.algorithm.gamma={c.algorithm.gamma} must lie in [0, 1]")
     if c.rollout.today is not None:
@@ -356,6 +377,11 @@ def _validate_data_source(d: ml_collections.ConfigDict) -> None:
         if tfds.test_split and d.test_files:
             raise ValueError(f"config.data.tfds.test_split={tfds.test_split!r} and "
                              f"config.data.test_files={d.test_files!r} both name the test data; set one")
-    elif not d.synthetic_world and not d.train_files:
+    elif d.synthetic_world:
+        fields = {f.name for f in dataclasses.fields(WorldShape)}
+        unknown = sorted(set(d.world_shape) - fields)
+        if unknown:
+            raise ValueError(f"config.data.world_shape has unknown key(s) {unknown}; expected {sorted(fields)}")
+    if not d.synthetic_world and not d.train_files and not (tfds is not None and tfds.name):
         raise ValueError("set config.data.train_files (parquet), config.data.tfds.name (TFDS) "
                          "or config.data.synthetic_world=True")

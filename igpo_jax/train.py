@@ -118,7 +118,8 @@ def algorithm_config(config: ml_collections.ConfigDict) -> pipeline.AlgorithmCon
         norm_adv_by_std_in_grpo=g.norm_adv_by_std_in_grpo, gamma=g.gamma, use_curriculum=g.use_curriculum,
         curriculum_f1_init=g.curriculum_f1_init, curriculum_f1_final=g.curriculum_f1_final,
         curriculum_ig_init=g.curriculum_ig_init, curriculum_ig_final=g.curriculum_ig_final,
-        format_penalty=g.format_penalty)
+        format_penalty=g.format_penalty, use_outcome_reward=g.use_outcome_reward,
+        shuffle_info_gain=g.shuffle_info_gain, shuffle_seed=int(config.seed))
 
 
 def end_phase(timings: dict[str, float], name: str, tic: float, peaks: dict[str, float]) -> None:

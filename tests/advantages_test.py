@@ -293,3 +293,26 @@ def test_curriculum_scales_each_part_without_std_division():
     late = _with_curriculum(1.0, 0.5, norm_mode="separate", norm_by_std=False)
     ig_slots = IG_MASK  # IG part halves from early to late
     np.testing.assert_allclose(late[ig_slots], 0.5 * early[ig_slots], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- IG-only (issue 33)
+
+@pytest.mark.parametrize("norm_mode", ["separate", "joint"])
+def test_ig_only_leaves_the_outcome_out_by_hand(norm_mode):
+    # the group's gains {3, −1, 1}: mean 1, population std sqrt(8/3) → 3 ↦ +2/std, −1 ↦ −2/std, 1 ↦ 0;
+    # the outcomes (both 1) add nothing, in either mode; γ = 0.5 carries turn 1's −2/std back to turn 0
+    z = 2.0 / (math.sqrt(8.0 / 3.0) + EPS)
+    out = advantages(use_outcome=False, norm_mode=norm_mode, gamma=0.5)
+    np.testing.assert_allclose(np.asarray(out.normalized_NT), [[z, -z, 0.0], [0.0, 0.0, 0.0]], rtol=1e-5, atol=1e-6)
+    turn0 = z - 0.5 * z
+    np.testing.assert_allclose(np.asarray(out.token_NL),
+                               [[0, turn0, turn0, 0, -z, 0, 0, 0, 0], [0] * 9], rtol=1e-5, atol=1e-6)
+    # the outcome is out: rewards that now differ within the group change nothing
+    changed = compute_advantages(np.array([1.0, 0.0]), IG, IG_MASK, TURNS, GROUP, TURN_ID, use_outcome=False,
+                                 norm_mode=norm_mode, gamma=0.5)
+    np.testing.assert_allclose(np.asarray(changed.token_NL), np.asarray(out.token_NL), atol=1e-6)
+
+
+def test_ig_only_needs_information_gain():
+    with pytest.raises(ValueError, match="use_outcome=False needs use_info_gain=True"):
+        advantages(use_outcome=False, use_info_gain=False)

@@ -47,3 +47,21 @@ def test_dynamic_sampling_is_off_by_default_and_bad_settings_name_their_key():
         validate(c)
     c.rollout.n, c.algorithm.filter_groups.max_num_gen_batches = 2, 0  # 0: one pass over the data
     validate(c)
+
+
+@pytest.mark.parametrize("key, value", [("use_outcome_reward", False), ("shuffle_info_gain", True)])
+def test_the_ig_controls_need_information_gain(key, value):
+    c = _config()
+    c.algorithm[key] = value
+    validate(c)  # IGPO: fine
+    c.algorithm.use_info_gain = False
+    with pytest.raises(ValueError, match=r"IG-only\) and config.algorithm.shuffle_info_gain=True \(placebo\) act on "
+                                         r"information gains: they need config.algorithm.use_info_gain=True"):
+        validate(c)
+
+
+def test_an_unknown_world_shape_key_is_refused():
+    c = _config()
+    c.data.world_shape.namesake = 3
+    with pytest.raises(ValueError, match=r"config.data.world_shape has unknown key\(s\) \['namesake'\]"):
+        validate(c)

@@ -307,6 +307,39 @@ def test_search_tags_search_then_answer(tiny_llama, smollm2_tokenizer, mock_sear
     assert stats["rollout/turns_per_episode"] == 2.5
 
 
+def test_free_turns_answer_after_one_two_or_three_searches_and_the_last_turn_is_forced(
+        tiny_llama, smollm2_tokenizer, mock_search):
+    """Free turns (forced_prefix ''): each rollout decides after a search whether to search again or
+    answer; only the last allowed turn (max_turns − 1) is forced to open <answer>."""
+    tok = smollm2_tokenizer
+    config = RolloutConfig(dialect="search_tags", today=TODAY, forced_prefix="", first_turn_prefix="<search>",
+                           last_turn_prefix="<answer>", max_turns=4, max_new_tokens=32)
+    sampler = ScriptedSampler(tiny_llama, tok, [
+        ["Valdoria</search>", "<answer>Kel</answer>"],
+        ["Valdoria</search>", "<search>Valdoria founder</search>", "<answer>Kel</answer>"],
+        ["Valdoria</search>", "<search>Kelmark</search>", "<search>Kel</search>", " Kel</answer>"]])
+    traj, _ = rollout(QUESTIONS[:1], 3, sampler, tok, mock_search, config)
+    _check_rows(tiny_llama, traj, sampler.history)
+    assert [e.num_searches for e in traj.episodes] == [1, 2, 3]
+    np.testing.assert_array_equal(traj.num_turns_N, [2, 3, 4])
+    assert [(e.answer, e.finish_reason) for e in traj.episodes] == [("Kel", "answer")] * 3
+    context = lambda i, t: tok.decode(traj.tokens_NL[i, :traj.turn_start_NT[i, t]].tolist())
+    assert context(0, 0).endswith("<search>")  # the first turn is forced to search
+    for i, t in ((0, 1), (1, 1), (1, 2), (2, 1), (2, 2)):  # free: nothing forced after a result
+        assert context(i, t).endswith("</information>\n\n"), (i, t)
+    assert context(2, 3).endswith("</information>\n\n<answer>")  # its turns ran out: it must answer
+    assert traj.episodes[2].final_turn_text == "<answer> Kel</answer>"
+
+
+def test_a_last_turn_prefix_that_is_also_the_first_turn_is_refused():
+    with pytest.raises(ValueError, match=r"both name turn 0 when max_turns=1: allow at least 2 turns"):
+        RolloutConfig(dialect="search_tags", first_turn_prefix="<search>", last_turn_prefix="<answer>", max_turns=1)
+    assert RolloutConfig(dialect="search_tags", last_turn_prefix="<answer>", max_turns=1).prefix(0) == "<answer>"
+    turns = RolloutConfig(dialect="search_tags", forced_prefix="<think>", first_turn_prefix="<search>",
+                          last_turn_prefix="<answer>", max_turns=3)
+    assert [turns.prefix(t) for t in range(3)] == ["<search>", "<think>", "<answer>"]
+
+
 def test_max_turns_is_respected_and_the_last_call_is_not_searched(tiny_llama, smollm2_tokenizer):
     tok = smollm2_tokenizer
     config = RolloutConfig(today=TODAY, max_turns=2, max_new_tokens=64)
@@ -443,6 +476,14 @@ def test_config_keys_reach_the_rollout_and_are_validated():
     assert (rcfg.max_concurrent_rows, rcfg.share_prompt_prefill) == (3, False)
     config.rollout.max_concurrent_rows = -2
     with pytest.raises(ValueError, match="rollout.max_concurrent_rows=-2 must be an integer ≥ 0"):
+        config_base.validate(config)
+    config.rollout.max_concurrent_rows = 0
+    config.rollout.first_turn_prefix, config.rollout.last_turn_prefix = "<search>", "<answer>"
+    config_base.validate(config)
+    assert components.rollout_config(config).prefix(config.rollout.max_turns - 1) == "<answer>"
+    config.rollout.max_turns = 1
+    with pytest.raises(ValueError, match=r"config.rollout.first_turn_prefix and config.rollout.last_turn_prefix "
+                                         r"\('<search>', '<answer>'\) both name turn 0 when max_turns=1"):
         config_base.validate(config)
 
 

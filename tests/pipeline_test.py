@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from igpo_jax.rollout.trajectories import Episode, Trajectories
-from igpo_jax.igpo.pipeline import AlgorithmConfig, advantages_for, score_outcomes
+from igpo_jax.igpo.pipeline import AlgorithmConfig, advantages_for, score_outcomes, shuffle_within_groups
 
 
 def _traj():
@@ -92,3 +92,53 @@ def test_the_last_step_gets_the_final_curriculum_weights_and_the_first_is_one_st
                             for k in ("curriculum/w_f1", "curriculum/w_ig")]
     assert weights(0) == pytest.approx([0.625, 0.875])  # step 1 of 4
     assert weights(3) == pytest.approx([1.0, 0.5])  # step 4 of 4: the final weights
+
+
+# ----------------------------------------------------------------------------- controls (issue 33)
+
+def test_the_placebo_permutes_gains_within_each_group_only():
+    ig = np.array([[1.0, 2.0, 9.0], [3.0, 0.0, 0.0], [10.0, 20.0, 0.0], [30.0, 40.0, 0.0]], np.float32)
+    mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 1, 0]], bool)
+    groups = np.array([0, 0, 1, 1])
+    out = shuffle_within_groups(ig, mask, groups, np.random.default_rng([0, 3]))
+    assert sorted(out[:2][mask[:2]]) == [1.0, 2.0, 3.0]  # group 0's multiset, on group 0's slots
+    assert sorted(out[2:][mask[2:]]) == [10.0, 20.0, 30.0, 40.0]
+    np.testing.assert_array_equal(out[~mask], ig[~mask])  # slots without a gain untouched (9 stays)
+    again = shuffle_within_groups(ig, mask, groups, np.random.default_rng([0, 3]))
+    np.testing.assert_array_equal(out, again)  # seeded: the same permutation every time
+    assert not np.array_equal(out, ig)
+
+
+def _four_searches():
+    """One group of 4 rollouts, each a search turn then a wrong answer (outcome rewards all 0)."""
+    loss = np.array([[0, 1, 1, 0, 1, 1]] * 4, bool)
+    turn = np.where(loss, np.array([[-1, 0, 0, -1, 1, 1]] * 4), -1).astype(np.int32)
+    ep = Episode("q", ("Kesmarin",), "s", "", "", "Rome", "answer", policy_text="<search>a</search>\n<answer>Rome</answer>")
+    return Trajectories(np.zeros((4, 6), np.int32), np.ones((4, 6), bool), loss, turn,
+                        np.array([[1, 4]] * 4, np.int32), np.full(4, 2, np.int32), np.zeros(4, np.int32),
+                        np.zeros((4, 6), np.float32), (ep,) * 4)
+
+
+def test_the_placebo_credits_the_shuffled_gains_and_ig_only_drops_the_outcome():
+    traj = _four_searches()
+    outcomes = score_outcomes(traj, "search_tags", -2.0)
+    gains = np.array([0.1, 0.5, 0.2, 0.9], np.float32)
+    mean_logp = np.stack([np.zeros(4, np.float32), gains], axis=1)  # log_prob_diff: turn 0 gains `gains`
+    igpo = AlgorithmConfig(info_gain_type="log_prob_diff", info_gain_norm_mode="separate")
+    zscore = lambda g: (g - g.mean()) / (g.std() + 1e-6)
+    adv, metrics = advantages_for(traj, outcomes, mean_logp, None, igpo, 2, 10)
+    np.testing.assert_allclose(adv[:, 1], zscore(gains), rtol=1e-5)  # the outcomes tie: IG alone
+    placebo = dataclasses.replace(igpo, shuffle_info_gain=True, shuffle_seed=7)
+    shuffled = shuffle_within_groups(gains[:, None], np.ones((4, 1), bool), np.zeros(4),
+                                     np.random.default_rng([7, 2]))[:, 0]
+    assert not np.array_equal(shuffled, gains)
+    p_adv, p_metrics = advantages_for(traj, outcomes, mean_logp, None, placebo, 2, 10)
+    np.testing.assert_allclose(p_adv[:, 1], zscore(shuffled), rtol=1e-5)
+    assert p_metrics["ig/mean"] == pytest.approx(metrics["ig/mean"])  # metrics report the gains as earned
+    # IG-only: an outcome that now differs (rollout 0 right) leaves the advantages as they were
+    right = dataclasses.replace(traj, episodes=(dataclasses.replace(traj.episodes[0], policy_text="<answer>Kesmarin</answer>"),)
+                                + traj.episodes[1:])
+    ig_only = dataclasses.replace(igpo, use_outcome_reward=False)
+    o_adv, _ = advantages_for(right, score_outcomes(right, "search_tags", -2.0), mean_logp, None, ig_only, 2, 10)
+    np.testing.assert_allclose(o_adv, adv, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(o_adv[:, 4:], 0.0)  # the answer turn earns nothing of its own

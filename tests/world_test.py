@@ -204,3 +204,76 @@ def test_unknown_or_hopless_question_kinds_are_clear_errors():
     with pytest.raises(ValueError, match="50% of the questions are 2-hop, but none"):
         world.build_world(seed=0, two_hop_fraction=0.5, question_kinds=("person.birthplace",))
     assert len(world.QUESTION_KINDS) == len(set(world.QUESTION_KINDS)) == 22
+
+
+# ----------------------------------------------------------------------------- the two-hop rung
+
+@pytest.fixture(scope="module")
+def two_hop(tmp_path_factory):
+    """configs/world_two_hop_igpo.py's world, its corpus behind the embedded retriever's BM25 index."""
+    from configs.world_two_hop_igpo import get_config
+    from igpo_jax.components import world_arguments
+    from igpo_jax.search.server import Bm25Index
+
+    arguments = world_arguments(get_config().data)
+    built = world.build_world(**arguments)
+    files = world.write_world(tmp_path_factory.mktemp("two_hop"), **arguments)
+    index = Bm25Index.open(files.corpus)
+    yield built, lambda query: index.search([query], 1)[0][0][0]["id"]
+    index.close()
+
+
+def test_without_namesakes_the_world_is_the_one_it_was():
+    # the repr's digest of build_world(seed=0) before namesakes existed (2026-12-07): no new draws
+    import hashlib
+
+    assert hashlib.md5(repr(world.build_world(seed=0)).encode()).hexdigest() == "ac97fc9bb9e029b0a6986031e0e21497"
+
+
+def test_a_second_query_naming_the_bridge_finds_the_answer_and_a_wrong_one_does_not(two_hop):
+    built, top1 = two_hop
+    questions = [q for q in built.questions if q.hops == 2]
+    assert len(questions) == len(built.questions) == 320
+    by_title = {d.title: d for d in built.documents}
+    namesake_found, other_paths = 0, 0
+    for q in questions:
+        first, bridge = (built.document(i) for i in q.supporting_doc_ids)
+        states_answer = lambda doc_id: any(a.lower() in built.document(doc_id).contents.lower() for a in q.answers)
+        assert top1(bridge.title) == bridge.id and states_answer(bridge.id), q  # the bridge, in full
+        assert top1(first.title) == first.id and not states_answer(first.id), q  # the question's entity again
+        # any other entity the first document names: its own document, which states the answer
+        # only by coincidence (the person's university in the same city as its employer: 2 of 320)
+        for title, doc in by_title.items():
+            if title != bridge.title and title != first.title and title in first.text:
+                assert top1(title) == doc.id, (q, title)
+                other_paths += states_answer(doc.id)
+        short = bridge.title.split(" ")[0]
+        namesakes = [d for d in built.documents if d.title.split(" ")[0] == short and d.id != bridge.id]
+        if namesakes and " " in bridge.title and top1(short) != bridge.id:
+            assert not states_answer(top1(short)), q  # half the name: the namesake's place or year
+            namesake_found += 1
+    assert other_paths <= len(questions) // 100
+    assert namesake_found >= 10  # namesakes do catch a query that names half of the bridge
+
+
+def test_namesakes_share_a_short_name_which_is_then_no_alias():
+    shape = world.WorldShape(countries=12, cities=60, universities=30, companies=80, people=240, namesakes=30)
+    built = world.build_world(seed=0, num_questions=200, two_hop_fraction=0.0, test_fraction=0.3, shape=shape,
+                              question_kinds=("person.employer",))
+    assert len(built.documents) == 12 + 60 + 30 + 110 + 240  # countries, cities, universities, companies, people
+    companies = [d.title for d in built.documents if d.title.split(" ")[-1] in world._COMPANY_KINDS]
+    shorts = [t.split(" ")[0] for t in companies]
+    shared = {s for s in shorts if shorts.count(s) == 2}
+    assert len(shared) == 30 and max(shorts.count(s) for s in shorts) == 2
+    for q in built.questions:  # "Which company does X work for?": the full name, plus the short one if unshared
+        assert q.answers[1:] == (() if q.answers[0].split(" ")[0] in shared else (q.answers[0].split(" ")[0],))
+    with pytest.raises(ValueError, match="people >= companies \\+ namesakes"):
+        world.build_world(seed=0, shape=world.WorldShape(people=45, namesakes=10))
+
+
+def test_two_hop_test_questions_are_about_entities_no_training_question_asks_about(two_hop):
+    built, _ = two_hop
+    test_docs = {d for q in built.questions if q.split == "test" for d in q.supporting_doc_ids}
+    train_docs = {d for q in built.questions if q.split == "train" for d in q.supporting_doc_ids}
+    assert len([q for q in built.questions if q.split == "test"]) == 96
+    assert test_docs and train_docs and not test_docs & train_docs

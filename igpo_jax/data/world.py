@@ -139,6 +139,11 @@ class WorldShape:
     universities: int = 20
     companies: int = 40
     people: int = 90
+    # distractors: companies that share an existing company's short name ("Pemdo Labs" and "Pemdo
+    # Works"), with their own city, founder and year. A second hop that names the bridge company
+    # in full finds its document; one that names only the shared word may find the namesake's,
+    # a plausible wrong place or year. 0 keeps the world (and its seeded draws) as it was.
+    namesakes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +235,7 @@ class _University(_Entity):
 @dataclasses.dataclass
 class _Company(_Entity):
     short_name: str = ""
+    short_name_shared: bool = False  # a namesake exists (WorldShape.namesakes): not an alias then
     city: _City | None = None
     founder: _Person | None = None
     founded: int = 0
@@ -259,10 +265,12 @@ class _Entities:
 
 
 def _make_entities(draw: _Draw, shape: WorldShape) -> _Entities:
-    if min(dataclasses.astuple(shape)) < 1 or shape.cities < shape.countries \
-            or shape.people < shape.companies:
+    counts = dataclasses.astuple(shape)[:-1]  # every kind of entity, not the namesakes
+    if min(counts) < 1 or shape.cities < shape.countries or shape.namesakes < 0 \
+            or shape.people < shape.companies + shape.namesakes or shape.namesakes > shape.companies:
         raise ValueError(f"{shape}: every kind needs at least one entity, every country a city, "
-                         "and every company a founder (people >= companies)")
+                         "every company a founder (people >= companies + namesakes), and at most "
+                         "one namesake per company")
     names = _NameMaker(draw)
     rivers = [names.word(2, draw.choice(_RIVER_ENDINGS)) + " River" for _ in range(shape.rivers)]
     countries = [_Country(names.word(2, draw.choice(_COUNTRY_ENDINGS)))
@@ -298,10 +306,34 @@ def _make_entities(draw: _Draw, shape: WorldShape) -> _Entities:
         founder.born = draw.integer(1930, 1975)
         company.founded = founder.born + draw.integer(25, 45)
         founder.employer = company
+    companies += _namesakes(draw, companies, people[len(companies):], cities, shape.namesakes)
     entities = _Entities(countries, cities, universities, companies, people)
     for doc_id, entity in enumerate(entities.all()):
         entity.doc_id = str(doc_id)
     return entities
+
+
+def _namesakes(draw: _Draw, companies: list[_Company], non_founders: list[_Person],
+               cities: list[_City], count: int) -> list[_Company]:
+    """`count` distractor companies, each sharing the short name of a different company (module
+    doc: WorldShape.namesakes), in another city, founded by a person who founded nothing else (who
+    then works there) in another year."""
+    made = []
+    if not count:
+        return made  # no draws: a world without namesakes is the one it was before they existed
+    for original, founder in zip(draw.shuffled(companies)[:count], draw.shuffled(non_founders)):
+        kind = draw.choice([k for k in _COMPANY_KINDS if not original.name.endswith(" " + k)])
+        city = draw.choice([c for c in cities if c is not original.city])
+        founded = founder.born + draw.integer(25, 45)
+        if founded == original.founded:
+            founded += 1  # a namesake's year must not be the answer by accident
+        namesake = _Company(f"{original.short_name} {kind}", short_name=original.short_name,
+                            short_name_shared=True, city=city, founder=founder, founded=founded,
+                            industry=draw.choice(_INDUSTRIES))
+        original.short_name_shared = True
+        founder.employer = namesake
+        made.append(namesake)
+    return made
 
 
 def _document_text(draw: _Draw, entity: _Entity) -> str:
@@ -352,7 +384,8 @@ _Template = Callable[[_Entity], tuple[str, tuple[str, ...], tuple[_Entity, ...]]
 
 
 def _company_aliases(company: _Company) -> tuple[str, ...]:
-    return company.name, company.short_name
+    # a short name that a namesake shares names two companies: not an answer to either
+    return (company.name,) if company.short_name_shared else (company.name, company.short_name)
 
 
 def _university_aliases(university: _University) -> tuple[str, ...]:

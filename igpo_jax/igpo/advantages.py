@@ -109,10 +109,11 @@ class Advantages:
     stats: dict  # scalar jnp arrays for logging
 
 
-@functools.partial(jax.jit, static_argnames=("use_info_gain", "norm_mode", "norm_by_std"))
+@functools.partial(jax.jit, static_argnames=("use_info_gain", "norm_mode", "norm_by_std", "use_outcome"))
 def compute_advantages(outcome_N, ig_NT, ig_mask_NT, num_turns_N, group_id_N, turn_id_NL, *,
                        use_info_gain: bool = True, norm_mode: str = "joint", norm_by_std: bool = True,
-                       gamma=1.0, f1_weight=1.0, ig_weight=1.0, eps: float = 1e-6) -> Advantages:
+                       gamma=1.0, f1_weight=1.0, ig_weight=1.0, eps: float = 1e-6,
+                       use_outcome: bool = True) -> Advantages:
     """Token advantages of one batch of groups.
 
     outcome_N: final-turn reward (F1 or penalty). ig_NT / ig_mask_NT: rewards.info_gain's output
@@ -126,9 +127,15 @@ def compute_advantages(outcome_N, ig_NT, ig_mask_NT, num_turns_N, group_id_N, tu
     use_info_gain=False is plain GRPO: only the outcome exists, normalised over the group's G
     outcomes; every generated token of the rollout gets that one advantage (no discounting, no
     IG, norm_mode unused; f1_weight still scales the outcome, which cancels under std division).
+
+    use_outcome=False (with use_info_gain) is the paper's IG-only ablation (Table 3): the outcome
+    reward leaves the advantages, so only information gains are normalised (over the group's
+    gains, in either mode) and discounted; the final turn adds nothing of its own.
     """
     if norm_mode not in NORM_MODES:
         raise ValueError(f"unknown info_gain_norm_mode {norm_mode!r}; expected one of {', '.join(NORM_MODES)}")
+    if not use_outcome and not use_info_gain:
+        raise ValueError("use_outcome=False needs use_info_gain=True: without either there is no reward")
     outcome_N = jnp.asarray(outcome_N, jnp.float32)
     ig_NT = jnp.asarray(ig_NT, jnp.float32)
     num_turns_N = jnp.asarray(num_turns_N, jnp.int32)
@@ -144,7 +151,9 @@ def compute_advantages(outcome_N, ig_NT, ig_mask_NT, num_turns_N, group_id_N, tu
     if use_info_gain:
         ig_mask_NT = jnp.asarray(ig_mask_NT, bool) & (slot_NT < num_turns_N[:, None] - 1)
         weighted_ig_NT = jnp.where(ig_mask_NT, ig_weight * ig_NT, 0.0)
-        if norm_mode == "joint":
+        if not use_outcome:  # IG-only: no outcome term, in either mode the gains alone are pooled
+            normalized_NT = _normalize(weighted_ig_NT, ig_mask_NT, group_id_N, norm_by_std, eps)
+        elif norm_mode == "joint":
             reward_mask_NT = final_NT | ig_mask_NT
             normalized_NT = _normalize(outcome_NT + weighted_ig_NT, reward_mask_NT, group_id_N, norm_by_std, eps)
         else:

@@ -39,6 +39,10 @@ class AlgorithmConfig:
     curriculum_steps: int = 0  # steps over which the weights move; 0 → total training steps
     format_penalty: float = -2.0
     eps: float = 1e-6
+    # the controls of issue 33 (departures from the paper's IGPO, never defaults):
+    use_outcome_reward: bool = True  # False: IG-only, the outcome reward left out of the advantages
+    shuffle_info_gain: bool = False  # True: placebo, each group's gains permuted among its turn slots
+    shuffle_seed: int = 0  # the placebo's permutations: from (shuffle_seed, step), so a run repeats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +65,20 @@ def score_outcomes(traj: Trajectories, dialect: str, format_penalty: float) -> O
                     format_ok_N=np.asarray([s.format_ok for s in scores], bool))
 
 
+def shuffle_within_groups(ig_NT: np.ndarray, ig_mask_NT: np.ndarray, group_id_N: np.ndarray,
+                          rng: np.random.Generator) -> np.ndarray:
+    """The placebo: each group's information gains (the slots of ig_mask_NT) permuted among the
+    same slots, across its rollouts and turns. The group keeps its multiset of gains, hence the
+    reward distribution and its normalisation, while a gain no longer sits on the turn that
+    earned it. Unmasked slots are left as they are."""
+    out = np.array(ig_NT, copy=True)
+    mask_NT = np.asarray(ig_mask_NT, bool)
+    for g in np.unique(group_id_N):
+        slots_NT = mask_NT & (np.asarray(group_id_N) == g)[:, None]
+        out[slots_NT] = rng.permutation(out[slots_NT])
+    return out
+
+
 def advantages_for(traj: Trajectories, outcomes: Outcomes, mean_logp_NT: np.ndarray | None,
                    scored_NT: np.ndarray | None, cfg: AlgorithmConfig, step: int,
                    total_steps: int) -> tuple[np.ndarray, dict[str, float]]:
@@ -77,13 +95,18 @@ def advantages_for(traj: Trajectories, outcomes: Outcomes, mean_logp_NT: np.ndar
         ig_NT, ig_mask_NT = np.asarray(gain.reward_NT), np.asarray(gain.mask_NT)
     else:
         ig_NT, ig_mask_NT = np.zeros((n, t), np.float32), np.zeros((n, t), bool)
+    # the gains the advantages credit; the metrics below report the gains as earned
+    credited_ig_NT = ig_NT
+    if cfg.use_info_gain and cfg.shuffle_info_gain:
+        credited_ig_NT = shuffle_within_groups(ig_NT, ig_mask_NT, traj.group_id_N,
+                                               np.random.default_rng([cfg.shuffle_seed, step]))
     w_f1, w_ig = curriculum_weights(step + 1, cfg.curriculum_steps or total_steps, use_curriculum=cfg.use_curriculum,
                                     f1_init=cfg.curriculum_f1_init, f1_final=cfg.curriculum_f1_final,
                                     ig_init=cfg.curriculum_ig_init, ig_final=cfg.curriculum_ig_final)
-    adv = compute_advantages(outcomes.reward_N, ig_NT, ig_mask_NT, traj.num_turns_N, traj.group_id_N,
+    adv = compute_advantages(outcomes.reward_N, credited_ig_NT, ig_mask_NT, traj.num_turns_N, traj.group_id_N,
                              traj.turn_id_NL, use_info_gain=cfg.use_info_gain, norm_mode=cfg.info_gain_norm_mode,
                              norm_by_std=cfg.norm_adv_by_std_in_grpo, gamma=cfg.gamma, f1_weight=w_f1,
-                             ig_weight=w_ig, eps=cfg.eps)
+                             ig_weight=w_ig, eps=cfg.eps, use_outcome=cfg.use_outcome_reward)
     token_NL = np.asarray(jax.device_get(adv.token_NL), np.float32) * traj.loss_mask_NL
     ig_values = ig_NT[ig_mask_NT]
     metrics = {

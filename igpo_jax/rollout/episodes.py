@@ -78,6 +78,9 @@ class RolloutConfig:
     today: str | None = None  # "{today}" in the system prompt; pin it for reproducible prompts
     forced_prefix: str = "<think>"  # starts every assistant turn ('' → none); not loss-masked
     first_turn_prefix: str | None = None  # turn 0 only (e.g. '<search>' for a 135M demo); None → forced_prefix
+    # the final allowed turn (max_turns − 1) only, e.g. '<answer>': free turns before it, where the
+    # policy decides whether to search again or answer, and an answer when its turns run out
+    last_turn_prefix: str | None = None
     max_turns: int = 4
     max_new_tokens: int = 512  # per turn
     cache_size: int = 4096  # KV-cache slots: the context limit of the whole batch's shared cursor
@@ -99,15 +102,28 @@ class RolloutConfig:
             raise ValueError(f"max_turns, max_new_tokens and max_tool_tokens must be ≥ 1: {self}")
         if self.max_concurrent_rows < 0:
             raise ValueError(f"max_concurrent_rows must be ≥ 0 (0 → all rows at once): {self.max_concurrent_rows}")
+        check_turn_prefixes(self.first_turn_prefix, self.last_turn_prefix, self.max_turns)
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
         return STOP_STRINGS[self.dialect]
 
     def prefix(self, turn: int) -> str:
+        """What turn `turn` is forced to start with: first_turn_prefix on turn 0, last_turn_prefix on
+        turn max_turns − 1, forced_prefix on every other (each where set)."""
         if turn == 0 and self.first_turn_prefix is not None:
             return self.first_turn_prefix
+        if turn == self.max_turns - 1 and self.last_turn_prefix is not None:
+            return self.last_turn_prefix
         return self.forced_prefix
+
+
+def check_turn_prefixes(first_turn_prefix: str | None, last_turn_prefix: str | None, max_turns: int,
+                        keys: str = "first_turn_prefix and last_turn_prefix") -> None:
+    """With one allowed turn, the first turn is the last: two prefixes for it would contradict."""
+    if first_turn_prefix is not None and last_turn_prefix is not None and max_turns < 2:
+        raise ValueError(f"{keys} ({first_turn_prefix!r}, {last_turn_prefix!r}) both name turn 0 when "
+                         f"max_turns={max_turns}: allow at least 2 turns, or set one of them")
 
 
 class SamplerLike(Protocol):

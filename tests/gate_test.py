@@ -1,0 +1,33 @@
+"""bench.gate's statistics on hand-built groups: collapsed, IG-informative, the bridge query."""
+
+import numpy as np
+
+from bench.gate import bridge_counts, group_regime, names_bridge
+
+
+def test_a_query_names_the_bridge_only_in_full():
+    assert names_bridge("Pemdo Labs", "Pemdo Labs") and names_bridge(" pemdo  labs founded?", "Pemdo Labs")
+    assert not names_bridge("Pemdo", "Pemdo Labs")  # half the name: the namesake may answer
+    assert not names_bridge("Pemdo Laboratories", "Pemdo Labs") and not names_bridge("anything", "")
+
+
+def test_groups_collapsed_by_outcome_and_those_whose_gains_still_differ():
+    # three groups of two: 0 differs in outcome; 1 ties (0, 0) with gains 0.5 / 0.1; 2 ties with
+    # gains 0.3 / 0.3005 (a spread under the tolerance, though the z-score makes it live)
+    outcome = np.array([1.0, 0.0, 0.0, 0.0, -2.0, -2.0])
+    live = np.array([True, True, True, True, True, True])
+    ig = np.array([[0.2], [0.2], [0.5], [0.1], [0.3], [0.3005]])
+    mask = np.ones((6, 1), bool)
+    counts = group_regime(outcome, live, ig, mask, np.array([0, 0, 1, 1, 2, 2]), ig_tol=0.01)
+    assert counts == {"groups": 3, "collapsed": 2, "informative": 2, "spread": 1}
+    dead = group_regime(outcome, np.zeros(6, bool), ig, mask, np.array([0, 0, 1, 1, 2, 2]), ig_tol=0.01)
+    assert dead["informative"] == 0
+
+
+def test_the_second_query_is_counted_against_the_episodes_bridge():
+    queries = [[("Ilsa Varn",), None, ("Pemdo Labs",), None],  # a second search, naming the bridge
+               [("Ilsa Varn",), ("Pemdo",)],  # a second search, half the name
+               [("Ilsa Varn",), None],  # answered after one search
+               [("Osk Tamber",), ("Belmar College", "Hallum College")]]  # one of two queries names it
+    counts = bridge_counts(queries, ["Pemdo Labs", "Pemdo Labs", "Pemdo Labs", "Hallum College"])
+    assert counts == {"episodes": 4, "second_queries": 3, "bridge_queries": 2}
