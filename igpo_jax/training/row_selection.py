@@ -15,7 +15,8 @@ it is not computed, but it still counts in the loss's normaliser (`Selection.num
 Shapes do not change: a pass computes M rows (with a layout, M / G groups of G_u rows, G_u a power
 of two: one program per G_u). The rows to compute fill whole micro-batches under the update's
 strided split (micro-batch j takes rows j, j + num_micro, …; `update.micro_batches`) and the
-micro-batches left hold only weight-0 padding, which the jitted loops skip (`lax.cond`).
+micro-batches left hold only weight-0 padding, where the jitted loops stop (update.py: a loop
+whose trip count is the last micro-batch with a row to compute).
 """
 
 from __future__ import annotations
