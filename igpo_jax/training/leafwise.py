@@ -76,6 +76,11 @@ def update(leaf_step: Callable, grads, state, params, *extra, static: Hashable =
     new leaf state) for every parameter leaf, where a leaf state is `state` with each params-shaped
     part replaced by that part's leaf. `leaf_step` is traced (once per leaf shape), `static` is
     hashable and fixed; `params` and the params-shaped parts of `state` are donated."""
+    return _leaf_by_leaf(_leaf_call, leaf_step, grads, state, params, *extra, static=static)
+
+
+def _leaf_by_leaf(call: Callable, leaf_step: Callable, grads, state, params, *extra, static: Hashable = None):
+    """`update`'s walk over the leaves, each leaf's step run by `call` (`_leaf_call` or `_leaf_traced`)."""
     param_leaves, params_def = jax.tree.flatten(params)
     grad_leaves = params_def.flatten_up_to(grads)
     shaped_like_params = lambda x: params_def.num_leaves > 1 and jax.tree.structure(x) == params_def
@@ -85,8 +90,8 @@ def update(leaf_step: Callable, grads, state, params, *extra, static: Hashable =
     split = [params_def.flatten_up_to(p) for p in own]
     new_params, new_own, new_shared = [], [], None
     for i, (grad, param) in enumerate(zip(grad_leaves, param_leaves)):
-        param, leaf_own, leaf_shared = _leaf_call(leaf_step, parts_def, own_mask, static, grad,
-                                             [s[i] for s in split], shared, param, *extra)
+        param, leaf_own, leaf_shared = call(leaf_step, parts_def, own_mask, static, grad, [s[i] for s in split],
+                                            shared, param, *extra)
         new_params.append(param)
         new_own.append(leaf_own)
         new_shared = leaf_shared if new_shared is None else new_shared
@@ -105,22 +110,7 @@ def _leaf_traced(leaf_step, parts_def, own_mask, static, grad, own, shared, para
 def update_traced(leaf_step: Callable, grads, state, params, *extra, static: Hashable = None) -> tuple[Any, Any]:
     """`update`'s arithmetic, to be traced inside one outer jitted program (donation is the outer
     program's): every leaf's step a nested call of one jitted function per leaf shape."""
-    param_leaves, params_def = jax.tree.flatten(params)
-    grad_leaves = params_def.flatten_up_to(grads)
-    shaped_like_params = lambda x: params_def.num_leaves > 1 and jax.tree.structure(x) == params_def
-    parts, parts_def = jax.tree.flatten(state, is_leaf=shaped_like_params)
-    own_mask = tuple(shaped_like_params(p) for p in parts)
-    own, shared = _split(parts, own_mask)
-    split = [params_def.flatten_up_to(p) for p in own]
-    new_params, new_own, new_shared = [], [], None
-    for i, (grad, param) in enumerate(zip(grad_leaves, param_leaves)):
-        param, leaf_own, leaf_shared = _leaf_traced(leaf_step, parts_def, own_mask, static, grad,
-                                                    [s[i] for s in split], shared, param, *extra)
-        new_params.append(param)
-        new_own.append(leaf_own)
-        new_shared = leaf_shared if new_shared is None else new_shared
-    own_parts = [params_def.unflatten([leaf[j] for leaf in new_own]) for j in range(len(split))]
-    return params_def.unflatten(new_params), parts_def.unflatten(_join(own_parts, new_shared or [], own_mask))
+    return _leaf_by_leaf(_leaf_traced, leaf_step, grads, state, params, *extra, static=static)
 
 
 class Prebuilt:
