@@ -45,6 +45,17 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
+def load_config(name: str):
+    """configs/<name>.py's get_config(), loaded from its file (configs/ is not a package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def write_tiny_hf_model(model_type: str, path, seed: int = 0, **overrides):
     """A tiny random transformers model of `model_type`, saved with save_pretrained; returns it."""
     import torch

@@ -4,8 +4,6 @@ reference policy is stored in the compute dtype without changing its log-probs."
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,16 +15,9 @@ from igpo_jax import components, config_base
 from igpo_jax.training import update
 from igpo_jax.model.weights import load_hf
 from igpo_jax.training.update import UpdateBatch, UpdateConfig, Updater, compute_logprobs
-from tests.conftest import write_tiny_hf_model
+from tests.conftest import load_config, write_tiny_hf_model
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-def _config(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+_config = load_config
 
 
 def _trainable_config():
