@@ -271,8 +271,6 @@ class DedupStep:
         return c
 
     def run(self, traj, on: bool):
-        import types
-
         import jax
         import jax.numpy as jnp
         import numpy as np
@@ -298,7 +296,7 @@ class DedupStep:
         times["scoring"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        facts = row_facts(types.SimpleNamespace(config=config, ucfg=ucfg, rows=slice(0, n)), traj, advantage_NL)
+        facts = row_facts(config, ucfg, slice(0, n), traj, advantage_NL)
         rows, _, layout, shared = update_inputs(config, ucfg, traj, scores, advantage_NL, old_source)
         selection = row_selection.select(facts, np.arange(n), n // self.micro, 0 if layout is None else layout.group_size)
         ref = jax.block_until_ready(compute_logprobs(self.reference, rows["tokens_NL"], rows["valid_NL"], self.micro,

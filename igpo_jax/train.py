@@ -320,17 +320,19 @@ def advantages_phase(run: Run, traj: Trajectories, step: int):
     return scores, advantage_NL, reward_metrics
 
 
-def row_facts(run: Run, traj: Trajectories, advantage_NL: np.ndarray) -> row_selection.RowFacts:
+def row_facts(config, ucfg: UpdateConfig, rows: slice, traj: Trajectories,
+              advantage_NL: np.ndarray) -> row_selection.RowFacts:
     """The global update batch's rows as the update's passes select them (row_selection.py):
     identical rows of a group (same conversation and advantages) once, with actor.dedup_rows;
     rows that carry no gradient (zero advantages, no KL or entropy term) not at all, with
-    actor.skip_rows_without_gradient. Every process's rows, in global indices."""
-    actor, n = run.config.actor, traj.num_rollouts
+    actor.skip_rows_without_gradient. Every process's rows (this one's: `rows` of the update
+    batch), in global indices."""
+    actor, n = config.actor, traj.num_rollouts
     first = traj.first_identical_N(advantage_NL) if actor.dedup_rows else np.arange(n)
-    kl_or_entropy = (run.ucfg.use_kl_loss and run.ucfg.kl_coef != 0) or run.ucfg.entropy_coeff != 0
+    kl_or_entropy = (ucfg.use_kl_loss and ucfg.kl_coef != 0) or ucfg.entropy_coeff != 0
     active = (row_selection.rows_with_gradient(advantage_NL, traj.loss_mask_NL, kl_or_entropy)
               if actor.skip_rows_without_gradient else np.ones(n, bool))
-    local = dict(first=(first + run.rows.start).tolist(), active=active.tolist(),
+    local = dict(first=(first + rows.start).tolist(), active=active.tolist(),
                  tokens=np.asarray(traj.loss_mask_NL).sum(1).tolist())
     parts = distributed.allgather_json(local)  # in process order: the global rows' order
     join = lambda key, dtype: np.asarray([v for part in parts for v in part[key]], dtype)
@@ -430,7 +432,7 @@ def update_batch(run: Run, traj: Trajectories, scores, advantage_NL: np.ndarray,
 def update_phase(run: Run, traj: Trajectories, scores, advantage_NL: np.ndarray, step: int) -> list[dict]:
     """Update: the optimiser steps of the clipped loss (+ KL) over the global batch; then this
     process's views of the new policy. Returns each optimiser step's metrics."""
-    facts = row_facts(run, traj, advantage_NL)
+    facts = row_facts(run.config, run.ucfg, run.rows, traj, advantage_NL)
     batch, layout = update_batch(run, traj, scores, advantage_NL, facts)
     with progress.bar(optimiser_steps(run.ucfg, run.num_rows), f"step {step + 1} update", run.show,
                       unit="opt step") as bar:
