@@ -9,9 +9,12 @@ train.advantages_phase: P(gold) per turn, outcome rewards, IGPO's advantages). P
 of rollout.n:
 - collapsed_frac: the groups whose outcome rewards are all equal (GRPO's zero-advantage groups,
   the paper's Fig. 1 statistic);
-- ig_informative_frac: among those, the groups whose IGPO advantages are not all zero (their
-  information gains differ at all), and ig_spread_frac: whose gains differ by more than --ig_tol
-  (a difference above rounding noise, which the group z-score would blow up just the same);
+- ig_informative_frac: among those, the groups whose IGPO advantages are not all zero, and
+  ig_spread_frac: whose rollouts' gains differ from each other by more than --ig_tol at some turn
+  (or that searched on different turns). The first is not enough: IG is normalised over all the
+  turns of a group pooled, so a group of identical rollouts whose turn 1 gained more than its turn
+  2 has live advantages without one rollout being told apart from another; the regime asks for
+  the second (a spread above rounding noise, which the group z-score would blow up just the same);
 - bridge_query_frac: the episodes whose second query names the bridge (the entity whose document
   states the answer: the question's last supporting document), and the same among the episodes
   that wrote a second query at all;
@@ -33,7 +36,7 @@ import time
 
 import numpy as np
 
-REGIME = {"collapsed_frac": 0.5, "ig_informative_frac": 0.3, "bridge_query_frac": (0.1, 0.4)}
+REGIME = {"collapsed_frac": 0.5, "ig_spread_frac": 0.3, "bridge_query_frac": (0.1, 0.4)}
 
 
 def apply_overrides(config, items) -> None:
@@ -60,7 +63,8 @@ def names_bridge(query: str, bridge: str) -> bool:
 def group_regime(outcome_N: np.ndarray, live_N: np.ndarray, ig_NT: np.ndarray, ig_mask_NT: np.ndarray,
                  group_id_N: np.ndarray, ig_tol: float) -> dict[str, int]:
     """Counts of groups: all, outcome-collapsed, and among those the ones with a live IGPO advantage
-    (`live_N`: a rollout has a non-zero advantage on some token) and with an IG spread > ig_tol."""
+    (`live_N`: a rollout has a non-zero advantage on some token) and the ones whose rollouts' gains
+    differ: at some turn by more than ig_tol, or in which turns have a gain."""
     counts = {"groups": 0, "collapsed": 0, "informative": 0, "spread": 0}
     for g in np.unique(group_id_N):
         rows = group_id_N == g
@@ -69,8 +73,9 @@ def group_regime(outcome_N: np.ndarray, live_N: np.ndarray, ig_NT: np.ndarray, i
             continue
         counts["collapsed"] += 1
         counts["informative"] += int(live_N[rows].any())
-        gains = ig_NT[rows][ig_mask_NT[rows].astype(bool)]
-        counts["spread"] += int(gains.size > 1 and np.ptp(gains) > ig_tol)
+        mask_GT = ig_mask_NT[rows].astype(bool)
+        gains_GT = np.where(mask_GT, ig_NT[rows], 0.0)
+        counts["spread"] += int(bool((mask_GT != mask_GT[0]).any() or (np.ptp(gains_GT, axis=0) > ig_tol).any()))
     return counts
 
 
@@ -210,11 +215,11 @@ def main():
     }
     low, high = REGIME["bridge_query_frac"]
     out["regime_holds"] = bool(out["collapsed_frac"] > REGIME["collapsed_frac"]
-                               and out["ig_informative_frac"] > REGIME["ig_informative_frac"]
+                               and out["ig_spread_frac"] > REGIME["ig_spread_frac"]
                                and low <= out["bridge_query_frac"] <= high)
     print(f"collapsed {out['collapsed_frac']:.2f} of {out['groups']} groups (regime: > {REGIME['collapsed_frac']}); "
-          f"of those IG-informative {out['ig_informative_frac']:.2f}, spread > {args.ig_tol} "
-          f"{out['ig_spread_frac']:.2f} (regime: > {REGIME['ig_informative_frac']}); bridge query "
+          f"of those IG-informative {out['ig_informative_frac']:.2f}, gains differ between rollouts by > {args.ig_tol} "
+          f"{out['ig_spread_frac']:.2f} (regime: > {REGIME['ig_spread_frac']}); bridge query "
           f"{out['bridge_query_frac']:.2f} of episodes (regime: {REGIME['bridge_query_frac']}); IG answer doc "
           f"{out['ig_answer_doc']} vs other {out['ig_other_doc']}")
     print(json.dumps({k: None if isinstance(v, float) and np.isnan(v) else v for k, v in out.items()}))

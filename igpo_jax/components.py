@@ -149,7 +149,8 @@ def rollout_config(config: ml_collections.ConfigDict, validation: bool = False) 
     r = config.rollout
     sampling = (SamplingParams(temperature=r.val_temperature) if validation
                 else SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k))
-    return RolloutConfig(dialect=r.dialect, system_prompt=r.system_prompt, forced_prefix=r.forced_prefix,
+    return RolloutConfig(dialect=r.dialect, system_prompt=r.system_prompt,
+                         example_turns=tuple(tuple(pair) for pair in r.example_turns), forced_prefix=r.forced_prefix,
                          first_turn_prefix=r.first_turn_prefix,
                          last_turn_prefix=r.last_turn_prefix, max_turns=r.max_turns,
                          max_new_tokens=r.max_new_tokens, cache_size=r.context_length, sampling=sampling,

@@ -114,6 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
     # in which the policy chooses to search again or answer; unset: forced_prefix
     c.rollout.last_turn_prefix = ml_collections.config_dict.placeholder(str)
     c.rollout.system_prompt = ml_collections.config_dict.placeholder(str)
+    c.rollout.example_turns = ()  # (question, assistant response) pairs, chat turns before the question
     c.rollout.max_turns = 10
     c.rollout.max_new_tokens = 2000  # per turn
     c.rollout.max_tool_tokens = 512

@@ -34,7 +34,7 @@ def test_the_two_hop_arms_differ_from_igpo_by_one_switch():
     assert (igpo["algorithm.info_gain_type"], igpo["algorithm.info_gain_norm_mode"], igpo["algorithm.gamma"]) == \
         ("log_prob_diff", "separate", 1.0)
     assert (igpo["rollout.forced_prefix"], igpo["rollout.last_turn_prefix"], igpo["rollout.max_turns"]) == \
-        ("", "<answer>", 4)  # free turns, an answer forced on the last one only
+        ("<", "<answer>", 4)  # free turns (a tag of the policy's choice), an answer forced on the last one only
     for name, switch in (("world_two_hop_grpo", {"algorithm.use_info_gain": False}),
                          ("world_two_hop_ig_only", {"algorithm.use_outcome_reward": False}),
                          ("world_two_hop_placebo", {"algorithm.shuffle_info_gain": True})):

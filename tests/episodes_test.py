@@ -170,6 +170,32 @@ def test_chat_frame_is_derived_from_the_template(smollm2_tokenizer):
     assert (frame.tool_role, frame.after_call, frame.after_result) == ("user", "[/][user]", "[/][assistant]")
 
 
+def test_example_turns_are_chat_turns_between_the_system_prompt_and_the_question(smollm2_tokenizer):
+    from igpo_jax.rollout.episodes import _Rollout
+
+    tok = smollm2_tokenizer
+    examples = (("Where was Ilsa born?", "<search> Ilsa </search><answer> Korvath </answer>"),
+                ("Who founded Pemdo?", "<answer> Osk </answer>"))
+    config = RolloutConfig(dialect="search_tags", today=TODAY, first_turn_prefix="<search>", example_turns=examples)
+    tokens, start = _Rollout(None, tok, None, config).prompt_tokens(QUESTIONS[0])
+    messages = [{"role": "system", "content": _system("search_tags")}]
+    for question, response in examples:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": response}]
+    messages.append({"role": "user", "content": QUESTIONS[0].question})
+    expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tok.decode(tokens) == expected + "<search>" and tok.decode(tokens[:start]) == expected
+    # a data file's own system prompt stays first, the examples follow it
+    own = Example("q2", "world", "Q?", ("A",), (Message("system", "Be brief."), Message("user", "Q?")), "test")
+    tokens, _ = _Rollout(None, tok, None, config).prompt_tokens(own)
+    assert tok.decode(tokens) == tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}] + messages[1:-1] + [{"role": "user", "content": "Q?"}],
+        tokenize=False, add_generation_prompt=True) + "<search>"
+    with pytest.raises(ValueError, match="example_turns must be"):
+        RolloutConfig(example_turns=(("a question", ""),))
+    with pytest.raises(ValueError, match="example_turns must be"):
+        RolloutConfig(example_turns=(("a question",),))
+
+
 # ----------------------------------------------------------------------------- the real sampler
 
 @pytest.mark.parametrize("dialect", ["qwen_tool_call", "search_tags"])

@@ -20,6 +20,15 @@ def test_groups_collapsed_by_outcome_and_those_whose_gains_still_differ():
     mask = np.ones((6, 1), bool)
     counts = group_regime(outcome, live, ig, mask, np.array([0, 0, 1, 1, 2, 2]), ig_tol=0.01)
     assert counts == {"groups": 3, "collapsed": 2, "informative": 2, "spread": 1}
+    # two identical rollouts whose turn 1 gained 0.9 and turn 2 lost 1.0: the pooled z-score makes
+    # their advantages live, but nothing tells one rollout from the other
+    same = group_regime(np.zeros(2), np.ones(2, bool), np.array([[0.9, -1.0], [0.9, -1.0]]), np.ones((2, 2), bool),
+                        np.zeros(2, int), ig_tol=0.01)
+    assert same == {"groups": 1, "collapsed": 1, "informative": 1, "spread": 0}
+    # one rollout searched once, the other twice: their gains differ where one has none
+    apart = group_regime(np.zeros(2), np.ones(2, bool), np.array([[0.9, 0.0], [0.9, -1.0]]),
+                         np.array([[True, False], [True, True]]), np.zeros(2, int), ig_tol=0.01)
+    assert apart["spread"] == 1
     dead = group_regime(outcome, np.zeros(6, bool), ig, mask, np.array([0, 0, 1, 1, 2, 2]), ig_tol=0.01)
     assert dead["informative"] == 0
 

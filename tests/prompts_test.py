@@ -95,3 +95,18 @@ def test_a_user_config_keeps_todays_date_and_a_bad_date_is_refused():
     c.rollout.today = "01/02/2026"
     with pytest.raises(ValueError, match=r"config.rollout.today='01/02/2026' must be an ISO date"):
         config_base.validate(c)
+
+
+def test_two_hop_example_turns_are_laid_out_as_a_rollout_writes_them():
+    from igpo_jax.rollout.prompts import TWO_HOP_EXAMPLE_TURNS
+    from igpo_jax.search.clients import SearchHit, SearchResult, format_results
+
+    question, response = TWO_HOP_EXAMPLE_TURNS[0]
+    assert question.endswith("?")
+    first = format_results([SearchResult("Ilsa Varn", (SearchHit("Ilsa Varn", "Ilsa Varn is an architect born in 1948 in "
+                                         "Korvath. Varn studied at Belmar College and works for Pemdo Labs."),))])
+    assert response.startswith("<search> Ilsa Varn </search>" + information_block(first) + "<search> Pemdo Labs </search>")
+    for _, response in TWO_HOP_EXAMPLE_TURNS:  # two searches, then an answer the second document states
+        assert response.count("<search>") == 2 and response.count("</information>") == 2
+        assert response.endswith(" </answer>") and response.split("<answer>")[1].split()[0] in response.split(
+            "<information>")[2]

@@ -75,6 +75,10 @@ ANSWER, MAX_TURNS, CONTEXT, LENGTH, FORMAT_ERROR = "answer", "max_turns", "conte
 class RolloutConfig:
     dialect: str = "qwen_tool_call"  # 'qwen_tool_call' | 'search_tags'
     system_prompt: str | None = None  # a prompts.py template; None → the dialect's default
+    # worked examples as earlier chat turns, (question, assistant response) pairs placed between the
+    # system prompt and the question: a small model copies its own earlier turns' form far more
+    # readily than examples quoted inside the system prompt (bench/results/world_two_hop.md)
+    example_turns: tuple[tuple[str, str], ...] = ()
     today: str | None = None  # "{today}" in the system prompt; pin it for reproducible prompts
     forced_prefix: str = "<think>"  # starts every assistant turn ('' → none); not loss-masked
     first_turn_prefix: str | None = None  # turn 0 only (e.g. '<search>' for a 135M demo); None → forced_prefix
@@ -103,6 +107,9 @@ class RolloutConfig:
         if self.max_concurrent_rows < 0:
             raise ValueError(f"max_concurrent_rows must be ≥ 0 (0 → all rows at once): {self.max_concurrent_rows}")
         check_turn_prefixes(self.first_turn_prefix, self.last_turn_prefix, self.max_turns)
+        if any(len(pair) != 2 or not all(isinstance(t, str) and t for t in pair) for pair in self.example_turns):
+            raise ValueError("example_turns must be (question, assistant response) pairs of non-empty strings: "
+                             f"{self.example_turns!r}")
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -276,6 +283,9 @@ class _Rollout:
             system = render_system_prompt(self.config.dialect, self.config.system_prompt, today=self.config.today,
                                           max_queries=self.config.max_queries)
             messages = [{"role": "system", "content": system}] + messages
+        examples = [{"role": role, "content": text} for question, response in self.config.example_turns
+                    for role, text in (("user", question), ("assistant", response))]
+        messages = messages[:1] + examples + messages[1:] if messages[0]["role"] == "system" else examples + messages
         chat = self.encode(render_chat(self.tokenizer, messages, add_generation_prompt=True))
         return chat + self.encode(self.config.prefix(0)), len(chat)
 

@@ -104,50 +104,6 @@ Example 2. Question: Where was Ilsa Varn born?
 Ilsa Varn is an architect born in 1948 in Korvath. Varn studied at Belmar College and works for Pemdo Labs.</information>
 <answer> Korvath </answer>"""
 
-# Search-R1 dialect, two worked examples of two-hop questions (the embedded world's two-hop rung,
-# configs/world_two_hop_igpo.py): the first search finds the question's entity, whose document
-# names a bridge (a company, a university) but not the answer; a second search for the bridge
-# finds the answer. Meant for free turns: only the first turn forced to open <search>, the last
-# allowed one <answer>. Its names are not the world's (they are drawn apart from its tables). The
-# examples' results are laid out as the rollout inserts them (prompts.information_block and
-# search.clients.format_results), so that the model reads the pattern it then sees.
-SEARCH_TAGS_TWO_HOP_FEW_SHOT_PROMPT = """\
-Answer the question with the help of a search engine. Search by writing <search> name </search>; \
-the results come back between <information> and </information>. After the results, write one of \
-two things and nothing else: if the results name the company, university or city the question \
-asks about but do not state the answer, <search> that name </search>; if they state the answer, \
-<answer> the answer </answer>, a few words copied from the results.
-
-Example 1. Question: In which year was the company that employs Ilsa Varn founded?
-<search> Ilsa Varn </search>
-
-<information>Results for "Ilsa Varn":
-1. Ilsa Varn
-Ilsa Varn is an architect born in 1948 in Korvath. Varn studied at Belmar College and works for Pemdo Labs.</information>
-
-<search> Pemdo Labs </search>
-
-<information>Results for "Pemdo Labs":
-1. Pemdo Labs
-Pemdo Labs is a software company headquartered in Dunmere. It was founded in 1974 by Osk Tamber.</information>
-
-<answer> 1974 </answer>
-
-Example 2. Question: In which city is the university that Osk Tamber attended?
-<search> Osk Tamber </search>
-
-<information>Results for "Osk Tamber":
-1. Osk Tamber
-Osk Tamber was born in Korvath in 1941. The chemist studied at Hallum Institute of Technology and works for Pemdo Labs.</information>
-
-<search> Hallum Institute of Technology </search>
-
-<information>Results for "Hallum Institute of Technology":
-1. Hallum Institute of Technology
-Hallum Institute of Technology is a university in Selvane, founded in 1872.</information>
-
-<answer> Selvane </answer>"""
-
 DEFAULT_PROMPTS = {"qwen_tool_call": QWEN_TOOL_CALL_PROMPT, "search_tags": SEARCH_TAGS_PROMPT}
 
 _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -197,3 +153,49 @@ def format_error_feedback(reason: str, dialect: str) -> str:
         how = ('call <tool_call>{"name": "web_search", "arguments": {"query": ["..."]}}</tool_call> '
                "or give <answer> final answer </answer> after </think>")
     return f"Your last turn could not be run: {reason}. Please {how}."
+
+
+# ----------------------------------------------------------------------------- worked examples as chat turns
+
+# The same two worked examples as earlier chat turns (RolloutConfig.example_turns), for free turns:
+# the instruction stays in the system prompt, the examples become the user's questions and the
+# assistant's own responses, laid out token for token as a rollout writes them. A 135M model
+# continues the form of its own earlier turns; examples quoted inside the system prompt it mostly
+# answered with prose after a search result (bench/results/world_two_hop.md, gate runs 1-3, 7).
+SEARCH_TAGS_TWO_HOP_INSTRUCTION = """\
+Answer the question with the help of a search engine. Search by writing <search> name </search>; \
+the results come back between <information> and </information>. After the results, write one of \
+two things and nothing else: if the results name the company, university or city the question \
+asks about but do not state the answer, <search> that name </search>; if they state the answer, \
+<answer> the answer </answer>, a few words copied from the results."""
+
+
+def _searched(query: str, title: str, text: str) -> str:
+    """A search turn and its results, as the rollout writes them (information_block, format_results)."""
+    return f"<search> {query} </search>" + information_block(f'Results for "{query}":\n1. {title}\n{text}')
+
+
+TWO_HOP_EXAMPLE_TURNS = (
+    ("In which year was the company that employs Ilsa Varn founded?",
+     _searched("Ilsa Varn", "Ilsa Varn", "Ilsa Varn is an architect born in 1948 in Korvath. Varn studied at "
+                                         "Belmar College and works for Pemdo Labs.")
+     + _searched("Pemdo Labs", "Pemdo Labs", "Pemdo Labs is a software company headquartered in Dunmere. It was "
+                                             "founded in 1974 by Osk Tamber.")
+     + "<answer> 1974 </answer>"),
+    ("In which city is the university that Osk Tamber attended?",
+     _searched("Osk Tamber", "Osk Tamber", "Osk Tamber was born in Korvath in 1941. The chemist studied at Hallum "
+                                           "Institute of Technology and works for Pemdo Labs.")
+     + _searched("Hallum Institute of Technology", "Hallum Institute of Technology",
+                 "Hallum Institute of Technology is a university in Selvane, founded in 1872.")
+     + "<answer> Selvane </answer>"),
+    ("In which country was Brannoc Heval born?",
+     _searched("Brannoc Heval", "Brannoc Heval", "Brannoc Heval is a pilot born in 1939 in Tessaly. Heval studied at "
+                                                 "Orrin College and works for Maldrake Foods.")
+     + _searched("Tessaly", "Tessaly", "Tessaly is a city in Quenmark. The Ardel River flows through Tessaly.")
+     + "<answer> Quenmark </answer>"),
+    ("In which country is Veltrow Motors headquartered?",
+     _searched("Veltrow Motors", "Veltrow Motors", "Veltrow Motors is a car company headquartered in Halvik. It was "
+                                                   "founded in 1968 by Ama Rusk.")
+     + _searched("Halvik", "Halvik", "The Senn River flows through Halvik, a city in Ostrania.")
+     + "<answer> Ostrania </answer>"),
+)
