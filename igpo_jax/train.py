@@ -322,7 +322,8 @@ def advantages_phase(run: Run, traj: Trajectories, step: int):
             # the scoring model is the policy the update starts from: π_old from its pass
             scores = scoring.score_one_pass(run.actor, traj, pts, run.config.algorithm.scoring_batch_size,
                                             token_logprobs=run.old_source == "scoring", on_batch=bar.update,
-                                            dedup=run.config.actor.dedup_rows)
+                                            dedup=run.config.actor.dedup_rows,
+                                            share_prompt=run.config.actor.share_prompt_prefix)
     outcomes = pipeline.score_outcomes(traj, run.rcfg.dialect, run.alg.format_penalty)
     advantage_NL, reward_metrics = pipeline.advantages_for(
         traj, outcomes, None if scores is None else scores.mean_logp_NT,
