@@ -219,3 +219,54 @@ def test_reference_logprobs_of_a_selection_equal_every_row(model):
         once = np.asarray(compute_logprobs(model, tokens, valid, micro_batch_size=G, selection=sel, **shared))
         np.testing.assert_allclose(once[loss > 0], plain[loss > 0], atol=1e-5, rtol=0)
         assert once[1].tobytes() == once[0].tobytes() and once[11].tobytes() == once[8].tobytes()
+
+
+def test_programs_of_the_other_group_sizes_are_built_ahead_and_used(model):
+    """An update whose groups are all distinct (G_u = 4) builds, in the background, the gradient and
+    π_ref programs of G_u = 1 and 2 at its shapes; a later update whose groups hold two distinct
+    rows each (G_u = 2) then compiles neither itself, and its params and losses equal, bit for
+    bit, those of the same update with building ahead off."""
+    from igpo_jax.training import ahead, update
+
+    cfg = UpdateConfig(lr=1e-3, ppo_mini_batch_size=4, micro_batch_size=4, entropy_coeff=0.0)
+    compiled = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, fun_name="", **kw: compiled.append(fun_name)
+        if event == "/jax/core/compile/backend_compile_duration" else None)
+
+    distinct = ragged_groups(model.cfg.vocab_size)
+    repeated = tuple(x.copy() for x in distinct)
+    for x in repeated:
+        x[1::2] = x[::2]  # row 2k + 1 is row 2k: two distinct rows a group
+    # one layout for both batches (as a run's steps of the same shapes have): the larger P and R
+    layouts = [_batch(model, arrays, share=True)[1] for arrays in (distinct, repeated)]
+    common = dataclasses.replace(layouts[0], prefix_len=max(x.prefix_len for x in layouts),
+                                 suffix_len=max(x.suffix_len for x in layouts))
+
+    def run(arrays, first):
+        batch, layout = _batch(model, arrays, share=True)[0], common
+        facts = RowFacts(first, np.ones(12, bool))
+        ref = compute_logprobs(model, arrays[0], arrays[1], micro_batch_size=4, prefix_len_N=batch.prefix_len_N,
+                               layout=layout, needed_NL=arrays[2] > 0, selection=select(facts, np.arange(12), 3, G))
+        return _updated(model, dataclasses.replace(batch, ref_logp_NL=ref), layout, cfg, facts)
+
+    assert update._AHEAD.available()
+    run(distinct, np.arange(12))  # G_u = 4: G_u = 1 and 2 built ahead, for the gradient and π_ref
+    submitted = update._AHEAD.submitted()
+    assert submitted >= 6, submitted  # G_u = 4 built by its calls, 1 and 2 ahead: for each program
+    for key in list(update._AHEAD._futures):
+        update._AHEAD.wait(key)
+    first = np.arange(12) - np.arange(12) % 2
+    compiled.clear()
+    m_ahead, p_ahead = run(repeated, first)
+    assert not [f for f in compiled if "summed_gradients" in f or "_logprobs_call" in f], compiled
+    assert update._AHEAD.submitted() == submitted  # the same shapes: nothing new to build
+    ahead.ENABLED = False
+    try:
+        m_plain, p_plain = run(repeated, first)
+    finally:
+        ahead.ENABLED = True
+    assert [float(m["rows_computed_frac"]) for m in m_ahead] == [0.5] * 3
+    assert [float(m["loss"]) for m in m_ahead] == [float(m["loss"]) for m in m_plain]
+    for a, b in zip(p_plain, p_ahead):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
