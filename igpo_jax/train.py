@@ -409,11 +409,10 @@ def dynamic_sampling(run: Run, batches, questions: slice, step: int, timings: di
     return selection.batch(), metrics, (sum(rows), sum(tokens))
 
 
-def update_batch(run: Run, traj: Trajectories, scores, advantage_NL: np.ndarray, facts: row_selection.RowFacts,
-                 build_ahead: bool = False):
+def update_batch(run: Run, traj: Trajectories, scores, advantage_NL: np.ndarray, facts: row_selection.RowFacts):
     """(the global UpdateBatch, its shared-prefix layout or None): every process's rows padded to
     one length, π_old's log-probs (from scoring, recomputed, or none: π_θ itself) and π_ref's
-    (each distinct row computed once, as `facts` say; `build_ahead`: see `update_phase`)."""
+    (each distinct row computed once, as `facts` say)."""
     length = padded_length(distributed.allgather_max(traj.tokens_NL.shape[1]))
     host_rows = update_rows(traj, advantage_NL, length)
     if run.old_source == "scoring":
@@ -436,8 +435,7 @@ def update_batch(run: Run, traj: Trajectories, scores, advantage_NL: np.ndarray,
     if run.old_source == "recompute":
         global_rows["old_logp_NL"] = compute_logprobs(run.policy, tokens_NL, global_rows["valid_NL"], micro,
                                                       **shared)
-    ref_logp = compute_logprobs(run.reference, tokens_NL, global_rows["valid_NL"], micro, **shared,
-                                build_ahead=build_ahead) \
+    ref_logp = compute_logprobs(run.reference, tokens_NL, global_rows["valid_NL"], micro, **shared) \
         if run.reference is not None else jnp.zeros(tokens_NL.shape, jnp.float32, device=tokens_NL.sharding)
     return UpdateBatch(**{"old_logp_NL": None, **global_rows}, ref_logp_NL=ref_logp), layout
 
@@ -446,14 +444,11 @@ def update_phase(run: Run, traj: Trajectories, scores, advantage_NL: np.ndarray,
     """Update: the optimiser steps of the clipped loss (+ KL) over the global batch; then this
     process's views of the new policy. Returns each optimiser step's metrics."""
     facts = row_facts(run.config, run.ucfg, run.rows, traj, advantage_NL)
-    # the programs of the other G_u (rows a group computed) at this step's shapes, built in the
-    # background for the steps to come (training/ahead.py): none after the last step
-    build_ahead = step + 1 < run.config.trainer.total_training_steps
-    batch, layout = update_batch(run, traj, scores, advantage_NL, facts, build_ahead)
+    batch, layout = update_batch(run, traj, scores, advantage_NL, facts)
     with progress.bar(optimiser_steps(run.ucfg, run.num_rows), f"step {step + 1} update", run.show,
                       unit="opt step") as bar:
         update_metrics = run.updater.update(batch, on_step=(lambda: bar.update(1)) if run.show else None,
-                                            layout=layout, facts=facts, build_ahead=build_ahead)
+                                            layout=layout, facts=facts)
     jax.block_until_ready(update_metrics)  # the phase's time is its compute, not its dispatch
     # the update donated the old params, which a local view shares buffers with
     run.actor = process_local_policy(run.policy, run.mesh, run.local_mesh, run.actor)

@@ -158,9 +158,9 @@ def test_rows_without_a_gradient_skipped_give_the_full_update_with_kl_and_entrop
             _assert_same(got[:2], want, f"{mode} share={share}")
 
 
-def _updated(model, batch, layout, cfg, facts, build_ahead: bool = False):
+def _updated(model, batch, layout, cfg, facts):
     m = nnx.merge(nnx.graphdef(model), jax.tree.map(jnp.copy, nnx.state(model)))  # the update donates params
-    metrics = Updater(m, cfg).update(batch, layout=layout, facts=facts, build_ahead=build_ahead)
+    metrics = Updater(m, cfg).update(batch, layout=layout, facts=facts)
     return metrics, jax.tree.leaves(nnx.state(m, nnx.Param))
 
 
@@ -247,9 +247,8 @@ def test_programs_of_the_other_group_sizes_are_built_ahead_and_used(model):
         batch, layout = _batch(model, arrays, share=True)[0], common
         facts = RowFacts(first, np.ones(12, bool))
         ref = compute_logprobs(model, arrays[0], arrays[1], micro_batch_size=4, prefix_len_N=batch.prefix_len_N,
-                               layout=layout, needed_NL=arrays[2] > 0, selection=select(facts, np.arange(12), 3, G),
-                               build_ahead=True)
-        return _updated(model, dataclasses.replace(batch, ref_logp_NL=ref), layout, cfg, facts, build_ahead=True)
+                               layout=layout, needed_NL=arrays[2] > 0, selection=select(facts, np.arange(12), 3, G))
+        return _updated(model, dataclasses.replace(batch, ref_logp_NL=ref), layout, cfg, facts)
 
     assert update._AHEAD.available()
     run(distinct, np.arange(12))  # G_u = 4: G_u = 1 and 2 built ahead, for the gradient and π_ref

@@ -10,9 +10,6 @@ on one background thread while the run goes on; a step that needs one waits for 
 longer than compiling it itself) and jit's own cache then hands it over, so the call is the same
 call, with the same program, as without this.
 
-Opt-in per call (`Updater.update(build_ahead=True)`, `compute_logprobs(build_ahead=True)`): the
-trainer asks for it on every step but the last, after which no build could be used.
-
 Single-device runs only: the build's inputs are shapes without a sharding, which is what makes
 jit's cache key match a call with arrays on the one device (a sharding in the shapes did not).
 """

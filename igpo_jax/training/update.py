@@ -249,14 +249,11 @@ def _expand(values_UL, slot_N):
 
 
 def compute_logprobs(model, tokens_NL, valid_NL, micro_batch_size: int = 0, chunk: int = 128, prefix_len_N=None,
-                     layout=None, needed_NL=None, selection: row_selection.Selection | None = None,
-                     build_ahead: bool = False) -> jax.Array:
+                     layout=None, needed_NL=None, selection: row_selection.Selection | None = None) -> jax.Array:
     """Log-probs of every token under `model` (π_old or π_ref), `micro_batch_size` rows per forward
     (whole groups with a shared-prefix `layout` and `prefix_len_N`); with `needed_NL`, of those
     tokens only (the others read 0). With a `selection` (row_selection.select over all N rows),
-    only its rows are computed, each identical row's log-probs copied from its computed one;
-    `build_ahead`: and the program for every other G_u at these shapes is built in the
-    background, for a later call (ahead.py; a run's steps before its last).
+    only its rows are computed, each identical row's log-probs copied from its computed one.
 
     One jitted call that stays on device: with global arrays sharded over several processes (no
     process holds all rows) the result is a global array laid out like the batch, ready for the
@@ -276,7 +273,7 @@ def compute_logprobs(model, tokens_NL, valid_NL, micro_batch_size: int = 0, chun
     picked = _rows_of((rows, needed_NL), jax.device_put(selection.rows_U))
     picked = (dataclasses.replace(picked[0], weight_N=jnp.asarray(selection.weight_U)), picked[1])
     layout_u = _with_group_size(layout, selection)
-    if build_ahead and layout is not None and _AHEAD.available():
+    if layout is not None and _AHEAD.available():
         build = lambda lay, arrays, p: (_logprobs_call, graphdef, p, n // micro, chunk, lay, *arrays)
         _build_ahead("logprobs", (graphdef, n // micro, chunk), layout.group_size, layout_u, picked, build, params)
     logp = _logprobs_call(graphdef, params, n // micro, chunk, layout_u, *picked)
@@ -596,7 +593,7 @@ class Updater:
 
     def update(self, batch: UpdateBatch, rng: np.random.Generator | None = None,
                on_step: Callable[[], None] | None = None, layout=None,
-               facts: row_selection.RowFacts | None = None, build_ahead: bool = False) -> list[dict[str, Any]]:
+               facts: row_selection.RowFacts | None = None) -> list[dict[str, Any]]:
         """`ppo_epochs` passes over the batch in mini-batches (shuffled each epoch when `rng` is
         given: whole groups with a shared-prefix `layout`); returns one metrics dict per optimiser
         step (device arrays: fetch them late; `rows_computed_frac`: the share of the mini-batch's
@@ -605,8 +602,7 @@ class Updater:
         weight, and rows without a gradient not at all — the same loss and gradients; None: every
         row computed. `on_step()`, when given, is called as each optimiser step finishes on the
         device (for a progress bar: it waits for each step, which costs only the next step's
-        dispatch latency). `build_ahead`: with `facts` and a layout, the gradient programs of the
-        other G_u at this batch's shapes are built in the background for a later update (ahead.py)."""
+        dispatch latency)."""
         cfg = self.cfg
         n = batch.tokens_NL.shape[0]
         mini = cfg.ppo_mini_batch_size or n
@@ -639,7 +635,7 @@ class Updater:
                         self.graphdef, params, self.opt_state, mini_batch, cfg, epoch == 0 and k == 0, totals=totals)
                 else:
                     layout_u = _with_group_size(layout, sel)
-                    if build_ahead and layout is not None and _AHEAD.available():
+                    if layout is not None and _AHEAD.available():
                         program = _gradient_program(self.graphdef, params)
                         build = lambda lay, arrays, p: (program, self.graphdef, p, arrays[0], cfg, mini // micro,
                                                         False, lay, arrays[1])
