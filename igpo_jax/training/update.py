@@ -35,7 +35,7 @@ from igpo_jax.igpo.loss import aggregation_weights, policy_loss
 from igpo_jax.model import shared_prefix
 from igpo_jax.model.attention_mask import causal_mask, causal_spec, positions_from_valid
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
-from igpo_jax.training import ahead, leafwise, row_selection
+from igpo_jax.training import leafwise, row_selection
 from igpo_jax.runtime.sharding import constrain
 from igpo_jax.runtime.xla_flags import FP32_TRAIN_STEP_COMPILER_OPTIONS
 
@@ -272,28 +272,8 @@ def compute_logprobs(model, tokens_NL, valid_NL, micro_batch_size: int = 0, chun
         return _logprobs_call(graphdef, params, n // micro, chunk, layout, rows, needed_NL)
     picked = _rows_of((rows, needed_NL), jax.device_put(selection.rows_U))
     picked = (dataclasses.replace(picked[0], weight_N=jnp.asarray(selection.weight_U)), picked[1])
-    layout_u = _with_group_size(layout, selection)
-    if layout is not None and _AHEAD.available():
-        build = lambda lay, arrays, p: (_logprobs_call, graphdef, p, n // micro, chunk, lay, *arrays)
-        _build_ahead("logprobs", (graphdef, n // micro, chunk), layout.group_size, layout_u, picked, build, params)
-    logp = _logprobs_call(graphdef, params, n // micro, chunk, layout_u, *picked)
+    logp = _logprobs_call(graphdef, params, n // micro, chunk, _with_group_size(layout, selection), *picked)
     return _expand(logp, jnp.asarray(selection.slot_M))
-
-
-_AHEAD = ahead.Builds()
-
-
-def _build_ahead(name: str, static, full_group_size: int, layout, arrays, build, params) -> None:
-    """Waits for a background build of this call's program (`layout`: its G_u), then submits the
-    builds of the same call for every other G_u ≤ `full_group_size` (G) at the same shapes
-    (ahead.py). `build(layout, arrays, params)` gives (jitted, *its arguments)."""
-    _AHEAD.wait(ahead.signature(name, (static, layout), arrays))
-    groups = arrays[0].tokens_NL.shape[0] // layout.group_size
-    for g in ahead.group_sizes(full_group_size):
-        if g == layout.group_size:
-            continue
-        other, shapes = dataclasses.replace(layout, group_size=g), ahead.shapes_of(arrays, groups * g)
-        _AHEAD.submit(ahead.signature(name, (static, other), shapes), *build(other, shapes, ahead.shapes_of(params)))
 
 
 def _with_group_size(layout, selection: row_selection.Selection):
@@ -634,16 +614,9 @@ class Updater:
                     params, self.opt_state, m = packed_train_step(
                         self.graphdef, params, self.opt_state, mini_batch, cfg, epoch == 0 and k == 0, totals=totals)
                 else:
-                    layout_u = _with_group_size(layout, sel)
-                    if layout is not None and _AHEAD.available():
-                        program = _gradient_program(self.graphdef, params)
-                        build = lambda lay, arrays, p: (program, self.graphdef, p, arrays[0], cfg, mini // micro,
-                                                        False, lay, arrays[1])
-                        _build_ahead("gradients", (self.graphdef, cfg, mini // micro), g, layout_u,
-                                     (mini_batch, totals), build, params)
                     params, self.opt_state, m = train_step(
                         self.graphdef, params, self.opt_state, mini_batch, cfg, mini // micro,
-                        epoch == 0 and k == 0, layout_u, totals)
+                        epoch == 0 and k == 0, _with_group_size(layout, sel), totals)
                 m["rows_computed_frac"] = np.float32(sel.computed / mini)
                 metrics.append(m)
                 if on_step is not None:
