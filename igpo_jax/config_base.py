@@ -220,7 +220,8 @@ def base_config() -> ml_collections.ConfigDict:
     # π_θ itself, and with IG on the scoring pass's log-probs are π_old's (train.old_logp_source)
     c.actor.recompute_old_logp = False
     # the update's forwards and backward compute each group's prompt once for its rollout.n rows
-    # (its keys/values shared by them); needs mini- and micro-batches of whole groups, else off
+    # (its keys/values shared by them); needs mini- and micro-batches of whole groups, else off.
+    # The IG scoring pass likewise computes the prompt its micro-batch's rows share once (dense attention)
     c.actor.share_prompt_prefix = True
     # rollouts of a group that are the same conversation (same tokens, turns and advantages) are
     # computed once, in the IG scoring, π_old, π_ref and the update, weighted by their number: the

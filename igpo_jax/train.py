@@ -42,7 +42,7 @@ from flax import nnx
 from igpo_jax import components, config_base
 from igpo_jax.data import examples as examples_lib
 from igpo_jax.reporting import host_metrics, metrics as metrics_lib
-from igpo_jax.runtime import distributed, host_memory, sharding
+from igpo_jax.runtime import compilation_cache, distributed, host_memory, sharding
 from igpo_jax.training import checkpoint, row_selection
 from igpo_jax.rollout.episodes import make_sampler, rollout, row_seeds
 from igpo_jax.rollout.trajectories import Trajectories
@@ -122,12 +122,17 @@ def algorithm_config(config: ml_collections.ConfigDict) -> pipeline.AlgorithmCon
         shuffle_info_gain=g.shuffle_info_gain, shuffle_seed=int(config.seed))
 
 
-def end_phase(timings: dict[str, float], name: str, tic: float, peaks: dict[str, float]) -> None:
+def end_phase(timings: dict[str, float], name: str, tic: float, peaks: dict[str, float],
+              compiled: float | None = None) -> None:
     """Adds the phase's seconds since `tic` to its time this step (a step with dynamic sampling runs
-    rollout and scoring once per round) and records the process's peak memory so far (monotone:
+    rollout and scoring once per round), and with `compiled` (compilation_cache.counts().seconds at
+    `tic`) its seconds spent compiling to timings[name + "_compile"]; records the process's peak memory so far (monotone:
     the first phase whose figure reaches a run's peak is the one that set it), then hands the
     buffers it freed back to the OS (kept by malloc, they would add up to the peak of the next phase)."""
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - tic
+    if compiled is not None:
+        key = f"{name}_compile"
+        timings[key] = timings.get(key, 0.0) + compilation_cache.counts().seconds - compiled
     peaks[name] = host_memory.peak_rss_gib()
     host_memory.release()
 
@@ -185,7 +190,9 @@ def validate(config, model, tokenizer, search, examples, dialect_penalty, show: 
     """Greedy episodes over the test questions (each process its share, with its local `model`);
     F1/EM/no-format F1 per data source over all of them. `show`: a progress bar over the episodes.
     With `step`, process 0 writes its episodes (answer, gold, format, finish reason, response) to
-    RUN_DIR/samples/val_step_NNNNNN.jsonl: what a format error or a wrong answer looked like."""
+    RUN_DIR/samples/val_step_NNNNNN.jsonl: what a format error or a wrong answer looked like.
+    Also returns its seconds, and of those the seconds spent compiling (time/validation_*)."""
+    tic, compiled = time.perf_counter(), compilation_cache.counts().seconds
     rcfg = components.rollout_config(config, validation=True)
     mine = examples[distributed.process_share(len(examples))]
     records = []
@@ -214,6 +221,8 @@ def validate(config, model, tokenizer, search, examples, dialect_penalty, show: 
     # the fullest process's peak so far, in whole MiB rounded up (allgather_max takes integers)
     peak_mib = distributed.allgather_max(math.ceil(host_memory.peak_rss_gib() * 1024))
     out["memory/peak_rss_after_validation_gib"] = peak_mib / 1024
+    out["time/validation_s"] = time.perf_counter() - tic
+    out["time/validation_compile_s"] = compilation_cache.counts().seconds - compiled
     return out
 
 
@@ -278,11 +287,12 @@ class Run:
 
 @contextlib.contextmanager
 def phase(name: str, timings: dict[str, float], peaks: dict[str, float], steps_bar) -> Iterator[None]:
-    """One phase of a step: named on the steps bar while it runs, timed and memory-traced (end_phase)."""
+    """One phase of a step: named on the steps bar while it runs, timed (its compile seconds too) and
+    memory-traced (end_phase)."""
     steps_bar.set_postfix_str(name)
-    tic = time.perf_counter()
+    tic, compiled = time.perf_counter(), compilation_cache.counts().seconds
     yield
-    end_phase(timings, name, tic, peaks)
+    end_phase(timings, name, tic, peaks, compiled)
 
 
 def rollout_phase(run: Run, examples, step: int, round_index: int = 0) -> tuple[Trajectories, dict[str, float]]:
@@ -312,7 +322,8 @@ def advantages_phase(run: Run, traj: Trajectories, step: int):
             # the scoring model is the policy the update starts from: π_old from its pass
             scores = scoring.score_one_pass(run.actor, traj, pts, run.config.algorithm.scoring_batch_size,
                                             token_logprobs=run.old_source == "scoring", on_batch=bar.update,
-                                            dedup=run.config.actor.dedup_rows)
+                                            dedup=run.config.actor.dedup_rows,
+                                            share_prompt=run.config.actor.share_prompt_prefix)
     outcomes = pipeline.score_outcomes(traj, run.rcfg.dialect, run.alg.format_penalty)
     advantage_NL, reward_metrics = pipeline.advantages_for(
         traj, outcomes, None if scores is None else scores.mean_logp_NT,
@@ -470,15 +481,18 @@ def step_metrics(run: Run, traj: Trajectories, rollout_stats, reward_metrics, up
 
 
 def finish_step(run: Run, done: int, metrics: dict[str, float], val_examples, writer, ckpt, batches,
-                steps_bar) -> list:
+                steps_bar, compiled_at_start: float) -> list:
     """Validation when due, the step's metrics record, and a checkpoint when due; returns the
-    records written."""
+    records written. `compiled_at_start`: compilation_cache.counts().seconds when the step began,
+    for time/compile_s (the step's seconds spent compiling, validation included: on a cold cache
+    the first steps of a run are mostly that)."""
     t = run.config.trainer
     if t.test_freq and (done % t.test_freq == 0 or done == t.total_training_steps) and val_examples:
         steps_bar.set_postfix_str("validation")
         with sharding.activate(run.local_mesh, run.rules):
             metrics.update(validate(run.config, run.sampling_model, run.tokenizer, run.search, val_examples,
                                     run.alg.format_penalty, show=run.show, step=done))
+    metrics["time/compile_s"] = compilation_cache.counts().seconds - compiled_at_start
     written = [writer.write(done, metrics)]  # prints the step's console line now
     steps_bar.update(1)
     if t.save_freq and (done % t.save_freq == 0 or done == t.total_training_steps):
@@ -544,6 +558,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
             steps_bar = progress.bar(total, "train", show, unit="step", leave=True, initial=start_step)
             for step in range(start_step, total):
                 timings, peaks, generation = {}, {}, None
+                compiled_at_start = compilation_cache.counts().seconds
                 if config.algorithm.filter_groups.enable:
                     groups, reward_metrics, generation = dynamic_sampling(run, batches, questions, step, timings,
                                                                           peaks, steps_bar)
@@ -565,7 +580,8 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                     update_metrics = update_phase(run, traj, scores, advantage_NL, step)
                 metrics = step_metrics(run, traj, rollout_stats, reward_metrics, update_metrics, timings, peaks,
                                        generation)
-                history += finish_step(run, step + 1, metrics, val_examples, writer, ckpt, batches, steps_bar)
+                history += finish_step(run, step + 1, metrics, val_examples, writer, ckpt, batches, steps_bar,
+                                       compiled_at_start)
             steps_bar.close()
         history.append(writer.close())
         ckpt.close()

@@ -227,3 +227,41 @@ def test_identical_rollouts_are_scored_once_and_share_their_scores_bitwise(tmp_p
     # a different group is a different question: its identical tokens are not merged
     other = dataclasses.replace(traj, group_id_N=np.asarray([0, 0, 0, 1, 1, 1], np.int32))
     np.testing.assert_array_equal(other.first_identical_N(), [0, 1, 0, 3, 4, 5])
+
+
+def test_a_micro_batch_shared_prompt_computed_once_gives_the_same_scores(tmp_path):
+    """Rows opening with the same 45 tokens (a system prompt; two rows also share the question up to
+    token 52), one of them with a turn starting inside that prompt: scoring with the prompt computed
+    once per micro-batch (32 tokens: 45 rounded down) equals scoring every row whole, gold-answer
+    scores and π_old's token log-probs alike, and the per-turn oracle; in micro-batches of 3 (the
+    second padded) and of 5 (all rows in one)."""
+    from igpo_jax.igpo import scoring
+
+    write_tiny_hf_model("qwen2", tmp_path)
+    model = load_hf(str(tmp_path))
+    rng = np.random.default_rng(4)
+    prompt, question = rng.integers(1, 128, 45), rng.integers(1, 128, 7)
+    rows = [np.concatenate([prompt, question, rng.integers(1, 128, 20)]),
+            np.concatenate([prompt, question, rng.integers(1, 128, 31)]),
+            np.concatenate([prompt, rng.integers(1, 128, 12)]),
+            np.concatenate([prompt, rng.integers(1, 128, 26)]),
+            np.concatenate([prompt, rng.integers(1, 128, 40)])]
+    starts = [[52, 62], [52], [47, 50], [20, 45, 60], [46, 70, 80]]  # row 3's first turn starts inside the prompt
+    traj = _trajectories(rows, starts)
+    loss = np.zeros(traj.tokens_NL.shape, bool)
+    for i, row_starts in enumerate(starts):
+        for st in row_starts:
+            loss[i, st:st + 3] = True
+    traj = dataclasses.replace(traj, loss_mask_NL=loss)
+    pts = [PseudoTurn(np.array([5, 6, 60, 61, 9], np.int32), np.array([0, 0, 1, 1, 0], bool), "")] * 5
+    arrays = scoring._micro_batch_arrays(traj, pts, np.arange(5), 5, scoring._context_needed(traj, True), True)
+    assert scoring.shared_prompt_length(arrays, 5) == 32
+    assert scoring.shared_prompt_length(arrays, 2) == 32 and scoring.shared_prompt_length(arrays, 2, 4) == 52
+    oracle = score_per_turn(model, traj, pts, bucket=False)
+    for batch in (3, 5):
+        shared = score_one_pass(model, traj, pts, batch_size=batch, token_logprobs=True)
+        whole = score_one_pass(model, traj, pts, batch_size=batch, token_logprobs=True, share_prompt=False)
+        np.testing.assert_allclose(shared.mean_logp_NT, whole.mean_logp_NT, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(shared.mean_logp_NT, oracle.mean_logp_NT, atol=1e-5, rtol=0)
+        assert np.all(shared.token_logp_NL[loss] < 0)
+        np.testing.assert_allclose(shared.token_logp_NL, whole.token_logp_NL, atol=1e-5, rtol=0)

@@ -85,6 +85,14 @@ def test_two_step_smoke_run_writes_metrics_checkpoints_and_validation(tiny_model
     assert 0 < peaks[0] and peaks == sorted(peaks), peaks
     assert history[1]["memory/peak_rss_after_validation_gib"] >= peaks[-1]
     assert history[0]["response_length/mean"] > 0 and history[0]["actor/grad_norm"] > 0
+    # seconds spent compiling (or loading from the cache): the first step builds every phase's programs;
+    # the phases' and validation's compile seconds are parts of the step's
+    first, second = history
+    phases = [first[f"time/{p}_compile_s"] for p in ("rollout", "scoring", "update")]
+    assert all(0 < c <= first[f"time/{p}_s"] for c, p in zip(phases, ("rollout", "scoring", "update"))), first
+    assert sum(phases) <= first["time/compile_s"] + 1e-6
+    assert 0 <= second["time/validation_compile_s"] <= second["time/validation_s"]
+    assert second["time/validation_compile_s"] <= second["time/compile_s"] + 1e-6
     assert [r["step"] for r in metrics.read_jsonl(tmp_path / "run")] == [1, 2]
     assert glob.glob(str(tmp_path / "run" / "tensorboard" / "*"))
     assert checkpoint.available_steps(tmp_path / "run" / "checkpoints") == [1, 2]

@@ -23,6 +23,12 @@ tokens are never a context) and P stops at the last answer token (later tokens c
 causally): for T = 8 turns of ~250 tokens, T·P ≈ 160 extra tokens against ~150 dropped. The price
 is attention over S² instead of C² entries, (1 + T·P/C)² — a few percent at realistic lengths.
 
+The prompt a micro-batch shares (`shared_prompt_length`: every row opens with the same system
+prompt, ~230 of world_igpo's ~350 tokens a row, and a group's rows with the same question too) is
+computed once for the micro-batch, its keys and values attended to by every row
+(model/shared_prefix.py): the same mask over the same keys, so the same scores up to float
+summation order, for a forward over about half the tokens.
+
 π_old from the same forward: the context queries attend causally to the context alone (the
 copies' keys are masked to an exact 0 in their softmax), so their hidden states are those of a
 plain forward over the trajectory, and log π(tokens[j] | tokens[:j]) at the loss tokens is
@@ -50,6 +56,7 @@ from flax import nnx
 from igpo_jax.rollout.trajectories import Trajectories
 from igpo_jax.rollout.buckets import power_of_two, quarter_octave
 from igpo_jax.data.examples import ANSWER_SEPARATOR as ANSWER_SPLIT  # the reference's alias separator
+from igpo_jax.model import shared_prefix
 from igpo_jax.model.attention_mask import causal_mask, copies_spec, positions_from_valid
 from igpo_jax.model.token_logprobs import logprobs_from_hidden
 
@@ -185,10 +192,15 @@ def block_mask(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP):
 
 def one_pass_mean_logp(model, ctx_tokens_BC, ctx_valid_BC, turn_start_BT, turn_valid_BT,
                        copy_ids_BP, copy_valid_BP, answer_idx_BA, answer_ids_BA, answer_valid_BA,
-                       ctx_needed_BC=None, chunk: int = 128):
+                       ctx_needed_BC=None, chunk: int = 128, prefix_len: int = 0):
     """mean_logp_BT (fp32) of the answer for every turn slot, from one forward (pure, jit-able);
     with `ctx_needed_BC` (bool), (mean_logp_BT, ctx_logp_BC): also log π(ctx[j] | ctx[:j]) at the
     needed context columns (0 elsewhere and at column 0).
+
+    `prefix_len` (static, dense attention only): the first `prefix_len` context tokens are real
+    and the same in row 0 and in every row whose scores are used (`shared_prompt_length`); they
+    are computed once, in row 0's forward, and shared (rows that do not share them, padding, read
+    garbage).
 
     answer_idx_BA: where answer token a sits in the pseudo turn; it is predicted by the copy's
     token answer_idx − 1, or by the last context token when the answer opens the pseudo turn.
@@ -196,13 +208,19 @@ def one_pass_mean_logp(model, ctx_tokens_BC, ctx_valid_BC, turn_start_BT, turn_v
     b, c = ctx_tokens_BC.shape
     t, p = turn_start_BT.shape[1], copy_ids_BP.shape[1]
     positions_BS = block_positions(ctx_valid_BC, turn_start_BT, p)
+    if prefix_len and model.cfg.attention != "dense":
+        raise ValueError(f"a shared prompt (prefix_len={prefix_len}) needs model.attention='dense', "
+                         f"not {model.cfg.attention!r}")
     if model.cfg.attention == "blockwise":  # O(S) per row instead of the [B, S, S] bool mask
         mask_BSS = copies_spec(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP)
     else:
         mask_BSS = block_mask(ctx_valid_BC, turn_start_BT, turn_valid_BT, copy_valid_BP)
     copies_BTP = jnp.broadcast_to(copy_ids_BP[:, None, :], (b, t, p))
     tokens_BS = jnp.concatenate([ctx_tokens_BC, copies_BTP.reshape(b, t * p)], 1)
-    hidden_BSD, _ = model.hidden(tokens_BS, positions_BS, mask_BSS)
+    if prefix_len:
+        hidden_BSD = _hidden_after_shared_prefix(model, tokens_BS, positions_BS, mask_BSS, prefix_len)
+    else:
+        hidden_BSD, _ = model.hidden(tokens_BS, positions_BS, mask_BSS)
     d = hidden_BSD.shape[-1]
 
     # Gather only the A predictor states per copy: the vocab projection runs over B·T·A rows, not B·S.
@@ -228,14 +246,38 @@ def one_pass_mean_logp(model, ctx_tokens_BC, ctx_valid_BC, turn_start_BT, turn_v
     return mean_BT, jnp.pad(ctx_logp.astype(jnp.float32), ((0, 0), (1, 0)))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _one_pass_jit(graphdef, state, *arrays):
-    return one_pass_mean_logp(nnx.merge(graphdef, state), *arrays)
+def _hidden_after_shared_prefix(model, tokens_BS, positions_BS, mask_BSS, k: int):
+    """`model.hidden(tokens_BS, positions_BS, mask_BSS)[0]` with the first k tokens (the same in
+    every row that is used) computed once: row 0's prefix through the decoder, then every row's
+    other S − k tokens attending to its keys and values and their own under the mask's rows k…S."""
+    b, s = tokens_BS.shape
+    prefix_1KD, rest_BRD = shared_prefix.prefixes_then_rows(
+        model, tokens_BS[:1, :k], positions_BS[:1, :k], mask_BSS[:1, :k, :k],
+        tokens_BS[:, k:], positions_BS[:, k:], mask_BSS[:, k:, :], b)
+    return jnp.concatenate([jnp.broadcast_to(prefix_1KD, (b, *prefix_1KD.shape[1:])), rest_BRD], axis=1)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _one_pass_with_tokens_jit(graphdef, chunk, state, *arrays):
-    return one_pass_mean_logp(nnx.merge(graphdef, state), *arrays, chunk=chunk)
+def _one_pass_jit(graphdef, prefix_len, state, *arrays):
+    return one_pass_mean_logp(nnx.merge(graphdef, state), *arrays, prefix_len=prefix_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _one_pass_with_tokens_jit(graphdef, chunk, prefix_len, state, *arrays):
+    return one_pass_mean_logp(nnx.merge(graphdef, state), *arrays, chunk=chunk, prefix_len=prefix_len)
+
+
+PREFIX_MULTIPLE = 32  # a shared prompt's length rounded down to this: few programs, ≤ 31 tokens unshared
+
+
+def shared_prompt_length(arrays: dict[str, np.ndarray], rows: int, multiple: int = PREFIX_MULTIPLE) -> int:
+    """The leading context columns that the micro-batch's first `rows` rows (its real ones) share —
+    the same tokens, all real — rounded down to `multiple` (0 when that leaves nothing). A copy
+    whose turn starts inside them still sees only the keys before its turn: the mask says so."""
+    tokens, valid = arrays["ctx_tokens"][:rows], arrays["ctx_valid"][:rows]
+    same = valid.all(0) & (tokens == tokens[:1]).all(0)
+    length = int(np.argmin(same)) if not same.all() else same.size
+    return length // multiple * multiple
 
 
 def _context_needed(traj: Trajectories, token_logprobs: bool) -> np.ndarray:
@@ -288,7 +330,8 @@ def _micro_batch_arrays(traj: Trajectories, pts: Sequence[PseudoTurn], rows: np.
 
 def score_one_pass(model, traj: Trajectories, pts: Sequence[PseudoTurn], batch_size: int = 8,
                    token_logprobs: bool = False, chunk: int = 128,
-                   on_batch: Callable[[int], None] | None = None, dedup: bool = True) -> TurnScores:
+                   on_batch: Callable[[int], None] | None = None, dedup: bool = True,
+                   share_prompt: bool = True) -> TurnScores:
     """mean_logp_NT for every rollout and turn slot t < T_i, one jitted forward per micro-batch;
     with `token_logprobs`, also the loss tokens' log-probs (`TurnScores.token_logp_NL`, π_old
     when `model` is the policy that sampled; `chunk` positions per row per vocab projection).
@@ -297,7 +340,8 @@ def score_one_pass(model, traj: Trajectories, pts: Sequence[PseudoTurn], batch_s
     (the last one padded with turn-less rows) so their shape is bucketed too. `on_batch(rows)`,
     when given, hears each micro-batch's rollouts once their scores are on the host (progress bars).
     `dedup`: rollouts of a group that are the same conversation (`Trajectories.first_identical_N`)
-    are computed once and share its scores, bitwise.
+    are computed once and share its scores, bitwise. `share_prompt`: the prompt a micro-batch's
+    rows share is computed once for it (module docstring; dense attention only).
     """
     graphdef, state = _split_model(model)
     n, t_all = traj.num_rollouts, traj.max_turns
@@ -305,6 +349,7 @@ def score_one_pass(model, traj: Trajectories, pts: Sequence[PseudoTurn], batch_s
     if len(pts) != n:
         raise ValueError(f"{len(pts)} pseudo turns for {n} rollouts")
     need_N = _context_needed(traj, token_logprobs)
+    dense = nnx.merge(graphdef, state).cfg.attention == "dense"  # the prefix path takes a dense mask
     first_N = traj.first_identical_N() if dedup else np.arange(n)
     distinct = np.flatnonzero(first_N == np.arange(n))
     copies = np.bincount(first_N, minlength=n)  # rollouts each distinct one stands for
@@ -315,12 +360,13 @@ def score_one_pass(model, traj: Trajectories, pts: Sequence[PseudoTurn], batch_s
     for lo in range(0, order.size, batch):
         rows = order[lo:lo + batch]
         arrays = _micro_batch_arrays(traj, pts, rows, batch, need_N, token_logprobs)
+        shared = shared_prompt_length(arrays, len(rows)) if share_prompt and dense else 0
         if token_logprobs:
-            mean_BT, logp_BC = _one_pass_with_tokens_jit(graphdef, chunk, state, *arrays.values())
+            mean_BT, logp_BC = _one_pass_with_tokens_jit(graphdef, chunk, shared, state, *arrays.values())
             c = min(logp_BC.shape[1], logp_NL.shape[1])
             logp_NL[rows, :c] = np.asarray(logp_BC)[:len(rows), :c]
         else:
-            mean_BT = _one_pass_jit(graphdef, state, *arrays.values())
+            mean_BT = _one_pass_jit(graphdef, shared, state, *arrays.values())
         mean_BT = np.asarray(mean_BT)
         if on_batch is not None:
             on_batch(int(copies[rows].sum()))

@@ -110,7 +110,6 @@ def _remat_layer(block, *args, group_size: int):
 def hidden_states(model, tokens_NL, valid_NL, split_N, layout: PrefixLayout):
     """Final-norm hidden states of the prefixes [Q, P, D] and of the rows' suffixes [N, R, D]."""
     g, p, r = layout.group_size, layout.prefix_len, layout.suffix_len
-    cfg = model.cfg
     valid_NL = valid_NL.astype(bool)
     pos_NL = positions_from_valid(valid_NL)
     first = lambda x: jnp.pad(x[::g], ((0, 0), (0, max(0, p - x.shape[1]))))[:, :p]  # each group's first row
@@ -121,6 +120,15 @@ def hidden_states(model, tokens_NL, valid_NL, split_N, layout: PrefixLayout):
     mask_QPP = causal_mask(valid_QP)
     mask_NRS = jnp.concatenate([jnp.broadcast_to(jnp.repeat(valid_QP, g, axis=0)[:, None, :], (tok_NR.shape[0], r, p)),
                                 causal_mask(valid_NR)], axis=2)
+    return prefixes_then_rows(model, tok_QP, pos_QP, mask_QPP, tok_NR, pos_NR, mask_NRS, g)
+
+
+def prefixes_then_rows(model, tok_QP, pos_QP, mask_QPP, tok_NR, pos_NR, mask_NRS, g: int):
+    """Final-norm hidden states of Q prefixes [Q, P, D] (causal `mask_QPP`) and of their groups' N =
+    Q × g rows' own tokens [N, R, D], which attend to their prefix's keys and values and to their
+    own through `mask_NRS` (S = P + R: the prefix's slots first, any mask over them). The decoder
+    of `hidden_states`, and of the IG scoring pass over a prompt its micro-batch shares."""
+    cfg = model.cfg
     embed = model.embed[...].astype(cfg.jnp_dtype)
     x_QPD, x_NRD = embed[tok_QP], embed[tok_NR]
     if cfg.scan_layers:

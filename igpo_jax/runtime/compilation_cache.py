@@ -24,10 +24,13 @@ import jax
 ENV = "IGPO_JAX_COMPILATION_CACHE"
 
 # jax.monitoring events (jax/_src/compiler.py, dispatch.py): one request per program compiled with
-# the cache on, one hit per program loaded from it, one backend-compile duration per program either way
+# the cache on, one hit per program loaded from it, one backend-compile duration per program either
+# way; the lowering of each program to MLIR before it (tracing is left out: a jit traced inside
+# another's trace reports its own duration too, which would count its seconds twice)
 _REQUESTS = "/jax/compilation_cache/compile_requests_use_cache"
 _HITS = "/jax/compilation_cache/cache_hits"
 _COMPILE = "/jax/core/compile/backend_compile_duration"
+_LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 
 
 def user_cache_root(environ=None) -> str:
@@ -70,6 +73,9 @@ class CompileCounts:
     programs: int = 0  # every program built (compiled, or loaded from the cache)
     requests: int = 0  # programs for which the cache was consulted
     hits: int = 0  # programs loaded from the cache
+    # seconds spent lowering (to MLIR) and compiling (or loading) programs, on any thread: a program
+    # compiled in the background (leafwise.py's whole-tree optimiser step) counts while it compiles
+    seconds: float = 0.0
 
     @property
     def compiled(self) -> int:
@@ -91,9 +97,10 @@ def _on_event(event: str, **kwargs) -> None:
 
 
 def _on_duration(event: str, duration_secs: float, **kwargs) -> None:
-    if event == _COMPILE:
+    if event in (_COMPILE, _LOWER):
         with _lock:
-            _counts.programs += 1
+            _counts.programs += event == _COMPILE
+            _counts.seconds += duration_secs
 
 
 def counts() -> CompileCounts:
