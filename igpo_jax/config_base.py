@@ -16,7 +16,7 @@ import os
 import ml_collections
 
 from igpo_jax.data.world import WorldShape
-from igpo_jax.rollout.episodes import STOP_STRINGS, check_turn_prefixes
+from igpo_jax.rollout.episodes import STOP_STRINGS, check_example_turns, check_turn_prefixes
 from igpo_jax.igpo.advantages import NORM_MODES
 from igpo_jax.igpo.group_filter import METRICS as FILTER_GROUPS_METRICS
 from igpo_jax.igpo.loss import AGG_MODES, KL_ESTIMATORS
@@ -328,6 +328,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _positive(key, c[section][name], zero_ok=True)
     check_turn_prefixes(c.rollout.first_turn_prefix, c.rollout.last_turn_prefix, c.rollout.max_turns,
                         keys="config.rollout.first_turn_prefix and config.rollout.last_turn_prefix")
+    check_example_turns(c.rollout.example_turns, key="config.rollout.example_turns")  # before any model loads
     if not 0 <= c.algorithm.gamma <= 1:
         raise ValueError(f"config.algorithm.gamma={c.algorithm.gamma} must lie in [0, 1]")
     if c.rollout.today is not None:

@@ -194,6 +194,13 @@ def test_example_turns_are_chat_turns_between_the_system_prompt_and_the_question
         RolloutConfig(example_turns=(("a question", ""),))
     with pytest.raises(ValueError, match="example_turns must be"):
         RolloutConfig(example_turns=(("a question",),))
+    from igpo_jax import config_base  # a config's malformed examples are refused before any model loads
+
+    c = config_base.base_config()
+    c.data.synthetic_world = True
+    c.rollout.example_turns = ("a question, no response",)
+    with pytest.raises(ValueError, match=r"config.rollout.example_turns must be \(question, assistant response\)"):
+        config_base.validate(c)
 
 
 # ----------------------------------------------------------------------------- the real sampler

@@ -107,9 +107,7 @@ class RolloutConfig:
         if self.max_concurrent_rows < 0:
             raise ValueError(f"max_concurrent_rows must be ≥ 0 (0 → all rows at once): {self.max_concurrent_rows}")
         check_turn_prefixes(self.first_turn_prefix, self.last_turn_prefix, self.max_turns)
-        if any(len(pair) != 2 or not all(isinstance(t, str) and t for t in pair) for pair in self.example_turns):
-            raise ValueError("example_turns must be (question, assistant response) pairs of non-empty strings: "
-                             f"{self.example_turns!r}")
+        check_example_turns(self.example_turns)
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -131,6 +129,15 @@ def check_turn_prefixes(first_turn_prefix: str | None, last_turn_prefix: str | N
     if first_turn_prefix is not None and last_turn_prefix is not None and max_turns < 2:
         raise ValueError(f"{keys} ({first_turn_prefix!r}, {last_turn_prefix!r}) both name turn 0 when "
                          f"max_turns={max_turns}: allow at least 2 turns, or set one of them")
+
+
+def check_example_turns(example_turns, key: str = "example_turns") -> None:
+    """Each worked example is a (question, assistant response) pair of non-empty strings."""
+    if isinstance(example_turns, str) or any(
+            isinstance(pair, str) or len(pair) != 2 or not all(isinstance(t, str) and t for t in pair)
+            for pair in example_turns):
+        raise ValueError(f"{key} must be (question, assistant response) pairs of non-empty strings: "
+                         f"{example_turns!r}")
 
 
 class SamplerLike(Protocol):
