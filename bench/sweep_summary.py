@@ -26,8 +26,11 @@ import argparse
 import json
 import math
 import os
+import re
 
+from bench.gate import names_bridge
 from igpo_jax.data import world
+from igpo_jax.rollout.parse import ToolCall, parse_action
 from igpo_jax.components import world_arguments
 from igpo_jax.reporting.metrics import read_jsonl
 from igpo_jax.plot import arm_of, curve, mean_curve
@@ -105,17 +108,82 @@ def paired_statistics(sweep_dir: str, arm_runs: dict[str, list[str]], steps: lis
     return out
 
 
-def world_question_kinds(run_dir: str) -> dict[str, str]:
-    """{question index: kind} of the embedded world a run trained on ({} for any other data, or
-    without the run's config.json)."""
+def run_world(run_dir: str) -> world.World | None:
+    """The embedded world a run trained on, rebuilt from its config.json (None for any other data,
+    or without the run's config.json)."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
-        return {}
+        return None
     with open(path, encoding="utf-8") as f:
         data = json.load(f)["data"]
     if not data.get("synthetic_world"):
+        return None
+    return world.build_world(**world_arguments(data))
+
+
+def world_question_kinds(run_dir: str) -> dict[str, str]:
+    """{question index: kind} of the embedded world a run trained on ({} for any other data)."""
+    built = run_world(run_dir)
+    return {q.index: q.kind for q in built.questions} if built else {}
+
+
+_INFORMATION = re.compile(r"<information>.*?</information>", re.S)
+
+
+def search_queries(response: str) -> list[tuple[str, ...]]:
+    """The queries of each search turn of a search_tags response, in order (the turns are the
+    text between the <information> blocks the rollout inserted; a turn that is not a search,
+    an answer or a malformed turn, is left out)."""
+    turns = (parse_action(text, "search_tags") for text in _INFORMATION.split(response))
+    return [turn.queries for turn in turns if isinstance(turn, ToolCall)]
+
+
+def bridge_rates(sweep_dir: str, arm_runs: dict[str, list[str]], steps: list[int]) -> dict:
+    """{arm: {step: {"bridge_query_frac", "second_query_frac", "episodes"}}} over the validation
+    episodes (every seed) of the world's two-hop questions; {} when the runs are not on the
+    embedded world or not in the search_tags dialect."""
+    first = os.path.join(sweep_dir, next(iter(arm_runs.values()))[0])
+    built = run_world(first)
+    if built is None:
         return {}
-    return {q.index: q.kind for q in world.build_world(**world_arguments(data)).questions}
+    with open(os.path.join(first, "config.json"), encoding="utf-8") as f:
+        if json.load(f).get("rollout", {}).get("dialect") != "search_tags":
+            return {}
+    bridge_of = {q.index: built.document(q.supporting_doc_ids[-1]).title
+                 for q in built.questions if q.hops == 2}
+    out = {}
+    for arm, names in arm_runs.items():
+        out[arm] = {}
+        for step in steps:
+            episodes = second = named = 0
+            for name in names:
+                path = validation_samples_path(os.path.join(sweep_dir, name), step)
+                if not os.path.isfile(path):
+                    continue
+                with open(path, encoding="utf-8") as f:
+                    for line in f:
+                        r = json.loads(line) if line.strip() else None
+                        if not r or r["index"] not in bridge_of:
+                            continue
+                        searches = search_queries(r.get("response", ""))
+                        episodes += 1
+                        second += len(searches) >= 2
+                        named += len(searches) >= 2 and any(names_bridge(q, bridge_of[r["index"]])
+                                                            for q in searches[1])
+            if episodes:
+                out[arm][str(step)] = {"bridge_query_frac": round(named / episodes, 4),
+                                       "second_query_frac": round(second / episodes, 4), "episodes": episodes}
+    return out
+
+
+def steps_to_reach(summary: dict, key: str = "val/no_format_f1", reference: str = "grpo") -> dict:
+    """{arm: first validation step whose mean `key` reaches the reference arm's final mean, or
+    None}; {} without the reference arm."""
+    if reference not in summary or not summary[reference][key]["mean"]:
+        return {}
+    target = summary[reference][key]["mean"][-1]
+    return {arm: next((st for st, m in zip(s[key]["steps"], s[key]["mean"]) if m >= target), None)
+            for arm, s in summary.items() if arm != reference}
 
 
 def by_kind(sweep_dir: str, arm_runs: dict[str, list[str]], steps: list[int]) -> dict:
@@ -169,8 +237,16 @@ def main(argv=None):
         for st, per_kind in by_step.items():
             print(f"{arm} step {st} no-format F1 by question kind (seeds averaged): " +
                   "  ".join(f"{kind} {v['mean']:.2f} ({v['questions']})" for kind, v in per_kind.items()))
+    bridges = bridge_rates(args.sweep_dir, {arm: s["runs"] for arm, s in summary.items()}, steps)
+    for arm, by_step in bridges.items():
+        print(f"{arm} two-hop validation episodes whose second search names the bridge: " +
+              "  ".join(f"step {st}: {v['bridge_query_frac']:.2f} (second search {v['second_query_frac']:.2f}, "
+                        f"{v['episodes']} episodes)" for st, v in by_step.items()))
+    reach = steps_to_reach(summary, keys[0]) if keys else {}
+    for arm, step in reach.items():
+        print(f"{arm} reaches GRPO's final {keys[0]}: " + (f"at step {step}" if step is not None else "never"))
     print(json.dumps({"bench": "sweep_summary", "sweep": os.path.basename(os.path.normpath(args.sweep_dir)),
-                      **summary, **stats, "by_kind": kinds}))
+                      **summary, **stats, "by_kind": kinds, "bridge": bridges, "steps_to_reach": reach}))
 
 
 if __name__ == "__main__":

@@ -265,3 +265,58 @@ def test_sweep_summary_breaks_validation_down_by_world_question_kind(tmp_path, c
     assert kinds["grpo"]["4"]["person.birthplace"]["mean"] == 0.0
     assert any(line.startswith("igpo step 4 no-format F1 by question kind") and "person.birthplace 1.00 (10)"
                in line for line in printed)
+
+
+def test_search_queries_reads_each_search_turn_of_a_response():
+    from bench.sweep_summary import search_queries
+
+    response = ("<search> Ilsa Varn </search>\n\n<information>Results for \"Ilsa Varn\":\n1. Ilsa Varn\n"
+                "Ilsa Varn works for <b>Pemdo</b> Labs.</information>\n\nsome prose\n\n<information>"
+                "Your previous action could not be run.</information>\n\n<search> Pemdo Labs </search>"
+                "\n\n<information>...</information>\n\n<answer> Krada </answer>")
+    assert search_queries(response) == [("Ilsa Varn",), ("Pemdo Labs",)]
+    assert search_queries("<answer> 1940 </answer>") == []
+
+
+def test_sweep_summary_reports_the_bridge_query_rate_and_steps_to_reach_grpo(tmp_path, capsys):
+    from bench import sweep_summary
+    from igpo_jax.data import world
+    from igpo_jax.components import world_arguments
+    from igpo_jax.reporting.samples import validation_samples_path, write_jsonl_at
+
+    data_config = {"synthetic_world": True, "world_seed": 0, "world_questions": 8,
+                   "world_two_hop_fraction": 1.0, "world_test_fraction": 0.5,
+                   "world_question_kinds": ["person.employer.city"]}
+    built = world.build_world(**world_arguments(data_config))
+    test = [q for q in built.questions if q.split == "test"][:4]
+    bridge = [built.document(q.supporting_doc_ids[-1]).title for q in test]
+
+    def response(i, names_bridge):
+        second = bridge[i] if names_bridge else bridge[i].split()[0]  # half a name does not count
+        return (f"<search> someone </search>\n\n<information>x</information>\n\n<search> {second} </search>"
+                "\n\n<information>y</information>\n\n<answer> z </answer>")
+
+    def run(name, f1s, named):  # named[step]: which of the 4 questions' second search names the bridge
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "config.json", "w") as f:
+            json.dump({"data": data_config, "rollout": {"dialect": "search_tags"}}, f)
+        with open(tmp_path / name / "metrics.jsonl", "w") as f:
+            for step, f1 in zip((0, 4, 8), f1s):
+                f.write(json.dumps({"step": step, "val/no_format_f1": f1}) + "\n")
+                write_jsonl_at(validation_samples_path(tmp_path / name, step),
+                               [{"index": q.index, "no_format_f1": f1, "response": response(i, named[step][i])}
+                                for i, q in enumerate(test)])
+
+    none, two, all_ = [False] * 4, [True, True, False, False], [True] * 4
+    run("grpo_seed0", [0.2, 0.3, 0.4], {0: none, 4: two, 8: two})
+    run("igpo_seed0", [0.2, 0.4, 0.6], {0: none, 4: all_, 8: all_})
+    run("igpo_seed1", [0.2, 0.3, 0.3], {0: none, 4: none, 8: two})
+    sweep_summary.main([str(tmp_path), "--keys", "val/no_format_f1"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["bridge"]["grpo"]["4"] == {"bridge_query_frac": 0.5, "second_query_frac": 1.0, "episodes": 4}
+    # every seed's episodes pooled: (4 + 0) / 8 at step 4, (4 + 2) / 8 at step 8
+    assert out["bridge"]["igpo"]["0"]["bridge_query_frac"] == 0.0
+    assert out["bridge"]["igpo"]["4"]["bridge_query_frac"] == 0.5 and out["bridge"]["igpo"]["4"]["episodes"] == 8
+    assert out["bridge"]["igpo"]["8"]["bridge_query_frac"] == 0.75
+    # GRPO ends at 0.4; IGPO's mean curve (0.2, 0.35, 0.45) first reaches it at step 8
+    assert out["steps_to_reach"] == {"igpo": 8}
