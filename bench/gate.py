@@ -18,6 +18,10 @@ of rollout.n:
 - bridge_query_frac: the episodes whose second query names the bridge (the entity whose document
   states the answer: the question's last supporting document), and the same among the episodes
   that wrote a second query at all;
+- collapsed_retrieval_split_frac: among the collapsed groups, those whose rollouts differ in
+  whether a search found the answer's document (`diagnostics.outcome_collapse`): where IG can
+  credit a turn the outcome cannot, a spread larger than any noise; a group that all found it,
+  or none did, differs at most by how a query was spelt;
 - ig_answer_doc / ig_other_doc: the mean information gain of search turns whose results held the
   answer's document, and of the other search turns.
 Then ONE JSON line with these figures and the settings. The target regime (issue 33): most groups
@@ -152,7 +156,7 @@ def main():
     regime = {"groups": 0, "collapsed": 0, "informative": 0, "spread": 0}
     bridges = {"episodes": 0, "second_queries": 0, "bridge_queries": 0}
     pooled = {k: [] for k in ("ig_NT", "ig_mask_NT", "searched_NT", "answer_doc_NT")}
-    f1, format_ok, turns, last_turn = [], [], [], []
+    f1, format_ok, turns, last_turn, outcome, found, group = [], [], [], [], [], [], []
     with sharding.activate(mesh, rules), components.search_backend(config, files.corpus) as search:
         policy, tokenizer = components.load_policy(config, mesh, rules)
         rcfg = components.rollout_config(config)
@@ -182,6 +186,9 @@ def main():
             for key, value in (("ig_NT", ig_NT), ("ig_mask_NT", ig_mask_NT), ("searched_NT", searched_NT),
                                ("answer_doc_NT", answer_doc_NT)):
                 pooled[key].append(value)
+            outcome += outcomes.reward_N.tolist()
+            found += answer_doc_NT.any(axis=1).tolist()
+            group += (k * b + np.asarray(traj.group_id_N)).tolist()  # group ids restart each batch
             f1 += outcomes.f1_N.tolist()
             format_ok += outcomes.format_ok_N.tolist()
             turns += traj.num_turns_N.tolist()
@@ -204,6 +211,8 @@ def main():
         "bridge_query_frac": fraction(bridges["bridge_queries"], bridges["episodes"]),
         "bridge_query_frac_of_second_queries": fraction(bridges["bridge_queries"], bridges["second_queries"]),
         "second_query_frac": fraction(bridges["second_queries"], bridges["episodes"]),
+        "collapsed_retrieval_split_frac": round(diagnostics.outcome_collapse(
+            np.asarray(outcome), np.asarray(found), np.asarray(group))["diag/collapsed_retrieval_split_frac"], 4),
         "ig_answer_doc": round(by_retrieval.get("diag/ig_answer_doc", float("nan")), 4),
         "ig_other_doc": round(by_retrieval.get("diag/ig_other_doc", float("nan")), 4),
         "ig_answer_doc_count": by_retrieval["diag/ig_answer_doc_count"],

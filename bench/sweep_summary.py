@@ -37,7 +37,8 @@ from igpo_jax.plot import arm_of, curve, mean_curve
 from igpo_jax.reporting.samples import validation_samples_path
 
 VAL_KEYS = ("val/no_format_f1", "val/f1", "val/format_error", "val/no_format_f1_se")
-STEP_KEYS = ("diag/collapse_frac", "ig/mean", "diag/ig_answer_doc", "diag/ig_other_doc", "reward/f1")
+STEP_KEYS = ("diag/collapse_frac", "diag/outcome_collapse_frac", "diag/collapsed_retrieval_split_frac",
+             "ig/mean", "diag/ig_answer_doc", "diag/ig_other_doc", "reward/f1")
 
 
 def arms(sweep_dir: str) -> dict[str, dict[str, list[dict]]]:

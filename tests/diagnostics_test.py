@@ -70,3 +70,14 @@ def test_ig_split_by_whether_the_search_found_the_answer_document():
     assert out["diag/ig_answer_doc"] == pytest.approx(0.3) and out["diag/ig_answer_doc_count"] == 1
     # row 0 slot 1 searched but has no IG (masked); row 1 slot 0 (−0.1) is the only other one
     assert out["diag/ig_other_doc"] == pytest.approx(-0.1) and out["diag/ig_other_doc_count"] == 1
+
+
+def test_outcome_collapse_counts_collapsed_groups_split_by_retrieval():
+    # group 0: outcomes differ (not collapsed); group 1: all 0, one rollout found the answer's
+    # document (split); group 2: all 1, all found it (collapsed, not split)
+    outcome_N = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    found_N = np.array([True, False, True, False, True, True])
+    out = diagnostics.outcome_collapse(outcome_N, found_N, np.array([0, 0, 1, 1, 2, 2]))
+    assert out == {"diag/outcome_collapse_frac": pytest.approx(2 / 3), "diag/collapsed_retrieval_split_frac": 0.5}
+    none = diagnostics.outcome_collapse(np.array([1.0, 0.0]), np.array([True, False]), np.array([0, 0]))
+    assert none["diag/outcome_collapse_frac"] == 0.0 and np.isnan(none["diag/collapsed_retrieval_split_frac"])

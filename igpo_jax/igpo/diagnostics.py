@@ -31,6 +31,22 @@ def collapse_fraction(advantage_NL: np.ndarray, loss_mask_NL: np.ndarray, group_
     return float(np.mean([not live_N[group_id_N == g].any() for g in groups]))
 
 
+def outcome_collapse(outcome_N: np.ndarray, answer_doc_found_N: np.ndarray, group_id_N: np.ndarray) -> dict[str, float]:
+    """Groups whose outcome rewards are all equal (GRPO's zero-advantage groups, whatever the arm),
+    and among those the ones whose rollouts differ in whether a search found the answer's
+    document: the groups where information gain can credit a turn the outcome cannot (a group
+    that all found it, or none did, differs at most by noise-level gains)."""
+    collapsed = split = 0
+    groups = np.unique(group_id_N)
+    for g in groups:
+        rows = group_id_N == g
+        if np.ptp(outcome_N[rows]) == 0:
+            collapsed += 1
+            split += int(np.ptp(answer_doc_found_N[rows].astype(int)) > 0)
+    return {"diag/outcome_collapse_frac": collapsed / groups.size if groups.size else 0.0,
+            "diag/collapsed_retrieval_split_frac": split / collapsed if collapsed else float("nan")}
+
+
 def turn_retrieval(episodes: Sequence[Episode], max_turns: int) -> tuple[np.ndarray, np.ndarray]:
     """(searched_NT, answer_doc_NT): turn slot k searched; its results held the answer's document
     (the episode's last supporting doc id). No supporting ids (real data): never the answer's."""

@@ -133,6 +133,7 @@ def step_diagnostics(traj: Trajectories, outcomes: Outcomes, token_NL: np.ndarra
     out = {"diag/collapse_frac": diagnostics.collapse_fraction(token_NL, traj.loss_mask_NL, traj.group_id_N)}
     out.update(diagnostics.behaviour(searched_NT, np.asarray([ep.answer is not None for ep in traj.episodes]),
                                      outcomes.format_ok_N, answer_doc_NT))
+    out.update(diagnostics.outcome_collapse(outcomes.reward_N, answer_doc_NT.any(axis=1), traj.group_id_N))
     if mean_logp_NT is not None:
         valid_NT = np.ones(mean_logp_NT.shape, bool) if scored_NT is None else np.asarray(scored_NT)
         out.update(diagnostics.p_gold(np.asarray(mean_logp_NT), valid_NT, traj.num_turns_N, searched_NT))
