@@ -17,7 +17,7 @@ import ml_collections
 
 from igpo_jax.data.world import WorldShape
 from igpo_jax.rollout.episodes import STOP_STRINGS, check_example_turns, check_turn_prefixes
-from igpo_jax.igpo.advantages import NORM_MODES
+from igpo_jax.igpo.advantages import IG_NORM_SCOPES, NORM_MODES
 from igpo_jax.igpo.group_filter import METRICS as FILTER_GROUPS_METRICS
 from igpo_jax.igpo.loss import AGG_MODES, KL_ESTIMATORS
 from igpo_jax.igpo.scoring import DEFAULT_PSEUDO_TURN_TEMPLATE
@@ -168,6 +168,12 @@ def base_config() -> ml_collections.ConfigDict:
     # placebo: each group's information gains permuted among its turn slots before normalisation
     # (seeded by the run's seed and the step): the same rewards, no credit to the turn that earned one
     c.algorithm.shuffle_info_gain = False
+    # Over what the gains are normalised ('separate' and IG-only): 'group' (the paper's: all turns of
+    # the group's rollouts pooled) or 'turn' (each turn position over the group's rollouts: a group of
+    # identical rollouts then gets no IG advantage); and a floor under the gains' std (nats for
+    # log_prob_diff; 0: none), so that a noise-level spread is not z-scored to ±1 (issue 33)
+    c.algorithm.info_gain_norm_scope = "group"
+    c.algorithm.info_gain_std_floor = 0.0
     c.algorithm.pseudo_turn_template = DEFAULT_PSEUDO_TURN_TEMPLATE
     c.algorithm.scoring_batch_size = 8
     # Dynamic sampling (DAPO; veRL's algorithm.filter_groups, same key names): a group whose
@@ -289,6 +295,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
                                                        else "use_info_gain=False (GRPO)") +
             " and norm_adv_by_std_in_grpo=True each reward type is divided by its own std, so a weight cancels. "
             "Use info_gain_norm_mode='joint', or norm_adv_by_std_in_grpo=False, or no curriculum")
+    _one_of("algorithm.info_gain_norm_scope", c.algorithm.info_gain_norm_scope, IG_NORM_SCOPES)
+    _positive("algorithm.info_gain_std_floor", c.algorithm.info_gain_std_floor, zero_ok=True)
+    departs = c.algorithm.info_gain_norm_scope != "group" or c.algorithm.info_gain_std_floor
+    if departs and (not c.algorithm.use_info_gain or (c.algorithm.use_outcome_reward
+                                                      and c.algorithm.info_gain_norm_mode == "joint")):
+        raise ValueError("config.algorithm.info_gain_norm_scope and info_gain_std_floor act on the information gains' "
+                         "own normalisation: they need use_info_gain=True and info_gain_norm_mode='separate' "
+                         "(or the IG-only use_outcome_reward=False)")
+    if c.algorithm.info_gain_std_floor and not c.algorithm.norm_adv_by_std_in_grpo:
+        raise ValueError("config.algorithm.info_gain_std_floor bounds the std the gains are divided by; with "
+                         "norm_adv_by_std_in_grpo=False nothing is divided: leave it 0")
     _validate_filter_groups(c)
     _one_of("actor.kl_loss_type", c.actor.kl_loss_type, KL_ESTIMATORS)
     _one_of("actor.loss_agg_mode", c.actor.loss_agg_mode, AGG_MODES)

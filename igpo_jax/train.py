@@ -119,7 +119,8 @@ def algorithm_config(config: ml_collections.ConfigDict) -> pipeline.AlgorithmCon
         curriculum_f1_init=g.curriculum_f1_init, curriculum_f1_final=g.curriculum_f1_final,
         curriculum_ig_init=g.curriculum_ig_init, curriculum_ig_final=g.curriculum_ig_final,
         format_penalty=g.format_penalty, use_outcome_reward=g.use_outcome_reward,
-        shuffle_info_gain=g.shuffle_info_gain, shuffle_seed=int(config.seed))
+        shuffle_info_gain=g.shuffle_info_gain, shuffle_seed=int(config.seed),
+        info_gain_norm_scope=g.info_gain_norm_scope, info_gain_std_floor=float(g.info_gain_std_floor))
 
 
 def end_phase(timings: dict[str, float], name: str, tic: float, peaks: dict[str, float],

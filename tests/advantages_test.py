@@ -316,3 +316,53 @@ def test_ig_only_leaves_the_outcome_out_by_hand(norm_mode):
 def test_ig_only_needs_information_gain():
     with pytest.raises(ValueError, match="use_outcome=False needs use_info_gain=True"):
         advantages(use_outcome=False, use_info_gain=False)
+
+
+# ----------------------------------------------------------------------------- IG norm scope and std floor
+
+def test_per_turn_scope_normalises_each_turn_slot_over_the_group_by_hand():
+    # the module's group: slot 0 gains {3, 1}: mean 2, std 1 → +1, −1; slot 1 holds one gain (−1):
+    # nothing to compare it with → 0. Pooled ('group') it would be (−1 − 1) / sqrt(8/3).
+    out = advantages(norm_mode="separate", ig_scope="turn")
+    z = 1.0 / (1.0 + EPS)
+    np.testing.assert_allclose(np.asarray(out.normalized_NT), [[z, 0.0, 0.0], [-z, 0.0, 0.0]], atol=1e-6)
+    pooled = advantages(norm_mode="separate")
+    assert float(pooled.normalized_NT[0, 1]) == pytest.approx(-2 / math.sqrt(8 / 3), rel=1e-5)
+
+
+def test_identical_rollouts_get_no_ig_advantage_per_turn_but_do_pooled():
+    # two identical rollouts, gains 0.1 then 0.5, the same (wrong) outcome: pooled over the group's
+    # turns {0.1, 0.5, 0.1, 0.5} (mean 0.3, std 0.2) turn 1 gets −1 and turn 2 +1 in both, though
+    # nothing tells them apart; per turn slot every gain equals its peers' → 0
+    ig = np.array([[0.1, 0.5, 0.0], [0.1, 0.5, 0.0]])
+    mask = np.array([[True, True, False]] * 2)
+    args = (np.zeros(2), ig, mask, np.array([3, 3]), np.array([0, 0]), np.array([[0, 1, 2]] * 2))
+    pooled = compute_advantages(*args, norm_mode="separate")
+    np.testing.assert_allclose(np.asarray(pooled.turn_NT), [[0.0, 1.0, 0.0]] * 2, atol=1e-4)
+    per_turn = compute_advantages(*args, norm_mode="separate", ig_scope="turn")
+    np.testing.assert_array_equal(np.asarray(per_turn.turn_NT), np.zeros((2, 3)))
+
+
+def test_std_floor_keeps_a_noise_level_spread_small():
+    # issue 33's demo: two searches one space apart found the same document and gained 0.8741 and
+    # 0.8743: std 1e-4, z-scored to ±1. With a floor of 0.5 nats: ±1e-4 / 0.5
+    args = (np.zeros(2), np.array([[0.8741, 0.0], [0.8743, 0.0]]), np.array([[True, False]] * 2),
+            np.array([2, 2]), np.array([0, 0]), np.array([[0, 1]] * 2))
+    plain = compute_advantages(*args, norm_mode="separate")
+    np.testing.assert_allclose(np.asarray(plain.normalized_NT)[:, 0], [-1.0, 1.0], atol=2e-2)
+    floored = compute_advantages(*args, norm_mode="separate", ig_std_floor=0.5)
+    np.testing.assert_allclose(np.asarray(floored.normalized_NT)[:, 0], [-2e-4, 2e-4], atol=1e-6)
+    # a spread above the floor is z-scored as before: the module's gains {3, −1, 1}, std 1.63 > 0.5
+    np.testing.assert_allclose(np.asarray(advantages(norm_mode="separate", ig_std_floor=0.5).normalized_NT),
+                               np.asarray(advantages(norm_mode="separate").normalized_NT), atol=1e-6)
+
+
+def test_scope_and_floor_refused_where_the_gains_share_the_outcomes_statistic():
+    with pytest.raises(ValueError, match="'joint' pools them"):
+        advantages(norm_mode="joint", ig_scope="turn")
+    with pytest.raises(ValueError, match="'joint' pools them"):
+        advantages(norm_mode="joint", ig_std_floor=0.5)
+    with pytest.raises(ValueError, match="unknown info_gain_norm_scope"):
+        advantages(norm_mode="separate", ig_scope="position")
+    # IG-only has no outcome to pool with: allowed in either mode
+    advantages(norm_mode="joint", use_outcome=False, ig_scope="turn", ig_std_floor=0.5)

@@ -60,6 +60,26 @@ def test_the_ig_controls_need_information_gain(key, value):
         validate(c)
 
 
+def test_the_gains_norm_scope_and_std_floor_need_their_own_normalisation():
+    c = _config()
+    c.algorithm.info_gain_norm_mode, c.algorithm.info_gain_norm_scope, c.algorithm.info_gain_std_floor = "separate", "turn", 0.5
+    validate(c)
+    c.algorithm.info_gain_norm_mode = "joint"
+    with pytest.raises(ValueError, match=r"need use_info_gain=True and info_gain_norm_mode='separate'"):
+        validate(c)
+    c.algorithm.use_outcome_reward = False  # IG-only: the gains are normalised alone in either mode
+    validate(c)
+    c.algorithm.info_gain_std_floor = -1.0
+    with pytest.raises(ValueError, match=r"info_gain_std_floor=-1.0 must be ≥ 0"):
+        validate(c)
+    c.algorithm.info_gain_std_floor, c.algorithm.norm_adv_by_std_in_grpo = 0.5, False
+    with pytest.raises(ValueError, match="nothing is divided"):
+        validate(c)
+    c.algorithm.info_gain_norm_scope = "position"
+    with pytest.raises(ValueError, match="info_gain_norm_scope"):
+        validate(c)
+
+
 def test_an_unknown_world_shape_key_is_refused():
     c = _config()
     c.data.world_shape.namesake = 3

@@ -142,3 +142,13 @@ def test_the_placebo_credits_the_shuffled_gains_and_ig_only_drops_the_outcome():
     o_adv, _ = advantages_for(right, score_outcomes(right, "search_tags", -2.0), mean_logp, None, ig_only, 2, 10)
     np.testing.assert_allclose(o_adv, adv, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(o_adv[:, 4:], 0.0)  # the answer turn earns nothing of its own
+
+
+def test_the_gains_std_floor_reaches_the_advantages():
+    traj = _four_searches()
+    outcomes = score_outcomes(traj, "search_tags", -2.0)
+    gains = np.array([0.1, 0.5, 0.2, 0.9], np.float32)  # std 0.3082
+    mean_logp = np.stack([np.zeros(4, np.float32), gains], axis=1)
+    floored = AlgorithmConfig(info_gain_type="log_prob_diff", info_gain_norm_mode="separate", info_gain_std_floor=2.0)
+    adv, _ = advantages_for(traj, outcomes, mean_logp, None, floored, 2, 10)
+    np.testing.assert_allclose(adv[:, 1], (gains - gains.mean()) / (2.0 + 1e-6), rtol=1e-5)

@@ -24,6 +24,11 @@ import jax
 import jax.numpy as jnp
 
 NORM_MODES = ("joint", "separate")
+# Over what the information gains are normalised: 'group' (the paper's: every turn of every
+# rollout of the group pooled), 'turn' (each turn position over the group's rollouts, A²TGPO's
+# proposal; a departure). Pooled, a group of identical rollouts still gets ±1 advantages wherever
+# its turn 2 gained more than its turn 1, though no rollout is told from another.
+IG_NORM_SCOPES = ("group", "turn")
 
 
 def curriculum_weights(step, total_steps, *, use_curriculum: bool, f1_init: float = 0.5, f1_final: float = 1.0,
@@ -77,11 +82,22 @@ def group_stats(value_NT, mask_NT, group_id_N):
     return mean_N, std_N
 
 
-def _normalize(value_NT, mask_NT, group_id_N, by_std: bool, eps: float):
+def _normalize(value_NT, mask_NT, group_id_N, by_std: bool, eps: float, std_floor=0.0):
+    """Group z-scores of the masked values; the std is taken as at least `std_floor`, so that a
+    spread below it (noise) gives advantages below 1 rather than ±1."""
     centred_NT, std_N, _ = _group_centred(value_NT, mask_NT, group_id_N)
     if by_std:
-        centred_NT = centred_NT / (std_N[:, None] + eps)
+        centred_NT = centred_NT / (jnp.maximum(std_N, std_floor)[:, None] + eps)
     return jnp.where(mask_NT, centred_NT, 0.0)
+
+
+def _normalize_gains(ig_NT, mask_NT, group_id_N, by_std: bool, eps: float, scope: str, std_floor):
+    """The information gains' normalisation (IG_NORM_SCOPES): pooled over the group's turns, or
+    each turn slot over the group's gains at that slot."""
+    if scope == "group":
+        return _normalize(ig_NT, mask_NT, group_id_N, by_std, eps, std_floor)
+    return jnp.concatenate([_normalize(ig_NT[:, k:k + 1], mask_NT[:, k:k + 1], group_id_N, by_std, eps, std_floor)
+                            for k in range(ig_NT.shape[1])], axis=1)
 
 
 def discount(adv_NT, gamma):
@@ -109,11 +125,12 @@ class Advantages:
     stats: dict  # scalar jnp arrays for logging
 
 
-@functools.partial(jax.jit, static_argnames=("use_info_gain", "norm_mode", "norm_by_std", "use_outcome"))
+@functools.partial(jax.jit, static_argnames=("use_info_gain", "norm_mode", "norm_by_std", "use_outcome", "ig_scope",
+                                                 "ig_std_floor"))
 def compute_advantages(outcome_N, ig_NT, ig_mask_NT, num_turns_N, group_id_N, turn_id_NL, *,
                        use_info_gain: bool = True, norm_mode: str = "joint", norm_by_std: bool = True,
                        gamma=1.0, f1_weight=1.0, ig_weight=1.0, eps: float = 1e-6,
-                       use_outcome: bool = True) -> Advantages:
+                       use_outcome: bool = True, ig_scope: str = "group", ig_std_floor: float = 0.0) -> Advantages:
     """Token advantages of one batch of groups.
 
     outcome_N: final-turn reward (F1 or penalty). ig_NT / ig_mask_NT: rewards.info_gain's output
@@ -131,11 +148,21 @@ def compute_advantages(outcome_N, ig_NT, ig_mask_NT, num_turns_N, group_id_N, tu
     use_outcome=False (with use_info_gain) is the paper's IG-only ablation (Table 3): the outcome
     reward leaves the advantages, so only information gains are normalised (over the group's
     gains, in either mode) and discounted; the final turn adds nothing of its own.
+
+    Where the gains have a normalisation of their own ('separate', or IG-only), `ig_scope`
+    (IG_NORM_SCOPES) says over what, and `ig_std_floor` (static: a run's constant) bounds the std
+    they are divided by from below (in the gain's units: nats for log_prob_diff). Both are departures from the paper (its
+    'group', 0); 'joint' pools the gains with the outcomes and refuses them.
     """
     if norm_mode not in NORM_MODES:
         raise ValueError(f"unknown info_gain_norm_mode {norm_mode!r}; expected one of {', '.join(NORM_MODES)}")
     if not use_outcome and not use_info_gain:
         raise ValueError("use_outcome=False needs use_info_gain=True: without either there is no reward")
+    if ig_scope not in IG_NORM_SCOPES:
+        raise ValueError(f"unknown info_gain_norm_scope {ig_scope!r}; expected one of {', '.join(IG_NORM_SCOPES)}")
+    if use_info_gain and use_outcome and norm_mode == "joint" and (ig_scope != "group" or ig_std_floor):
+        raise ValueError("info_gain_norm_scope and info_gain_std_floor act on the gains' own normalisation: "
+                         "'joint' pools them with the outcomes; use info_gain_norm_mode='separate'")
     outcome_N = jnp.asarray(outcome_N, jnp.float32)
     ig_NT = jnp.asarray(ig_NT, jnp.float32)
     num_turns_N = jnp.asarray(num_turns_N, jnp.int32)
@@ -152,13 +179,15 @@ def compute_advantages(outcome_N, ig_NT, ig_mask_NT, num_turns_N, group_id_N, tu
         ig_mask_NT = jnp.asarray(ig_mask_NT, bool) & (slot_NT < num_turns_N[:, None] - 1)
         weighted_ig_NT = jnp.where(ig_mask_NT, ig_weight * ig_NT, 0.0)
         if not use_outcome:  # IG-only: no outcome term, in either mode the gains alone are pooled
-            normalized_NT = _normalize(weighted_ig_NT, ig_mask_NT, group_id_N, norm_by_std, eps)
+            normalized_NT = _normalize_gains(weighted_ig_NT, ig_mask_NT, group_id_N, norm_by_std, eps, ig_scope,
+                                             ig_std_floor)
         elif norm_mode == "joint":
             reward_mask_NT = final_NT | ig_mask_NT
             normalized_NT = _normalize(outcome_NT + weighted_ig_NT, reward_mask_NT, group_id_N, norm_by_std, eps)
         else:
             normalized_NT = (_normalize(outcome_NT, final_NT, group_id_N, norm_by_std, eps)
-                             + _normalize(weighted_ig_NT, ig_mask_NT, group_id_N, norm_by_std, eps))
+                             + _normalize_gains(weighted_ig_NT, ig_mask_NT, group_id_N, norm_by_std, eps, ig_scope,
+                                                ig_std_floor))
         turn_NT = jnp.where(turn_mask_NT, discount(normalized_NT, gamma), 0.0)
     else:
         ig_mask_NT = jnp.zeros((n, t), bool)

@@ -43,6 +43,8 @@ class AlgorithmConfig:
     use_outcome_reward: bool = True  # False: IG-only, the outcome reward left out of the advantages
     shuffle_info_gain: bool = False  # True: placebo, each group's gains permuted among its turn slots
     shuffle_seed: int = 0  # the placebo's permutations: from (shuffle_seed, step), so a run repeats
+    info_gain_norm_scope: str = "group"  # 'turn': each turn position normalised on its own (advantages.IG_NORM_SCOPES)
+    info_gain_std_floor: float = 0.0  # > 0: the gains' std taken as at least this (noise stays small)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +108,8 @@ def advantages_for(traj: Trajectories, outcomes: Outcomes, mean_logp_NT: np.ndar
     adv = compute_advantages(outcomes.reward_N, credited_ig_NT, ig_mask_NT, traj.num_turns_N, traj.group_id_N,
                              traj.turn_id_NL, use_info_gain=cfg.use_info_gain, norm_mode=cfg.info_gain_norm_mode,
                              norm_by_std=cfg.norm_adv_by_std_in_grpo, gamma=cfg.gamma, f1_weight=w_f1,
-                             ig_weight=w_ig, eps=cfg.eps, use_outcome=cfg.use_outcome_reward)
+                             ig_weight=w_ig, eps=cfg.eps, use_outcome=cfg.use_outcome_reward,
+                             ig_scope=cfg.info_gain_norm_scope, ig_std_floor=float(cfg.info_gain_std_floor))
     token_NL = np.asarray(jax.device_get(adv.token_NL), np.float32) * traj.loss_mask_NL
     ig_values = ig_NT[ig_mask_NT]
     metrics = {
