@@ -54,3 +54,18 @@ def test_the_two_hop_sweep_runs_each_arm_with_its_switch_and_seeds():
     placebo = sweep.commands(path)[3]
     assert placebo[3] == "--config=configs/world_two_hop_igpo.py"
     assert placebo[5:] == ["--config.algorithm.shuffle_info_gain=True", "--config.seed=0"]
+
+
+def test_the_group_size_attempt_changes_both_arms_alike_and_keeps_16_episodes_a_step():
+    from igpo_jax import sweep
+
+    path = os.path.join(CONFIGS, "sweeps", "world_two_hop_n8.py")
+    cmds = {cmd[4].rsplit("/", 1)[1]: cmd[5:] for cmd in sweep.commands(path)}
+    assert list(cmds) == ["igpo_seed0", "grpo_seed0", "igpo_seed1", "grpo_seed1", "igpo_seed2", "grpo_seed2"]
+    shared = ["--config.rollout.n=8", "--config.data.train_batch_size=2"]
+    assert cmds["igpo_seed1"] == shared + ["--config.seed=1"]
+    assert cmds["grpo_seed1"] == shared + ["--config.algorithm.use_info_gain=False", "--config.seed=1"]
+    base = _config("world_two_hop_igpo")
+    assert base.rollout.n * base.data.train_batch_size == 8 * 2
+    base.rollout.n, base.data.train_batch_size = 8, 2
+    config_base.validate(base)
