@@ -62,7 +62,7 @@ def summarise_arm(runs: dict[str, list[dict]], val_keys=VAL_KEYS, step_keys=STEP
                        "per_seed": [[round(v, 4) for v in c[1]] for c in curves]}
     for key in step_keys:
         values = [v for records in runs.values() for v in curve(records, key)[1]]
-        result[f"{key}_mean"] = round(sum(values) / len(values), 4) if values else math.nan
+        result[f"{key}_mean"] = round(sum(values) / len(values), 4) if values else None  # JSON null
     return result
 
 
