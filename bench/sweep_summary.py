@@ -5,7 +5,8 @@
 Reads every RUN_DIR/metrics.jsonl under the sweep folder (runs named <arm>_seed<N>, as
 `sweep.igpo_and_grpo` names them), prints per arm and validation step the mean over seeds and
 each seed's value, then, as its last line, one JSON object: per arm the runs, the steps, the
-mean and per-seed curve of each key, and the mean of each training diagnostic over steps (wall
+mean and per-seed curve of each key, and each training diagnostic's mean over steps and its
+curve (seeds averaged, at the steps every seed has; e.g. the zero-advantage groups per step) (wall
 times are not in metrics.jsonl: each run's bench.learning JSON line has its own).
 
 Paired statistics, from the greedy validation episodes (RUN_DIR/samples/val_step_*.jsonl): every
@@ -61,8 +62,11 @@ def summarise_arm(runs: dict[str, list[dict]], val_keys=VAL_KEYS, step_keys=STEP
         result[key] = {"steps": steps, "mean": [round(v, 4) for v in values],
                        "per_seed": [[round(v, 4) for v in c[1]] for c in curves]}
     for key in step_keys:
-        values = [v for records in runs.values() for v in curve(records, key)[1]]
+        curves = [c for c in (curve(records, key) for records in runs.values()) if c[0]]
+        values = [v for c in curves for v in c[1]]
         result[f"{key}_mean"] = round(sum(values) / len(values), 4) if values else None  # JSON null
+        steps, means = mean_curve(curves) if curves else ([], [])
+        result[f"{key}_by_step"] = {"steps": steps, "mean": [round(v, 4) for v in means]}
     return result
 
 

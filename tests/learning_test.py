@@ -188,6 +188,7 @@ def test_sweep_summary_averages_each_arm_over_its_seeds(tmp_path, capsys):
     assert out["igpo"]["val/no_format_f1"]["mean"] == pytest.approx([0.25, 0.45, 0.55])
     assert out["igpo"]["diag/collapse_frac_mean"] == pytest.approx(0.25)
     assert out["igpo"]["diag/outcome_collapse_frac_mean"] is None  # not logged by these runs: null, not NaN
+    assert out["igpo"]["diag/collapse_frac_by_step"] == {"steps": [5, 9], "mean": [0.25, 0.25]}
     assert out["grpo"]["val/no_format_f1"]["steps"] == [0, 4] and out["grpo"]["diag/collapse_frac_mean"] == 1.0
 
 
