@@ -157,7 +157,8 @@ def rollout_config(config: ml_collections.ConfigDict, validation: bool = False) 
                          max_tool_tokens=r.max_tool_tokens, overlap_search=r.overlap_search,
                          steps_per_call=r.steps_per_call, min_span=r.min_span, today=r.today,
                          share_prompt_prefill=r.share_prompt_prefill, max_concurrent_rows=r.max_concurrent_rows,
-                         append_gather_divisor=r.append_gather_divisor)
+                         append_gather_divisor=r.append_gather_divisor,
+                         lockstep_turns=validation and r.val_lockstep_turns)
 
 
 @contextlib.contextmanager

@@ -123,6 +123,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.val_temperature = 0.0  # validation is greedy
+    # validation: a row that stops waits for the turn's last row, then the turn's searches go out
+    # in one round and its continuations in one append (rollout.RolloutConfig.lockstep_turns);
+    # same episodes, fewer appends and compiled programs when a wide batch's rows stop apart
+    c.rollout.val_lockstep_turns = False
     c.rollout.overlap_search = True  # False: a deterministic decode/append schedule (bitwise resumable)
     c.rollout.steps_per_call = 32
     # decode attends over the smallest power-of-two window of the cache that holds every slot,
