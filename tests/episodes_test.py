@@ -520,6 +520,23 @@ def test_config_keys_reach_the_rollout_and_are_validated():
         config_base.validate(config)
 
 
+def test_validation_keys_reach_the_validation_rollout_only():
+    from igpo_jax import components, config_base
+    from configs.world_igpo import get_config
+
+    config = get_config()
+    config.rollout.val_context_length = 512
+    config_base.validate(config)
+    val, train = components.rollout_config(config, validation=True), components.rollout_config(config)
+    assert (val.lockstep_turns, val.cache_size) == (True, 512)
+    assert (train.lockstep_turns, train.cache_size) == (False, config.rollout.context_length)
+    config.rollout.val_context_length = 0  # → context_length
+    assert components.rollout_config(config, validation=True).cache_size == config.rollout.context_length
+    config.rollout.val_context_length = -1
+    with pytest.raises(ValueError, match="rollout.val_context_length=-1"):
+        config_base.validate(config)
+
+
 QWEN_BAD_JSON = "plan</think>\n<tool_call>\n{not json}\n</tool_call>"
 
 
