@@ -58,6 +58,13 @@ def get_config():
     c.rollout.max_tool_tokens = 128
     # a search result fed to ≤ half the batch extends only its rows (validation's appends 3× faster)
     c.rollout.append_gather_divisor = 2
+    # validation's 96 rows finish each turn apart: its searches and appends wait for the turn's
+    # last row (one append a turn, not one per decode call; same greedy episodes, bench/results/dedup.md)
+    c.rollout.val_lockstep_turns = True
+    # ...so its cursor ends below 512: prompt ≤ 272 slots, a query ≤ 32, one append ≤ 160 (results
+    # ≤ 128 tokens), an answer ≤ 32. A 512-slot cache: the same log-probs bit for bit, decode and
+    # appends read half the cache (validation 1.4× faster); a row that did not fit would end 'context'
+    c.rollout.val_context_length = 512
     # the batch shares one slot cursor: the prompt (266 tokens) is prefilled at a power-of-two width
     # (512), then every append advances it for all rows; 512 slots cut every episode short
     c.rollout.context_length = 1024

@@ -55,6 +55,10 @@ def get_config():
     c.algorithm.pseudo_turn_template = "answer> {answer} </answer><|im_end|>"
     # the 770-token prompt and up to 4 turns of ≤ 32 tokens and results of ≤ 128
     c.rollout.context_length = 2048
+    # world_igpo's validation settings are sized for its 2 turns: the whole context here, and
+    # validation as its sweep began (lockstep turns unmeasured with free turns)
+    c.rollout.val_context_length = 0
+    c.rollout.val_lockstep_turns = False
     # (world_igpo: 0.7) the turns are tags, so temperature 1 spreads a group's choice of query
     # without breaking the format: at 0.7, 78% of the base model's groups were outcome-collapsed
     # but only 36% of those had rollouts whose gains differed; at 1.0, 56% and 67% (gate runs 12-13)

@@ -153,11 +153,13 @@ def rollout_config(config: ml_collections.ConfigDict, validation: bool = False) 
                          example_turns=tuple(tuple(pair) for pair in r.example_turns), forced_prefix=r.forced_prefix,
                          first_turn_prefix=r.first_turn_prefix,
                          last_turn_prefix=r.last_turn_prefix, max_turns=r.max_turns,
-                         max_new_tokens=r.max_new_tokens, cache_size=r.context_length, sampling=sampling,
+                         max_new_tokens=r.max_new_tokens, cache_size=validation and r.val_context_length or r.context_length,
+                         sampling=sampling,
                          max_tool_tokens=r.max_tool_tokens, overlap_search=r.overlap_search,
                          steps_per_call=r.steps_per_call, min_span=r.min_span, today=r.today,
                          share_prompt_prefill=r.share_prompt_prefill, max_concurrent_rows=r.max_concurrent_rows,
-                         append_gather_divisor=r.append_gather_divisor)
+                         append_gather_divisor=r.append_gather_divisor,
+                         lockstep_turns=validation and r.val_lockstep_turns)
 
 
 @contextlib.contextmanager

@@ -123,6 +123,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.val_temperature = 0.0  # validation is greedy
+    # validation: a row that stops waits for the turn's last row, then the turn's searches go out
+    # in one round and its continuations in one append (rollout.RolloutConfig.lockstep_turns);
+    # same episodes, fewer appends and compiled programs when a wide batch's rows stop apart
+    c.rollout.val_lockstep_turns = False
+    # validation's KV-cache slots (0 → context_length): a greedy batch whose episodes are known to
+    # be short can attend over (and hold) fewer slots; a row that does not fit ends at 'context'
+    c.rollout.val_context_length = 0
     c.rollout.overlap_search = True  # False: a deterministic decode/append schedule (bitwise resumable)
     c.rollout.steps_per_call = 32
     # decode attends over the smallest power-of-two window of the cache that holds every slot,
@@ -338,6 +345,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                 "rollout.min_span", "data.train_batch_size", "trainer.total_training_steps", "actor.ppo_epochs"):
         section, name = key.split(".")
         _positive(key, c[section][name])
+    if not isinstance(c.rollout.val_context_length, int) or not 0 <= c.rollout.val_context_length:
+        raise ValueError(f"config.rollout.val_context_length={c.rollout.val_context_length!r} must be an integer ≥ 0 "
+                         f"(0 → rollout.context_length)")
     for key in ("trainer.save_freq", "trainer.test_freq", "trainer.sample_freq", "actor.ppo_mini_batch_size",
                 "actor.micro_batch_size", "actor.max_tokens_per_micro_batch", "actor.lr", "rollout.temperature",
                 "actor.loss_scale_factor"):

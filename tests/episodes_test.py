@@ -520,6 +520,23 @@ def test_config_keys_reach_the_rollout_and_are_validated():
         config_base.validate(config)
 
 
+def test_validation_keys_reach_the_validation_rollout_only():
+    from igpo_jax import components, config_base
+    from configs.world_igpo import get_config
+
+    config = get_config()
+    config.rollout.val_context_length = 512
+    config_base.validate(config)
+    val, train = components.rollout_config(config, validation=True), components.rollout_config(config)
+    assert (val.lockstep_turns, val.cache_size) == (True, 512)
+    assert (train.lockstep_turns, train.cache_size) == (False, config.rollout.context_length)
+    config.rollout.val_context_length = 0  # → context_length
+    assert components.rollout_config(config, validation=True).cache_size == config.rollout.context_length
+    config.rollout.val_context_length = -1
+    with pytest.raises(ValueError, match="rollout.val_context_length=-1"):
+        config_base.validate(config)
+
+
 QWEN_BAD_JSON = "plan</think>\n<tool_call>\n{not json}\n</tool_call>"
 
 
@@ -569,3 +586,83 @@ def test_an_ended_episode_hands_its_row_back(tiny_llama, smollm2_tokenizer, mock
     sampler = ScriptedSampler(tiny_llama, tok, [[QWEN_ANSWER], [QWEN_CALL, QWEN_ANSWER]])
     rollout(QUESTIONS[:1], 2, sampler, tok, mock_search, config)
     assert sorted(sampler.released) == [0, 1]
+
+
+# ----------------------------------------------------------------------------- lockstep turns
+
+class RecordingSearch:
+    """Mock results; remembers the rows (query batches) of each search round."""
+
+    def __init__(self, client):
+        self.client, self.rounds = client, []
+
+    def search_many(self, batches):
+        self.rounds.append([tuple(b) for b in batches])
+        return self.client.search_many(batches)
+
+
+def test_lockstep_turns_search_and_append_each_turn_once_with_the_same_trajectories(
+        tiny_llama, smollm2_tokenizer, mock_search):
+    """Rows that stop in different decode calls (the scripted sampler stops one row per call) wait
+    for the turn's last row: one search round and one append per turn, and the rollout is the one
+    whose rows went apart (the same tokens, log-probs, searches and finishes)."""
+    tok = smollm2_tokenizer
+    scripts = [["Valdoria</search>", "<answer>Kel</answer>"],
+               ["Valdoria</search>", "<search>Valdoria founder</search>", "<answer>Kel</answer>"],
+               ["Valdoria</search>", "<search>Kelmark</search>", "<search>Kel</search>", " Kel</answer>"]]
+    base = dict(dialect="search_tags", today=TODAY, forced_prefix="", first_turn_prefix="<search>",
+                last_turn_prefix="<answer>", max_turns=4, max_new_tokens=32)
+    results = {}
+    for lockstep in (False, True):
+        sampler = ScriptedSampler(tiny_llama, tok, scripts)
+        appends, append = [], sampler.append
+        sampler.append = lambda rows, tokens, n: appends.append(list(rows)) or append(rows, tokens, n)
+        search = RecordingSearch(mock_search)
+        traj, _ = rollout(QUESTIONS[:1], 3, sampler, tok, search, RolloutConfig(lockstep_turns=lockstep, **base))
+        _check_rows(tiny_llama, traj, sampler.history)
+        results[lockstep] = traj, appends, search.rounds
+    (apart, apart_appends, apart_rounds), (lockstep, appends, rounds) = results[False], results[True]
+    assert sorted(map(len, apart_appends)) == [1] * 6  # a row per decode call
+    assert appends == [[0, 1, 2], [1, 2], [2]]  # the rows that searched in turn 1, 2, 3
+    assert [len(r) for r in apart_rounds] == [1] * 6 and [len(r) for r in rounds] == [3, 2, 1]
+    for name in ("tokens_NL", "valid_NL", "loss_mask_NL", "turn_id_NL", "turn_start_NT", "num_turns_N",
+                 "sampled_logprob_NL"):
+        np.testing.assert_array_equal(getattr(lockstep, name), getattr(apart, name), err_msg=name)
+    assert [(e.answer, e.num_searches, e.finish_reason) for e in lockstep.episodes] == \
+        [(e.answer, e.num_searches, e.finish_reason) for e in apart.episodes]
+
+
+def test_lockstep_turns_on_the_real_sampler_give_the_same_episodes(tiny_llama, smollm2_tokenizer, mock_search,
+                                                                   monkeypatch):
+    """Rows whose turns stop after different numbers of tokens: with lockstep turns the same tokens,
+    searches and finishes, log-probs up to float rounding (the cache's slot layout differs: one
+    append per turn), in fewer appends. Sampled with top-k 8, as in the concurrency test above
+    (greedy, this random model's rows all stop at the same steps)."""
+    from igpo_jax.rollout import sampler as sampler_lib
+
+    tok = smollm2_tokenizer
+    model = _chatty_stopper(tiny_llama, tok)
+    questions = QUESTIONS + [Example("q2", "world", "Which river runs through Kesh?", ("Amu",),
+                                     (Message("user", "Which river runs through Kesh?"),), "test")]
+    base = dict(dialect="search_tags", today=TODAY, forced_prefix="", first_turn_prefix="<search>Kesh river</search>",
+                max_turns=3, max_new_tokens=10, max_tool_tokens=32, sampling=SamplingParams(temperature=1.0, top_k=8),
+                steps_per_call=4, cache_size=1024)
+    extends = []
+    for name in ("_extend_call", "_extend_rows_call"):
+        real = getattr(sampler_lib, name)
+        monkeypatch.setattr(sampler_lib, name, lambda *a, real=real: extends.append(1) or real(*a))
+    runs = {}
+    for lockstep in (False, True):
+        config = RolloutConfig(lockstep_turns=lockstep, **base)
+        extends.clear()
+        traj, _ = rollout(questions, 2, make_sampler(model, tok, config, 6), tok, mock_search, config, seed=5)
+        runs[lockstep] = traj, len(extends)
+    (apart, apart_extends), (lockstep, lockstep_extends) = runs[False], runs[True]
+    assert len({int(n) for n in apart.valid_NL.sum(1)}) > 1 and any(e.num_searches for e in apart.episodes)
+    assert lockstep_extends < apart_extends
+    for name in ("tokens_NL", "valid_NL", "loss_mask_NL", "turn_id_NL", "turn_start_NT", "num_turns_N"):
+        np.testing.assert_array_equal(getattr(lockstep, name), getattr(apart, name), err_msg=name)
+    np.testing.assert_allclose(lockstep.sampled_logprob_NL, apart.sampled_logprob_NL, atol=1e-5)
+    assert [(e.finish_reason, e.num_searches, e.response_text) for e in lockstep.episodes] == \
+        [(e.finish_reason, e.num_searches, e.response_text) for e in apart.episodes]
+    _check_rows(model, lockstep)

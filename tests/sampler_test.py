@@ -227,6 +227,28 @@ def test_finished_rows_are_left_out_of_the_decode_batch(tiny, min_span):
     assert rest[3].tokens == full.tokens
 
 
+def test_without_gathering_the_whole_batch_decodes_with_finished_rows_masked(tiny, monkeypatch):
+    """gather_decoding_rows=False: every decode call runs the whole batch (no gathered sub-batch),
+    and each row samples what it does with gathering (rows are independent; the masked rows'
+    cache is left as it was)."""
+    from igpo_jax.rollout import sampler as sampler_lib
+
+    _, model = tiny
+    compact_flags, real = [], sampler_lib._decode_call
+    monkeypatch.setattr(sampler_lib, "_decode_call", lambda *a: compact_flags.append(a[8]) or real(*a))
+    prompts, budgets = PROMPTS + [[1, 2]], [2, 5, 3, 12]
+    outputs = {}
+    for gather in (True, False):
+        compact_flags.clear()
+        s = Sampler(model, None, batch_size=4, cache_size=64, params=GREEDY, steps_per_call=4, min_span=16,
+                    gather_decoding_rows=gather)
+        outputs[gather] = s.generate(prompts, [0, 1, 2, 3], budgets)
+        assert any(compact_flags) == gather
+    for a, b, n in zip(outputs[True], outputs[False], budgets):
+        assert a.tokens == b.tokens and len(a.tokens) == n and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
+
+
 def test_attention_span_is_the_smallest_power_of_two_that_holds_the_call(tiny):
     _, model = tiny
     s = Sampler(model, None, batch_size=2, cache_size=128, min_span=8)
@@ -340,6 +362,56 @@ def test_a_common_system_prompt_is_prefilled_once_for_distinct_questions(tiny, p
     for a, b in zip(shared, plain):
         assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_a_long_common_prefix_is_cut_at_a_multiple_of_the_append_bucket(tiny, monkeypatch):
+    """150 common tokens: cut at 144 (a multiple of 16), not at the quarter octave 128, so each row's
+    remainder (≤ 15 tokens) is extended at width 16 rather than 32; the same tokens as the plain
+    prefill."""
+    from igpo_jax.rollout import sampler as sampler_lib
+
+    _, model = tiny
+    system = (SYSTEM * 5)[:150]
+    questions = [[5, 17], [7, 7, 12, 40], [100, 2, 33], [9], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69], [3, 3],
+                 [70, 71, 72], [8, 1]]
+    prompts = [system + q for q in questions]
+    written, widths = [], []
+    real_prefill, real_extend = sampler_lib._shared_prefill_call, sampler_lib._extend_call
+    monkeypatch.setattr(sampler_lib, "_shared_prefill_call", lambda *a: written.append(a[7]) or real_prefill(*a))
+    monkeypatch.setattr(sampler_lib, "_extend_call", lambda *a: widths.append(a[3].shape) or real_extend(*a))
+    run = lambda share: Sampler(model, None, batch_size=8, cache_size=512, params=GREEDY, steps_per_call=8,
+                                min_span=16, share_prompt_prefill=share).generate(prompts, list(range(8)), 6)
+    shared = run(True)
+    assert written == [144] and widths == [(8, 16)]
+    plain = run(False)
+    for a, b in zip(shared, plain):
+        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_an_append_to_the_whole_batch_is_padded_to_a_quarter_octave(tiny, monkeypatch):
+    """An append that feeds the whole batch (not a gathered few rows) takes the longest feed's width
+    rounded to a quarter octave (41 tokens: 48, not 64), and continues as prefilling the
+    concatenation does."""
+    from igpo_jax.rollout import sampler as sampler_lib
+
+    _, model = tiny
+    widths, real = [], sampler_lib._extend_call
+    monkeypatch.setattr(sampler_lib, "_extend_call", lambda *a: widths.append(a[3].shape[1]) or real(*a))
+    s = Sampler(model, None, batch_size=2, cache_size=256, params=GREEDY, steps_per_call=8, min_span=16)
+    first = s.generate([PROMPTS[0], PROMPTS[1]], [0, 1], 3)
+    # 41 and 20 tokens: the pending token of the last turn goes first, the last appended one waits
+    appended = [list(range(200, 241)), list(range(300, 320))]
+    widths.clear()
+    s.append([0, 1], appended, 4)
+    rest = {}
+    while s.decoding_rows():
+        rest.update(s.decode())
+    assert widths == [48]  # quarter_octave(41) = 48, not power_of_two(41) = 64
+    for r, prompt in enumerate((PROMPTS[0], PROMPTS[1])):
+        whole = prompt + first[r].tokens + appended[r]
+        alone = Sampler(model, None, batch_size=1, cache_size=256, params=GREEDY).generate([whole], [0], 4)[0]
+        assert rest[r].tokens == alone.tokens
 
 
 def test_the_common_prefix_is_not_shared_where_it_would_cost_more(tiny, monkeypatch):

@@ -20,6 +20,18 @@ a time that depends on search latency, so with `overlap_search=True` the KV-cach
 the per-row sampling keys) can differ between runs; `overlap_search=False` waits for each
 round before decoding on, which makes the schedule (hence float rounding) deterministic.
 
+`lockstep_turns=True` holds every row that stops until no row decodes, then sends all their
+searches as one round and appends all their continuations in one call. In a wide batch whose
+rows finish a turn a step apart (a greedy validation of 96 questions: each decode call comes back
+after one step, with a row or two stopped) each round's append advanced the shared slot cursor
+for every row and padded its rows to a power of two and its width to its longest result: 8
+appends, 14208 token slots computed for 6442 tokens, and a compaction, where one append computes
+12288 (world_igpo, 2026-12-07). Little is lost to waiting there: every turn ends within a few
+steps of the others. make_sampler then has every decode call run the whole batch, the waiting
+rows masked (`Sampler(gather_decoding_rows=False)`): calls of a step or two are too short for
+gathering the decoding rows' cache to pay. Each row's tokens depend on its own context only, so the episodes are the same up to float rounding of the
+different slot layout (as with overlapping searches, above).
+
 A turn that cannot be parsed (FormatError) costs a turn: by default the model reads
 `format_error_feedback` in place of a tool result and may correct itself (the reward's format
 check still sees the bad turn); `format_error_ends_episode=True` ends the episode instead.
@@ -98,6 +110,10 @@ class RolloutConfig:
     share_prompt_prefill: bool = True  # prefill a group's prompt once for its G rows
     max_concurrent_rows: int = 0  # episodes decoding at once (the cache's rows); 0 → all of them
     append_gather_divisor: int = APPEND_GATHER_DIVISOR  # appends of ≤ rows / this extend only their rows
+    # a row that stops waits until no row decodes, then every waiting row's searches go out in one
+    # round and their continuations in one append: one cursor advance per turn instead of one per
+    # decode call in which some row stopped (a wide greedy validation batch; see the module doc)
+    lockstep_turns: bool = False
 
     def __post_init__(self):
         if self.dialect not in STOP_STRINGS:
@@ -182,7 +198,9 @@ def make_sampler(model, tokenizer, config: RolloutConfig, num_rows: int, **sampl
                    stop_token_ids=stop_token_ids(tokenizer), stop_strings=config.stop_strings,
                    steps_per_call=config.steps_per_call, min_span=config.min_span,
                    share_prompt_prefill=config.share_prompt_prefill, compact_cache=True,
-                   append_gather_divisor=config.append_gather_divisor, **sampler_kwargs)
+                   append_gather_divisor=config.append_gather_divisor,
+                   # lockstep: the rows that stopped wait in the batch and each call is a step or two
+                   gather_decoding_rows=not config.lockstep_turns, **sampler_kwargs)
 
 
 # ----------------------------------------------------------------------------- chat rendering
@@ -320,6 +338,8 @@ class _Rollout:
         """Sampler rows are slots: `episode_at[s]` is the episode in slot s until the sampler has
         reported its last turn; then the next waiting episode takes the slot."""
         in_flight: dict[concurrent.futures.Future, list[tuple[int, RowOutput]]] = {}
+        # lockstep_turns: stopped rows' queries and feedback waiting for the turn's last row
+        held_rows, held_queries, held_feedback = [], [], []
         while any(e is not None for e in self.episode_at):
             blocked = self.sampler.blocked_rows()
             if self._runnable() or blocked or not in_flight:
@@ -343,6 +363,15 @@ class _Rollout:
                     else:
                         feedback.append((s, out, step.feedback))
                 self.on_progress(len(stopped), newly_finished)
+                if self.config.lockstep_turns:  # hold this call's turns until no row decodes
+                    held_rows += round_rows
+                    held_queries += round_queries
+                    held_feedback += feedback
+                    if self._runnable():
+                        round_rows, round_queries, feedback = [], [], []
+                    else:
+                        round_rows, round_queries, feedback = held_rows, held_queries, held_feedback
+                        held_rows, held_queries, held_feedback = [], [], []
                 self._continue(rows, feedback)
                 self._admit(rows, freed)
                 if round_rows:

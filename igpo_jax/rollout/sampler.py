@@ -27,6 +27,11 @@ the active rows' cache (their first `span` slots) per call, paid only when the b
 than the full batch. Appends feeding at most 1/`append_gather_divisor` (8) of the batch do the same: the searches of a batch
 return apart, so most appends feed a few rows, and extending the whole batch for them cost a
 96-row validation 16 s per 131 tokens (world_igpo's validation, 2026-12-06: 245 s warm before).
+The decode gather pays off over a call of several steps, not over one: in a wide batch whose
+rows stop at different steps nearly every call comes back after one step (world_igpo's 96-row
+greedy validation, 2026-12-07, under load: one step of 64 gathered rows 1.97 s, of the whole batch
+with those 64 rows active 0.49 s), so `gather_decoding_rows=False` decodes the whole batch, the
+other rows masked (rollouts with lockstep turns, episodes.py).
 
 Refilling (continuous batching): `restart` gives a row whose sequence is over a new prompt while
 the others keep their caches; the row's old slots become holes. With `compact_cache=True` the
@@ -359,7 +364,7 @@ class Sampler:
                  stop_strings: Sequence[str] = (), steps_per_call: int = 32, append_bucket: int = 16,
                  cache_dtype=None, mesh=None, rules=None, min_span: int = 1024,
                  share_prompt_prefill: bool = True, compact_cache: bool = False,
-                 append_gather_divisor: int = APPEND_GATHER_DIVISOR):
+                 append_gather_divisor: int = APPEND_GATHER_DIVISOR, gather_decoding_rows: bool = True):
         if append_gather_divisor < 1:
             raise ValueError(f"append_gather_divisor must be ≥ 1 (1: every append gathers its rows), "
                              f"got {append_gather_divisor}")
@@ -374,6 +379,9 @@ class Sampler:
         self.share_prompt_prefill = share_prompt_prefill  # prefill each distinct prompt once
         self.compact_cache = compact_cache  # squeeze out holes when the cache runs short
         self.append_gather_divisor = append_gather_divisor
+        # False: decode the whole batch, rows that are not decoding masked, never a gathered sub-batch
+        # (see the module doc: for calls of one or two steps the gather costs more than it saves)
+        self.gather_decoding_rows = gather_decoding_rows
         self.stop_strings = tuple(stop_strings)
         self._graphdef, self._state = nnx.split(model)
         vocab = model.cfg.vocab_size
@@ -491,7 +499,7 @@ class Sampler:
             length = int(self.cache.length)
         room = self.cache_size - length
         bucket = power_of_two(len(active))
-        compact = bucket < self.batch_size
+        compact = self.gather_decoding_rows and bucket < self.batch_size
         n = bucket if compact else self.batch_size
         row_index = active + [self.batch_size] * (bucket - len(active)) if compact else list(range(n))
         active_set = set(active)
@@ -634,6 +642,17 @@ class Sampler:
         prompts = list(dict.fromkeys(feeds.values())) if self.share_prompt_prefill else list(feeds.values())
         apart = (fresh == "restart" or (fresh == "start" and self.share_prompt_prefill)) and \
             power_of_two(len(prompts)) < self.batch_size
+        # the fed rows only, as a small batch (as decode does), when they are few: the gathered rows'
+        # cache is copied for the call, and at half the batch that copy outweighed the activations
+        # it saved (demo: 465 against 189 MiB of temporaries; its peak RSS 5.85 -> 6.55 GiB)
+        bucket = power_of_two(len(feeds))
+        gather = bucket * self.append_gather_divisor <= self.batch_size
+        if fresh is None and not exact and not gather:
+            # an append to the whole batch computes every row at the longest feed's width: a quarter
+            # octave pads that by ≤ 1/4 where a power of two pads by up to 2× (world_igpo's lockstep
+            # validation: 96 rows of 39-88 result tokens, 96 slots a row against 128), for at most
+            # four widths an octave, each one row count: a few more compiled programs
+            width = quarter_octave(longest, self.append_bucket)
         # apart, the main cache takes only the prompts' slots (rounded to a quarter octave), not the
         # power-of-two width they are computed in: a restart's prompt lands above the longest row
         written = min(width, quarter_octave(longest, self.append_bucket)) if apart else width
@@ -661,11 +680,6 @@ class Sampler:
             self._prefill_apart(prompts, src, width, written)
             return
         span = self._span(length + width)
-        bucket = power_of_two(len(feeds))
-        # the fed rows only, as a small batch (as decode does), when they are few: the gathered rows'
-        # cache is copied for the call, and at half the batch that copy outweighed the activations
-        # it saved (demo: 465 against 189 MiB of temporaries; its peak RSS 5.85 -> 6.55 GiB)
-        gather = bucket * self.append_gather_divisor <= self.batch_size
         row_index = list(feeds) + [self.batch_size] * (bucket - len(feeds)) if gather else range(self.batch_size)
         tokens = np.zeros((len(row_index), width), np.int32)
         valid = np.zeros((len(row_index), width), bool)
@@ -684,11 +698,14 @@ class Sampler:
         """Prefill the tokens every fed row starts with (a system prompt) once, copy them into all
         the rows and drop them from their pending tokens, when that computes fewer token slots than
         prefilling the prompts themselves (distinct questions after one long system prompt: a
-        validation batch). The prefix is cut at a quarter octave, so its width takes few shapes."""
+        validation batch). The prefix is cut at a quarter octave or a multiple of `append_bucket`,
+        whichever keeps more of it, so its width takes few shapes: every row's remainder is
+        computed at the longest one's (power-of-two) width, and a cut at 224 of world_igpo's 247
+        common tokens left 47 of them, a width of 64 for 96 rows, where a cut at 240 leaves 32."""
         common = _common_prefix(list(feeds.values()))
         if common < self.append_bucket:
             return False
-        cut = quarter_octave_floor(common)
+        cut = max(quarter_octave_floor(common), common // self.append_bucket * self.append_bucket)
         prefix_width = power_of_two(cut, self.append_bucket)
         rest = max(len(f) for f in feeds.values()) - cut
         distinct = power_of_two(len(set(feeds.values())))
