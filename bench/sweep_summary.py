@@ -85,15 +85,18 @@ def per_question(run_dirs: list[str], step: int, key: str = "no_format_f1") -> d
     that have that step's episodes} (empty when none has)."""
     sums: dict[str, list[float]] = {}
     for run_dir in run_dirs:
-        path = validation_samples_path(run_dir, step)
-        if not os.path.isfile(path):
-            continue
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    r = json.loads(line)
-                    sums.setdefault(str(r["index"]), []).append(float(r[key]))
+        for r in validation_episodes(run_dir, step):
+            sums.setdefault(str(r["index"]), []).append(float(r[key]))
     return {q: sum(v) / len(v) for q, v in sums.items()}
+
+
+def validation_episodes(run_dir: str, step: int) -> list[dict]:
+    """A run's greedy validation episodes at `step` ([] when it has none)."""
+    path = validation_samples_path(run_dir, step)
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def paired_statistics(sweep_dir: str, arm_runs: dict[str, list[str]], steps: list[int]) -> dict:
@@ -116,14 +119,17 @@ def paired_statistics(sweep_dir: str, arm_runs: dict[str, list[str]], steps: lis
 def run_world(run_dir: str) -> world.World | None:
     """The embedded world a run trained on, rebuilt from its config.json (None for any other data,
     or without the run's config.json)."""
+    data = run_config(run_dir).get("data", {})
+    return world.build_world(**world_arguments(data)) if data.get("synthetic_world") else None
+
+
+def run_config(run_dir: str) -> dict:
+    """A run's config.json as a dict ({} without one)."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
-        return None
+        return {}
     with open(path, encoding="utf-8") as f:
-        data = json.load(f)["data"]
-    if not data.get("synthetic_world"):
-        return None
-    return world.build_world(**world_arguments(data))
+        return json.load(f)
 
 
 def world_question_kinds(run_dir: str) -> dict[str, str]:
@@ -149,11 +155,8 @@ def bridge_rates(sweep_dir: str, arm_runs: dict[str, list[str]], steps: list[int
     embedded world or not in the search_tags dialect."""
     first = os.path.join(sweep_dir, next(iter(arm_runs.values()))[0])
     built = run_world(first)
-    if built is None:
+    if built is None or run_config(first).get("rollout", {}).get("dialect") != "search_tags":
         return {}
-    with open(os.path.join(first, "config.json"), encoding="utf-8") as f:
-        if json.load(f).get("rollout", {}).get("dialect") != "search_tags":
-            return {}
     bridge_of = {q.index: built.document(q.supporting_doc_ids[-1]).title
                  for q in built.questions if q.hops == 2}
     out = {}
@@ -161,20 +164,12 @@ def bridge_rates(sweep_dir: str, arm_runs: dict[str, list[str]], steps: list[int
         out[arm] = {}
         for step in steps:
             episodes = second = named = 0
-            for name in names:
-                path = validation_samples_path(os.path.join(sweep_dir, name), step)
-                if not os.path.isfile(path):
-                    continue
-                with open(path, encoding="utf-8") as f:
-                    for line in f:
-                        r = json.loads(line) if line.strip() else None
-                        if not r or r["index"] not in bridge_of:
-                            continue
-                        searches = search_queries(r.get("response", ""))
-                        episodes += 1
-                        second += len(searches) >= 2
-                        named += len(searches) >= 2 and any(names_bridge(q, bridge_of[r["index"]])
-                                                            for q in searches[1])
+            for r in (r for name in names for r in validation_episodes(os.path.join(sweep_dir, name), step)
+                      if r["index"] in bridge_of):
+                searches = search_queries(r.get("response", ""))
+                episodes += 1
+                second += len(searches) >= 2
+                named += len(searches) >= 2 and any(names_bridge(q, bridge_of[r["index"]]) for q in searches[1])
             if episodes:
                 out[arm][str(step)] = {"bridge_query_frac": round(named / episodes, 4),
                                        "second_query_frac": round(second / episodes, 4), "episodes": episodes}
