@@ -131,6 +131,33 @@ def test_a_changed_file_is_read_again_and_replaces_its_entry(counted, monkeypatc
     assert second != first
 
 
+def test_entries_of_deleted_files_are_removed_and_those_of_existing_copies_kept(monkeypatch, tmp_path):
+    """Every fresh virtual environment installs the model at a new path: the entry of one that was
+    deleted goes when the next entry is written; a copy that still exists keeps its own."""
+    cache = tmp_path / "cache"
+    paths = [str(tmp_path / f"venv{i}" / "tiny.gguf") for i in range(3)]
+    for path in paths:
+        os.makedirs(os.path.dirname(path))
+        _write_tiny_gguf(path)
+    _fresh_process(monkeypatch, cache)
+    load_gguf(paths[0])
+    load_gguf(paths[1])
+    first, second = _entries(cache)
+    assert first != second  # two existing copies: two entries
+    shutil.rmtree(os.path.dirname(paths[0]))  # the first environment deleted
+
+    _fresh_process(monkeypatch, cache)
+    load_gguf(paths[2])
+    entries = _entries(cache)
+    assert len(entries) == 2 and gguf_file._entry_name(paths[1], *_size_mtime(paths[1])) in entries
+    assert gguf_file._entry_name(paths[2], *_size_mtime(paths[2])) in entries
+
+
+def _size_mtime(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
 def test_bfloat16_params_round_trip(counted, monkeypatch, tmp_path):
     """bfloat16 (which .npy cannot hold) is stored as its bits, next to a float32 copy."""
     path, cache = str(tmp_path / "tiny.gguf"), tmp_path / "cache"

@@ -10,7 +10,8 @@ from the cache in a fraction of that (metadata as JSON, tensors as memory-mapped
 
 An entry is keyed by the file's absolute path, size and modification time (and the `gguf`
 package's version, which does the dequantising): a changed file gets a new entry, and the old
-one is removed when the new one is written. Each part of an entry is written under a temporary
+one is removed when the new one is written, as are entries of the same name whose file no longer
+exists (a deleted virtual environment's copy of the model). Each part of an entry is written under a temporary
 name and renamed into place, so a reader never sees half of one and concurrent writers (hosts
 sharing a home directory) leave one complete copy. A cache that cannot be written (read-only,
 full disk) or an entry that cannot be read logs a warning, and the file is read as if there were
@@ -156,6 +157,9 @@ def _rename_into_place(tmp: str, final: str) -> bool:
 
 
 def _remove_older_entries(path: str, keep: str) -> None:
+    """Removes the entries of an older version of `path`, and those whose file is gone: a GGUF
+    inside a virtual environment that was deleted (CI builds a new one every run, each installing
+    the embedded model at a new path) would otherwise leave ~0.5 GB behind per environment."""
     root, stem = os.path.dirname(keep), os.path.basename(keep).rsplit("-", 1)[0]
     for name in os.listdir(root):
         other = os.path.join(root, name)
@@ -163,10 +167,11 @@ def _remove_older_entries(path: str, keep: str) -> None:
             continue
         try:
             with open(os.path.join(other, _METADATA), encoding="utf-8") as f:
-                if json.load(f).get("source") == path:
-                    _remove(other)
+                source = json.load(f).get("source")
         except (OSError, ValueError):
             continue
+        if source == path or (isinstance(source, str) and not os.path.exists(source)):
+            _remove(other)
 
 
 def _remove(path: str) -> None:
