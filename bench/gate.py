@@ -1,4 +1,5 @@
-"""The regime gate: is a world one where information gain can beat GRPO? Measured on the BASE model.
+"""The regime gate: is a world one where information gain can beat GRPO? Measured on the BASE model
+(or, with --checkpoint, on a trained run's policy: whether the regime survives training).
 
     flock /work/heavy.lock python -m bench.gate --config=configs/world_two_hop_igpo.py [--questions 32]
         [--questions_per_rollout 8] [--set KEY=VALUE ...]
@@ -121,6 +122,8 @@ def main():
     parser.add_argument("--run_dir", default="/tmp/igpo_gate", help="the world is written here (emptied first)")
     parser.add_argument("--show", type=int, default=2, help="print the episodes of this many groups")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a run's checkpoint (or run) directory: measure its newest policy, not the base model's")
     args = parser.parse_args()
     if args.questions % args.questions_per_rollout:
         raise SystemExit(f"--questions={args.questions} must be a multiple of "
@@ -133,7 +136,13 @@ def main():
     from igpo_jax.planning.memory import load_config
     from igpo_jax.rollout.episodes import make_sampler
     from igpo_jax.runtime import sharding
+    from igpo_jax.training import checkpoint
 
+    try:
+        if args.checkpoint is not None and checkpoint.latest_step(args.checkpoint) is None:
+            raise SystemExit(f"--checkpoint={args.checkpoint} holds no finished checkpoint")
+    except checkpoint.CheckpointNotFoundError as e:
+        raise SystemExit(f"--checkpoint: {e}") from None
     components.start_program()
     config = load_config(args.config)
     apply_overrides(config, args.set)
@@ -159,6 +168,7 @@ def main():
     f1, format_ok, turns, last_turn, outcome, found, group = [], [], [], [], [], [], []
     with sharding.activate(mesh, rules), components.search_backend(config, files.corpus) as search:
         policy, tokenizer = components.load_policy(config, mesh, rules)
+        checkpoint_step = None if args.checkpoint is None else checkpoint.restore_params(args.checkpoint, policy)
         rcfg = components.rollout_config(config)
         sampler = make_sampler(policy, tokenizer, rcfg, b * g, mesh=mesh, rules=rules)
         # a step's parts without an update: no reference, no optimiser, π_old not needed
@@ -204,7 +214,7 @@ def main():
     fraction = lambda a, b: round(a / b, 4) if b else float("nan")
     out = {
         "bench": "gate", "config": args.config, "overrides": args.set, "questions": args.questions,
-        "rollout_n": g, "groups": regime["groups"],
+        "checkpoint": args.checkpoint, "checkpoint_step": checkpoint_step, "rollout_n": g, "groups": regime["groups"],
         "collapsed_frac": fraction(regime["collapsed"], regime["groups"]),
         "ig_informative_frac": fraction(regime["informative"], regime["collapsed"]),
         "ig_spread_frac": fraction(regime["spread"], regime["collapsed"]), "ig_tol": args.ig_tol,

@@ -1,7 +1,11 @@
 """bench.gate's statistics on hand-built groups: collapsed, IG-informative, the bridge query."""
 
-import numpy as np
+import sys
 
+import numpy as np
+import pytest
+
+from bench import gate
 from bench.gate import bridge_counts, group_regime, names_bridge
 
 
@@ -40,3 +44,13 @@ def test_the_second_query_is_counted_against_the_episodes_bridge():
                [("Osk Tamber",), ("Belmar College", "Hallum College")]]  # one of two queries names it
     counts = bridge_counts(queries, ["Pemdo Labs", "Pemdo Labs", "Pemdo Labs", "Hallum College"])
     assert counts == {"episodes": 4, "second_queries": 3, "bridge_queries": 2}
+
+
+def test_a_checkpoint_that_is_not_there_is_refused_before_the_model_loads(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["gate", "--checkpoint", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="--checkpoint: checkpoint directory not found"):
+        gate.main()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(sys, "argv", ["gate", "--checkpoint", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit, match="holds no finished checkpoint"):
+        gate.main()
