@@ -43,7 +43,7 @@ def get_config():
     c.data.world_question_kinds = ANSWERS_THE_BASE_MODEL_WRITES
     c.data.world_test_fraction = 0.4  # 128 held-out test questions, 192 training questions
     c.data.train_batch_size = 4  # 4 questions × 4 rollouts: field types mixed within a step
-    c.data.val_batch_size = 96  # one batch: the KV cache of 96 rows × 1024 slots is 2.2 GB
+    c.data.val_batch_size = 96  # one batch: the fp32 KV cache of 96 rows × 512 slots (val_context_length) is 2.3 GB
     c.data.val_max_questions = 96  # the first 96 of the 128 held-out questions
     c.search.engine = "local"
     c.search.top_k = 1  # as in the prompt's examples: the first result is the entity searched for
