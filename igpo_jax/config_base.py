@@ -249,6 +249,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.trainer = ml_collections.ConfigDict()
     c.trainer.total_training_steps = 60
+    # end the run at the step whose generated rollouts (questions drawn from the data × rollout.n,
+    # dynamic sampling's extra rounds included) reach this many: arms compared at equal generation
+    # (e.g. GRPO with algorithm.filter_groups against GRPO); that step validates and checkpoints as
+    # a last step does. 0: total_training_steps alone ends the run
+    c.trainer.rollout_budget = 0
     c.trainer.save_freq = 10
     c.trainer.test_freq = 10
     c.trainer.val_before_train = False  # validate the initial policy first (written as step 0)
@@ -348,6 +353,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not isinstance(c.rollout.val_context_length, int) or not 0 <= c.rollout.val_context_length:
         raise ValueError(f"config.rollout.val_context_length={c.rollout.val_context_length!r} must be an integer ≥ 0 "
                          f"(0 → rollout.context_length)")
+    per_step = c.data.train_batch_size * c.rollout.n
+    if not isinstance(c.trainer.rollout_budget, int) or not (c.trainer.rollout_budget == 0
+                                                             or c.trainer.rollout_budget >= per_step):
+        raise ValueError(f"config.trainer.rollout_budget={c.trainer.rollout_budget!r} must be 0 (off) or an integer "
+                         f"≥ one step's rollouts (data.train_batch_size × rollout.n = {per_step})")
     for key in ("trainer.save_freq", "trainer.test_freq", "trainer.sample_freq", "actor.ppo_mini_batch_size",
                 "actor.micro_batch_size", "actor.max_tokens_per_micro_batch", "actor.lr", "rollout.temperature",
                 "actor.loss_scale_factor"):

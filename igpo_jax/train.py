@@ -227,12 +227,19 @@ def validate(config, model, tokenizer, search, examples, dialect_penalty, show: 
     return out
 
 
-def samples_due(config, done: int) -> bool:
+def samples_due(config, done: int, last: bool = False) -> bool:
     """Whether step `done` writes rollout samples: every trainer.sample_freq steps, and on the
     steps that validate (every test_freq, and the last)."""
     t = config.trainer
     return bool((t.sample_freq and done % t.sample_freq == 0)
-                or (t.test_freq and (done % t.test_freq == 0 or done == t.total_training_steps)))
+                or (t.test_freq and (done % t.test_freq == 0 or last or done == t.total_training_steps)))
+
+
+def budget_spent(config, batches) -> bool:
+    """Whether trainer.rollout_budget is reached: every question drawn from the data was rolled
+    out rollout.n times (dynamic sampling draws a batch a round, so its extra rounds count)."""
+    budget = config.trainer.rollout_budget
+    return bool(budget) and batches.questions_drawn * config.rollout.n >= budget
 
 
 def write_rollout_samples(config, actor, tokenizer, traj, examples, scores, advantage_NL, done: int) -> str:
@@ -482,13 +489,15 @@ def step_metrics(run: Run, traj: Trajectories, rollout_stats, reward_metrics, up
 
 
 def finish_step(run: Run, done: int, metrics: dict[str, float], val_examples, writer, ckpt, batches,
-                steps_bar, compiled_at_start: float) -> list:
+                steps_bar, compiled_at_start: float, last: bool = False) -> list:
     """Validation when due, the step's metrics record, and a checkpoint when due; returns the
     records written. `compiled_at_start`: compilation_cache.counts().seconds when the step began,
     for time/compile_s (the step's seconds spent compiling, validation included: on a cold cache
-    the first steps of a run are mostly that)."""
+    the first steps of a run are mostly that). `last`: the run ends here (total_training_steps or
+    trainer.rollout_budget): validated and checkpointed whatever the frequencies say."""
     t = run.config.trainer
-    if t.test_freq and (done % t.test_freq == 0 or done == t.total_training_steps) and val_examples:
+    last = last or done == t.total_training_steps
+    if t.test_freq and (done % t.test_freq == 0 or last) and val_examples:
         steps_bar.set_postfix_str("validation")
         with sharding.activate(run.local_mesh, run.rules):
             metrics.update(validate(run.config, run.sampling_model, run.tokenizer, run.search, val_examples,
@@ -496,7 +505,7 @@ def finish_step(run: Run, done: int, metrics: dict[str, float], val_examples, wr
     metrics["time/compile_s"] = compilation_cache.counts().seconds - compiled_at_start
     written = [writer.write(done, metrics)]  # prints the step's console line now
     steps_bar.update(1)
-    if t.save_freq and (done % t.save_freq == 0 or done == t.total_training_steps):
+    if t.save_freq and (done % t.save_freq == 0 or last):
         # metrics up to the checkpoint reach disk first: a run killed after this save
         # resumes at done + 1 and would otherwise never write this step's record
         written.append(writer.flush())
@@ -558,6 +567,8 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                                                             alg.format_penalty, step=0)))
             steps_bar = progress.bar(total, "train", show, unit="step", leave=True, initial=start_step)
             for step in range(start_step, total):
+                if budget_spent(config, batches):  # a run resumed after its budget's last step
+                    break
                 timings, peaks, generation = {}, {}, None
                 compiled_at_start = compilation_cache.counts().seconds
                 if config.algorithm.filter_groups.enable:
@@ -572,8 +583,9 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                         traj, rollout_stats = rollout_phase(run, examples, step)
                     with phase("scoring", timings, peaks, steps_bar):
                         scores, advantage_NL, reward_metrics = advantages_phase(run, traj, step)
+                last = budget_spent(config, batches)  # the questions of this step's rounds are drawn
                 # with dynamic sampling: the groups the update trains on (their rollouts, scores, advantages)
-                if samples_due(config, step + 1) and jax.process_index() == 0:
+                if samples_due(config, step + 1, last) and jax.process_index() == 0:
                     with sharding.activate(local_mesh, rules):
                         write_rollout_samples(config, run.actor, tokenizer, traj, examples, scores, advantage_NL,
                                               step + 1)
@@ -581,8 +593,14 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                     update_metrics = update_phase(run, traj, scores, advantage_NL, step)
                 metrics = step_metrics(run, traj, rollout_stats, reward_metrics, update_metrics, timings, peaks,
                                        generation)
+                # the run's rollouts so far (all processes'): arms compared at equal generation
+                metrics["trainer/generated_rollouts"] = float(batches.questions_drawn * config.rollout.n)
                 history += finish_step(run, step + 1, metrics, val_examples, writer, ckpt, batches, steps_bar,
-                                       compiled_at_start)
+                                       compiled_at_start, last)
+                if last:
+                    logging.info("trainer.rollout_budget=%d reached at step %d", config.trainer.rollout_budget,
+                                 step + 1)
+                    break
             steps_bar.close()
         history.append(writer.close())
         ckpt.close()

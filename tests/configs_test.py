@@ -49,11 +49,17 @@ def test_the_two_hop_sweep_runs_each_arm_with_its_switch_and_seeds():
 
     path = os.path.join(CONFIGS, "sweeps", "world_two_hop_arms.py")
     names = [cmd[4].rsplit("/", 1)[1] for cmd in sweep.commands(path)]
-    assert names == ["igpo_seed0", "grpo_seed0", "ig_only_seed0", "placebo_seed0",
+    assert names == ["igpo_seed0", "grpo_seed0", "ig_only_seed0", "placebo_seed0", "grpo_ds_seed0",
                      "igpo_seed1", "grpo_seed1", "igpo_seed2", "grpo_seed2"]
     placebo = sweep.commands(path)[3]
     assert placebo[3] == "--config=configs/world_two_hop_igpo.py"
     assert placebo[5:] == ["--config.algorithm.shuffle_info_gain=True", "--config.seed=0"]
+    # the fifth arm: dynamic sampling at the rollouts the other arms generate in their 12 steps
+    base = _config("world_two_hop_igpo")
+    budget = base.trainer.total_training_steps * base.data.train_batch_size * base.rollout.n
+    assert sweep.commands(path)[4][5:] == [
+        "--config.algorithm.use_info_gain=False", "--config.algorithm.filter_groups.enable=True",
+        f"--config.trainer.rollout_budget={budget}", "--config.seed=0"]
 
 
 def test_the_group_size_attempt_changes_both_arms_alike_and_keeps_16_episodes_a_step():

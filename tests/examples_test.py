@@ -242,6 +242,22 @@ def test_restore_anywhere_continues_identically(num_examples, batch_size, seed, 
     assert _take(resumed, 6) == _take(original, 6)
 
 
+@settings(max_examples=40, deadline=None)
+@given(num_examples=st.integers(1, 30), batch_size=st.integers(1, 8), batches=st.integers(0, 20),
+       drop_remainder=st.booleans())
+def test_questions_drawn_counts_every_example_handed_out_and_survives_a_restore(num_examples, batch_size, batches,
+                                                                               drop_remainder):
+    if drop_remainder and batch_size > num_examples:
+        return
+    examples = _examples(num_examples)
+    original = examples_lib.BatchIterator(examples, batch_size, seed=3, drop_remainder=drop_remainder)
+    handed_out = sum(len(batch) for batch in _take(original, batches))
+    assert original.questions_drawn == handed_out
+    resumed = examples_lib.BatchIterator(examples, batch_size, seed=3, drop_remainder=drop_remainder)
+    resumed.restore(original.state())
+    assert resumed.questions_drawn == handed_out
+
+
 def test_restore_rejects_a_different_data_set():
     state = examples_lib.BatchIterator(_examples(10), 2, seed=0).state()
     with pytest.raises(ValueError, match="10 examples"):

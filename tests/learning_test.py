@@ -229,6 +229,34 @@ def test_sweep_summary_pairs_validation_episodes_by_question(tmp_path, capsys):
     assert paired["5"]["mean"] == pytest.approx(0.5) and paired["0"]["mean"] == 0.0
 
 
+def test_sweep_summary_pairs_each_run_at_its_last_validation_with_the_rollouts_it_generated(tmp_path, capsys):
+    """Dynamic sampling under a shared trainer.rollout_budget ends sooner: at equal generation the
+    arms are compared at their last validations, not at equal steps."""
+    from bench import sweep_summary
+    from igpo_jax.reporting.samples import validation_samples_path, write_jsonl_at
+
+    def run(name, f1_by_step, generated):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "metrics.jsonl", "w") as f:
+            for step, f1s in f1_by_step.items():
+                f.write(json.dumps({"step": step, "val/no_format_f1": sum(f1s) / len(f1s),
+                                    **({"trainer/generated_rollouts": generated[step]} if step else {})}) + "\n")
+                write_jsonl_at(validation_samples_path(tmp_path / name, step),
+                               [{"index": f"q{i}", "no_format_f1": v} for i, v in enumerate(f1s)])
+
+    run("grpo_seed0", {0: [0, 0, 1], 2: [0, 0, 1], 4: [1, 0, 1]}, {2: 8.0, 4: 16.0})
+    run("grpo_ds_seed0", {0: [0, 0, 1], 2: [1, 1, 1]}, {2: 16.0})
+    sweep_summary.main([str(tmp_path), "--keys", "val/no_format_f1"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["grpo_ds"]["final"] == {"grpo_ds_seed0": {"step": 2, "generated_rollouts": 16.0}}
+    assert out["grpo"]["final"] == {"grpo_seed0": {"step": 4, "generated_rollouts": 16.0}}
+    # at equal steps (2): [0, 0, 1] − [1, 1, 1]; at the last validations: [1, 0, 1] − [1, 1, 1]
+    paired = out["paired"]["grpo-grpo_ds"]
+    assert paired["2"]["mean"] == pytest.approx(-2 / 3, abs=1e-4)
+    assert paired["final"]["mean"] == pytest.approx(-1 / 3, abs=1e-4)
+    assert out["change"]["grpo_ds"]["final"]["mean"] == pytest.approx(2 / 3, abs=1e-4)
+
+
 def test_sweep_summary_breaks_validation_down_by_world_question_kind(tmp_path, capsys):
     from bench import sweep_summary
     from igpo_jax.data import world

@@ -244,6 +244,11 @@ def test_bad_config_values_fail_fast_naming_the_key():
     c.rollout.dtype = "bf16"
     with pytest.raises(ValueError, match=r"config.rollout.dtype='bf16' is not allowed"):
         config_base.validate(c)
+    c = load_config("demo")
+    c.trainer.rollout_budget = 15
+    with pytest.raises(ValueError, match=r"rollout_budget=15 must be 0 \(off\) or an integer ≥ one step's rollouts "
+                                         r"\(data.train_batch_size × rollout.n = 16\)"):
+        config_base.validate(c)
 
 
 def test_frozen_copy_keeps_its_values_when_the_policy_buffers_are_donated(tiny_model_dir):
@@ -358,3 +363,23 @@ def test_dynamic_sampling_with_every_group_informative_trains_as_without_it(tiny
     assert b["filter_groups/rounds"] == 1.0 and b["filter_groups/kept"] == 2.0 and b["filter_groups/cap_hit"] == 0
     assert _comparable({k: v for k, v in b.items() if not k.startswith("filter_groups/")}) == \
         pytest.approx(_comparable(a), rel=1e-6, abs=1e-9, nan_ok=True)
+
+
+def test_a_rollout_budget_ends_the_run_where_dynamic_sampling_has_generated_it(tiny_model_dir, tmp_path):
+    """Every group ties (a tiny random model never answers), so filter_groups rolls out 3 rounds a
+    step: 12 rollouts. A budget of 24 ends a 5-step run after step 2, which validates and
+    checkpoints as a last step does (neither frequency would); the run resumed does nothing more."""
+    c = smoke_config(tiny_model_dir, str(tmp_path / "run"), steps=5)
+    c.algorithm.filter_groups.enable = True
+    c.algorithm.filter_groups.metric = "score"
+    c.algorithm.filter_groups.max_num_gen_batches = 3
+    c.trainer.rollout_budget = 24
+    c.trainer.test_freq = 5
+    c.trainer.save_freq = 5
+    history = train(c)
+    assert [h["step"] for h in history] == [1, 2]
+    assert [h["trainer/generated_rollouts"] for h in history] == [12.0, 24.0]
+    assert "val/f1" in history[1] and "val/f1" not in history[0]
+    assert checkpoint.latest_step(tmp_path / "run") == 2
+    assert train(c) == []  # resumed at step 2: the budget is spent, no step runs
+    assert [r["step"] for r in metrics.read_jsonl(str(tmp_path / "run"))] == [1, 2]

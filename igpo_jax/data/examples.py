@@ -283,6 +283,12 @@ class BatchIterator:
     def epoch(self) -> int:
         return self._epoch
 
+    @property
+    def questions_drawn(self) -> int:
+        """Examples handed out since epoch 0 began (restored with the state: a resumed run counts on)."""
+        per_epoch = self.batches_per_epoch * self._batch_size if self._drop_remainder else len(self._examples)
+        return self._epoch * per_epoch + self._position
+
     def state(self) -> dict[str, int]:
         """Plain ints, so the dict goes into a JSON or orbax checkpoint as is."""
         return {"seed": self._seed, "epoch": self._epoch, "position": self._position,
