@@ -312,15 +312,22 @@ class _SavedIteratorState:
         self.state = dict(state)
 
 
+def three_rounds_a_step_config(model_dir: str, run_dir: str, steps: int):
+    """Dynamic sampling by 'score' capped at 3 rounds: with the tiny model every group ties, so
+    every step runs all 3."""
+    c = smoke_config(model_dir, run_dir, steps)
+    c.algorithm.filter_groups.enable = True
+    c.algorithm.filter_groups.metric = "score"
+    c.algorithm.filter_groups.max_num_gen_batches = 3
+    return c
+
+
 def test_dynamic_sampling_rolls_out_more_questions_and_fills_at_its_cap(tiny_model_dir, tmp_path):
     """A tiny random model never writes an answer: every rollout gets the format penalty, every
     group's outcome rewards tie, so filter_groups by 'score' drops them all, rolls out the next
     questions until its cap of 3 rounds, then trains on dropped groups (the batch keeps its shape).
     The data iterator moved 3 batches a step, and the checkpoint says so."""
-    c = smoke_config(tiny_model_dir, str(tmp_path / "run"), steps=2)
-    c.algorithm.filter_groups.enable = True
-    c.algorithm.filter_groups.metric = "score"
-    c.algorithm.filter_groups.max_num_gen_batches = 3
+    c = three_rounds_a_step_config(tiny_model_dir, str(tmp_path / "run"), steps=2)
     c.trainer.test_freq = 0
     c.trainer.sample_freq = 1
     history = train(c)
@@ -369,10 +376,7 @@ def test_a_rollout_budget_ends_the_run_where_dynamic_sampling_has_generated_it(t
     """Every group ties (a tiny random model never answers), so filter_groups rolls out 3 rounds a
     step: 12 rollouts. A budget of 24 ends a 5-step run after step 2, which validates and
     checkpoints as a last step does (neither frequency would); the run resumed does nothing more."""
-    c = smoke_config(tiny_model_dir, str(tmp_path / "run"), steps=5)
-    c.algorithm.filter_groups.enable = True
-    c.algorithm.filter_groups.metric = "score"
-    c.algorithm.filter_groups.max_num_gen_batches = 3
+    c = three_rounds_a_step_config(tiny_model_dir, str(tmp_path / "run"), steps=5)
     c.trainer.rollout_budget = 24
     c.trainer.test_freq = 5
     c.trainer.save_freq = 5
