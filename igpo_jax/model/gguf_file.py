@@ -11,9 +11,9 @@ from the cache in a fraction of that (metadata as JSON, tensors as memory-mapped
 An entry is keyed by the file's absolute path, size and modification time (and the `gguf`
 package's version, which does the dequantising): a changed file gets a new entry, and the old
 one is removed when the new one is written, as are entries of the same name whose file no longer
-exists (a deleted virtual environment's copy of the model). Each part of an entry is written under a temporary
-name and renamed into place, so a reader never sees half of one and concurrent writers (hosts
-sharing a home directory) leave one complete copy. A cache that cannot be written (read-only,
+exists (a deleted virtual environment's copy of the model). Each part of an entry is written
+under a temporary name and renamed into place, so a reader never sees half of one and concurrent
+writers (hosts sharing a home directory) leave one complete copy. A cache that cannot be written (read-only,
 full disk) or an entry that cannot be read logs a warning, and the file is read as if there were
 no cache. Tensors are stored in the loader's parameter dtype (casting before or after the layout
 change gives the same bits); a model whose dequantised weights exceed MAX_CACHED_BYTES is not
