@@ -111,10 +111,12 @@ def final_validations(runs: dict[str, list[dict]], key: str = "val/no_format_f1"
     share a trainer.rollout_budget stand at equal generation (dynamic sampling ends sooner)."""
     out = {}
     for name, records in runs.items():
-        validated = [r for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        if validated:
-            last = max(validated, key=lambda r: r["step"])
-            out[name] = {"step": int(last["step"]), "generated_rollouts": last.get("trainer/generated_rollouts")}
+        steps, _ = curve(records, key)
+        if steps:
+            last = max(steps)
+            generated = next((r["trainer/generated_rollouts"] for r in records
+                              if r["step"] == last and "trainer/generated_rollouts" in r), None)
+            out[name] = {"step": last, "generated_rollouts": generated}
     return out
 
 
@@ -248,7 +250,7 @@ def main(argv=None):
     keys = tuple(k for k in args.keys.split(",") if k)
     runs_by_arm = arms(args.sweep_dir)
     summary = {arm: summarise_arm(runs, keys) for arm, runs in runs_by_arm.items()}
-    finals = {name: v for runs in runs_by_arm.values() for name, v in final_validations(runs).items()}
+    finals = {name: v for runs in runs_by_arm.values() for name, v in final_validations(runs, *keys[:1]).items()}
     for arm, s in summary.items():
         print(f"{arm}: {len(s['runs'])} runs ({', '.join(s['runs'])})")
         for key in keys:

@@ -566,9 +566,8 @@ def train(config: ml_collections.ConfigDict) -> list[dict[str, float]]:
                     history.append(writer.write(0, validate(config, sampling_model, tokenizer, search, val_examples,
                                                             alg.format_penalty, step=0)))
             steps_bar = progress.bar(total, "train", show, unit="step", leave=True, initial=start_step)
-            for step in range(start_step, total):
-                if budget_spent(config, batches):  # a run resumed after its budget's last step
-                    break
+            # a run resumed after its budget's last step has nothing left to do
+            for step in range(start_step, start_step if budget_spent(config, batches) else total):
                 timings, peaks, generation = {}, {}, None
                 compiled_at_start = compilation_cache.counts().seconds
                 if config.algorithm.filter_groups.enable:
